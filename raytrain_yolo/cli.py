@@ -1,0 +1,110 @@
+"""Shared command-line pieces: the Ray/run flags, building a RunSpec from them, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+from raytrain_yolo.config import RunSpec, load_config_file, parse_key_values
+from raytrain_yolo.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the fix, exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    ray_g = p.add_argument_group("Ray (where and on how many workers)")
+    ray_g.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks); default: one per GPU, else 2")
+    dev = ray_g.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (NCCL)")
+    dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers (gloo)")
+    ray_g.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default 1)")
+    ray_g.add_argument(
+        "--storage-path",
+        help="where checkpoints, summary.json and Ultralytics' run folder go (default ./runs/raytrain); "
+        "on a multi-node cluster it must be shared by all nodes: a cloud URI (s3://, gs://) or a shared filesystem",
+    )
+    ray_g.add_argument("--name", help="run name, the folder under --storage-path (default fit-<timestamp>)")
+    ray_g.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0)")
+
+    trk = p.add_argument_group("MLflow tracking")
+    trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlruns)")
+    trk.add_argument("--experiment", help="MLflow experiment name (default raytrain_yolo)")
+    trk.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    trk.add_argument("--register-model", metavar="NAME", help="register best.pt in the MLflow model registry")
+
+    syn = p.add_argument_group("embedded synthetic dataset (used when no data= is given)")
+    syn.add_argument("--synthetic-train", type=int, help="training images (default 256)")
+    syn.add_argument("--synthetic-val", type=int, help="validation images (default 64)")
+    syn.add_argument("--synthetic-size", type=int, help="image side in pixels (default 160)")
+    syn.add_argument("--synthetic-seed", type=int, help="generator seed (default 0)")
+
+    p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
+    """Embedded defaults < --config file < flags and key=value pairs."""
+    base: dict[str, Any] = load_config_file(ns.config) if ns.config else {}
+    spec = RunSpec.from_dict(base)
+    spec.train.update(parse_key_values(pairs))
+    flags = {
+        ("scaling", "num_workers"): ns.num_workers,
+        ("scaling", "use_gpu"): ns.use_gpu,
+        ("scaling", "cpus_per_worker"): ns.cpus_per_worker,
+        ("tracking", "uri"): ns.tracking_uri,
+        ("tracking", "experiment"): ns.experiment,
+        ("tracking", "register_model"): ns.register_model,
+        ("synthetic", "train"): ns.synthetic_train,
+        ("synthetic", "val"): ns.synthetic_val,
+        ("synthetic", "imgsz"): ns.synthetic_size,
+        ("synthetic", "seed"): ns.synthetic_seed,
+        (None, "storage_path"): ns.storage_path,
+        (None, "name"): ns.name,
+        (None, "max_failures"): ns.max_failures,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            setattr(getattr(spec, section) if section else spec, key, value)
+    if ns.no_tracking:
+        spec.tracking.enabled = False
+    return spec
+
+
+def run_main(body: Callable[[], int], debug: bool) -> int:
+    """Run a CLI body: user mistakes are one line and exit 2; failed training is one line and exit 1."""
+    try:
+        return body()
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # training failures from Ray, bugs: one line unless --debug
+        if debug or os.environ.get("RAYTRAIN_YOLO_DEBUG"):
+            traceback.print_exc()
+        print(f"error: training failed: {_root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's first line: Ray wraps a worker's exception several times."""
+    seen = e
+    while True:
+        nxt = seen.__cause__ or getattr(seen, "cause", None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}".rstrip(": ")

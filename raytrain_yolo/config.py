@@ -1,0 +1,234 @@
+"""Typed run configuration: what the user asked for, validated before anything starts.
+
+One `RunSpec` carries a whole job from the CLI (or a tune trial, or the benchmark) to every Ray Train worker.
+It is plain data (dataclasses of builtins) so it crosses process boundaries as a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytrain_yolo.errors import UserError
+
+SYNTHETIC = "synthetic"  # the `data=` value that selects the embedded synthetic dataset
+
+# The embedded default: small enough to learn visibly in a few minutes on two CPU cores, same code path as a
+# real run. Applied only when the user names no dataset; a real dataset gets Ultralytics' own defaults.
+EMBEDDED_TRAIN_DEFAULTS: dict[str, Any] = {
+    "imgsz": 160,
+    "epochs": 20,
+    "batch": 16,
+    "optimizer": "SGD",  # `auto` picks by run length; name one so short and long runs train alike
+    "lr0": 0.01,
+    "plots": False,
+    "seed": 0,
+}
+DEFAULT_MODEL = "yolo26n.yaml"  # built from scratch: no weights download
+
+# Ultralytics keys that Ray decides, with the flag that replaces each.
+RAY_OWNED_KEYS = {
+    "device": "Ray places one worker per device: use --gpu/--cpu and --num-workers",
+    "project": "outputs go under --storage-path/--name",
+    "name": "use --name",
+    "save_dir": "outputs go under --storage-path/--name",
+    "resume": "rerun the same command with the same --name to resume",
+}
+AMP_MODES = ("fp16", "bf16", "fp32")
+CACHE_MODES = ("ram", "disk")
+
+
+@dataclass
+class SyntheticSpec:
+    """Size of the generated dataset used when `data=synthetic` (the default)."""
+
+    train: int = 256
+    val: int = 64
+    imgsz: int = 160
+    seed: int = 0
+
+
+@dataclass
+class ScalingSpec:
+    """How many Ray Train workers, on what. `None` means: decide from the cluster."""
+
+    num_workers: int | None = None  # one per GPU when the cluster has GPUs, else 2 CPU workers
+    use_gpu: bool | None = None
+    cpus_per_worker: float = 1.0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.use_gpu else "gloo"
+
+
+@dataclass
+class TrackingSpec:
+    """MLflow tracking: on by default, to ./mlruns unless a URI is given."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "raytrain_yolo"
+    register_model: str | None = None
+
+
+@dataclass
+class RunSpec:
+    """Everything one training job needs; validated once, on the driver."""
+
+    train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training arguments
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    storage_path: str = "runs/raytrain"
+    name: str = ""
+    max_failures: int = 0
+    validate_untrained: bool | None = None  # None: only for the synthetic dataset
+    trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
+    window_steps: int = 0  # >0: also report throughput every N steps (tune trials); 0: per epoch only
+    max_steps: int = 0  # >0: stop after N optimizer steps (throughput trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        nested = {"scaling": ScalingSpec, "synthetic": SyntheticSpec, "tracking": TrackingSpec}
+        for key, typ in nested.items():
+            if isinstance(d.get(key), dict):
+                d[key] = _build(typ, d[key], key)
+        return _build(cls, d, "config")
+
+    @property
+    def is_synthetic(self) -> bool:
+        return str(self.train.get("data", SYNTHETIC)) == SYNTHETIC
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def _build(typ, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(typ)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], names, n=1)
+        raise UserError(
+            f"unknown key '{unknown[0]}' in {where}"
+            + (f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(sorted(names))}")
+        )
+    return typ(**values)
+
+
+def parse_key_values(pairs: list[str]) -> dict[str, Any]:
+    """Ultralytics' own `key=value` form, typed the way the `yolo` CLI types it."""
+    from ultralytics.cfg import smart_value
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UserError(f"argument '{pair}' is not key=value: write Ultralytics arguments as e.g. batch=64")
+        if not value:
+            raise UserError(f"'{key}=' has no value: give one, e.g. {key}=...")
+        out[key] = value if key in {"data", "model", "cfg"} else smart_value(value)
+    return out
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML file of RunSpec sections (`train:`, `scaling:`, ...) and/or flat Ultralytics keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' not found: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{path}' is not valid YAML ({_first_line(e)}): fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}")
+    sections = {f.name for f in dataclasses.fields(RunSpec)}
+    flat = {k: data.pop(k) for k in list(data) if k not in sections}
+    data.setdefault("train", {})
+    if not isinstance(data["train"], dict):
+        raise UserError(f"'train' in '{path}' must be a mapping of Ultralytics arguments")
+    data["train"] = {**flat, **data["train"]}
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def default_name(prefix: str = "fit") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def validate_train_args(train: dict[str, Any]) -> dict[str, Any]:
+    """Check Ultralytics arguments with Ultralytics' own rules; one line per problem, naming the fix."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
+
+    for key, why in RAY_OWNED_KEYS.items():
+        if key in train:
+            raise UserError(f"'{key}=' is not accepted here: {why}")
+    unknown = [k for k in train if k not in DEFAULT_CFG_DICT]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], list(DEFAULT_CFG_DICT), n=1)
+        raise UserError(
+            f"'{unknown[0]}' is not an Ultralytics training argument"
+            + (f"; did you mean '{hint[0]}'?" if hint else "; see `yolo cfg` for the list")
+        )
+    args = dict(train)
+    amp = args.get("amp")
+    if isinstance(amp, str) and amp not in AMP_MODES:
+        raise UserError(f"amp={amp} is not one of {', '.join(AMP_MODES)} (or True/False)")
+    cache = args.get("cache")
+    if isinstance(cache, str) and cache not in CACHE_MODES:
+        raise UserError(f"cache={cache} is not one of ram, disk (or True/False)")
+    try:
+        check_cfg(args, hard=True)
+    except (TypeError, ValueError) as e:
+        raise UserError(_first_line(e).replace("'", "") + " (fix the value on the command line or in --config)") from None
+    epochs = args.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise UserError(f"epochs={epochs} must be a whole number of at least 1")
+    return args
+
+
+def resolve_train_args(spec: RunSpec) -> dict[str, Any]:
+    """The Ultralytics arguments the workers get: user's keys over the defaults that fit the dataset."""
+    args = dict(spec.train)
+    if spec.is_synthetic:
+        args = {**EMBEDDED_TRAIN_DEFAULTS, **args}
+    args.setdefault("model", DEFAULT_MODEL)
+    return validate_train_args(args)
+
+
+def check_batch(batch: Any, num_workers: int) -> int:
+    """The global batch is split evenly across workers, so it must divide."""
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        raise UserError(
+            f"batch={batch} must be a whole number under Ray (AutoBatch needs a single process): e.g. batch={16 * num_workers}"
+        )
+    if batch < num_workers or batch % num_workers:
+        fix = max(num_workers, batch // num_workers * num_workers)
+        raise UserError(
+            f"batch={batch} must be a multiple of the {num_workers} workers (each gets batch/{num_workers}): use batch={fix}"
+        )
+    return batch
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UserError(f"--name '{name}' must be letters, digits, '.', '_' or '-': e.g. --name yolo26n-exp1")
+    return name

@@ -1,0 +1,220 @@
+"""From a RunSpec to a finished Ray Train run: connect, check resources, build the TorchTrainer, summarise.
+
+`fit`, every `tune` trial and the benchmark call `launch()`; nothing else builds a TorchTrainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from raytrain_yolo import storage
+from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
+from raytrain_yolo.errors import UserError
+
+# Environment every worker gets (unless the user set it): no network calls from Ultralytics.
+WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
+WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR")
+LOCAL_CPU_WORKERS = 2
+
+
+@dataclass
+class LaunchResult:
+    spec: RunSpec
+    summary: dict[str, Any]
+    summary_path: str
+
+
+def connect_ray(spec: RunSpec | None = None) -> None:
+    """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(log_to_driver=True)
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({str(e).splitlines()[0]}): "
+            "start it (`ray start --head`) or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+def resolve_scaling(spec: RunSpec) -> RunSpec:
+    """Fill in GPU/CPU and worker count from the cluster, and refuse requests it can never satisfy."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
+    s = spec.scaling
+    if s.use_gpu is None:
+        s.use_gpu = gpus > 0
+    if s.use_gpu and gpus == 0:
+        raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
+    if s.num_workers is None:
+        s.num_workers = gpus if s.use_gpu else max(1, min(LOCAL_CPU_WORKERS, int(cpus // s.cpus_per_worker)))
+    if s.num_workers < 1:
+        raise UserError(f"--num-workers {s.num_workers} must be at least 1")
+    if s.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker {s.cpus_per_worker} must be above 0")
+    if s.use_gpu and s.num_workers > gpus:
+        raise UserError(
+            f"{s.num_workers} GPU workers need {s.num_workers} GPUs but the cluster has {gpus}: "
+            f"use --num-workers {gpus} or add GPU nodes"
+        )
+    need = s.num_workers * s.cpus_per_worker
+    if need > cpus:
+        raise UserError(
+            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs need {need:g} CPUs but the cluster has {cpus:g}: "
+            "lower --num-workers or --cpus-per-worker"
+        )
+    return spec
+
+
+def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """Validate everything that can be checked before workers start; return the spec, Ultralytics args, task."""
+    spec.name = check_name(spec.name or default_name())
+    spec.storage_path = storage.normalise(spec.storage_path)
+    train_args = resolve_train_args(spec)
+    resolve_scaling(spec)
+    check_batch(train_args["batch"], spec.scaling.num_workers)
+    task = train_args.get("task") or guess_task(train_args["model"])
+    storage.check_writable(spec.run_dir)
+    return spec, train_args, task
+
+
+def guess_task(model: str) -> str:
+    from ultralytics.nn.tasks import guess_model_task
+
+    return guess_model_task(model)
+
+
+def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytrain_yolo.worker import train_loop_per_worker
+
+    s = spec.scaling
+    env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
+    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task},
+        torch_config=TorchConfig(backend=s.backend),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def launch(spec: RunSpec) -> LaunchResult:
+    """Run one training job end to end and write `<storage>/<name>/summary.json`."""
+    connect_ray(spec)
+    spec, train_args, task = prepare(spec)
+    untrained = untrained_metrics(spec, train_args) if _want_untrained(spec) else None
+    trainer = build_trainer(spec, train_args, task)
+    result = trainer.fit()
+    summary = build_summary(spec, train_args, task, result, untrained)
+    path = f"{spec.run_dir}/summary.json"
+    storage.write_text(path, json.dumps(summary, indent=2, default=str))
+    return LaunchResult(spec, summary, path)
+
+
+def _want_untrained(spec: RunSpec) -> bool:
+    return spec.is_synthetic if spec.validate_untrained is None else spec.validate_untrained
+
+
+def untrained_metrics(spec: RunSpec, train_args: dict[str, Any]) -> dict[str, float]:
+    """Validate the model before any training step, on the driver, so the summary can show what training bought."""
+    from ultralytics import YOLO
+
+    from raytrain_yolo.data import ensure_synthetic
+
+    data = str(ensure_synthetic(spec.synthetic)) if spec.is_synthetic else train_args["data"]
+    model = YOLO(train_args["model"])
+    metrics = model.val(
+        data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0
+    )
+    return {k: float(v) for k, v in metrics.results_dict.items()}
+
+
+SUMMARY_METRICS = ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/precision(B)", "metrics/recall(B)")
+
+
+def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
+    ret = result.return_value or {}
+    history = ret.get("history", [])
+    final = history[-1] if history else {}
+    ckpt_dir = result.checkpoint.path if result.checkpoint else None
+    pick = lambda name: f"{ckpt_dir}/{name}" if ckpt_dir else None  # noqa: E731
+    summary = {
+        "name": spec.name,
+        "task": task,
+        "world_size": spec.scaling.num_workers,
+        "device": "cuda" if spec.scaling.use_gpu else "cpu",
+        "device_name": ret.get("device_name"),
+        "backend": spec.scaling.backend,
+        "epochs_requested": train_args.get("epochs"),
+        "epochs_completed": int(final.get("epoch", 0)),
+        "metrics": {k: v for k, v in final.items() if k.startswith(("metrics/", "train/", "val/"))},
+        "untrained_metrics": untrained,
+        "first_epoch_metrics": {k: v for k, v in (history[0] if history else {}).items() if k.startswith(("metrics/", "train/"))},
+        "images_per_second": ret.get("images_per_second"),
+        "best_checkpoint": pick("best.pt"),
+        "last_checkpoint": pick("last.pt"),
+        "ray_result_path": result.path,
+        "ultralytics_dir": ret.get("save_dir"),
+        "train_args": train_args,
+        "workers": ret.get("workers"),
+        "history": history,
+        "error": str(result.error).splitlines()[0] if result.error else None,
+    }
+    return summary
+
+
+def format_summary(summary: dict[str, Any], path: str) -> str:
+    """A readable two-column table of what matters most."""
+    m, u = summary.get("metrics") or {}, summary.get("untrained_metrics") or {}
+    first = summary.get("first_epoch_metrics") or {}
+    rows = [
+        ("run", summary["name"]),
+        ("task / device", f"{summary['task']} on {summary['world_size']} x {summary['device_name'] or summary['device']}"),
+        ("epochs", f"{summary['epochs_completed']} of {summary['epochs_requested']}"),
+    ]
+    for key in SUMMARY_METRICS[:2]:
+        if key in m:
+            before = f"  (untrained {u[key]:.3f})" if key in u else ""
+            rows.append((key, f"{m[key]:.3f}{before}"))
+    for key in ("train/box_loss", "train/cls_loss"):
+        if key in m:
+            was = f"  (epoch 1: {first[key]:.3f})" if key in first else ""
+            rows.append((key, f"{m[key]:.3f}{was}"))
+    ips = summary.get("images_per_second")
+    rows.append(("images/s (steady, global)", f"{ips:.1f}" if ips else "n/a"))
+    rows += [
+        ("best checkpoint", summary["best_checkpoint"] or "none"),
+        ("last checkpoint", summary["last_checkpoint"] or "none"),
+        ("ray result", summary["ray_result_path"]),
+    ]
+    for key in ("tracking_uri", "mlflow_run_id"):
+        if summary.get(key):
+            rows.append((key.replace("_", " "), summary[key]))
+    rows.append(("summary", path))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(str(v)) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+

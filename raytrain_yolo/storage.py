@@ -1,0 +1,54 @@
+"""Run outputs on a local path or a cloud URI, through pyarrow's filesystems (the same ones Ray Train uses)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raytrain_yolo.errors import UserError
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def normalise(path: str) -> str:
+    """Ray Train wants absolute local paths; URIs pass through."""
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def write_text(path: str, text: str) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str) -> str | None:
+    fs, p = _fs(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def check_writable(run_dir: str) -> None:
+    """Fail before training, not after the first epoch, when outputs cannot be written."""
+    probe = f"{run_dir}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        write_text(probe, "ok")
+        fs, p = _fs(probe)
+        fs.delete_file(p)
+    except (OSError, PermissionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot write to --storage-path {run_dir} ({first}): choose a writable path") from None
+

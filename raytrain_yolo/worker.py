@@ -1,0 +1,195 @@
+"""The per-worker training function and the callbacks it hangs on Ultralytics' loop.
+
+Runs in every Ray Train worker process. Ultralytics is imported here, inside the function, after Ray has set
+the distributed environment (see adapter.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raytrain_yolo.config import RunSpec
+from raytrain_yolo.data import ensure_synthetic
+
+IPS_KEY = "throughput/images_per_second"
+CHECKPOINT_FILES = ("last.pt", "best.pt")
+WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timing: loader start-up, cudnn tuning
+
+
+@dataclass
+class ThroughputMeter:
+    """Steady-state global images/s from per-step timestamps on rank 0.
+
+    DDP keeps ranks in lockstep (every step all-reduces), so one rank's step times times the global batch is the
+    global rate. The first WARMUP_FRACTION of each epoch's steps is skipped, which also keeps dataloader start-up,
+    caching and the previous epoch's validation/checkpointing out of the window.
+    """
+
+    global_batch_sizes: list[int] = field(default_factory=list)  # images per step, all ranks together
+    stamps: list[float] = field(default_factory=list)
+    total_images: float = 0.0
+    total_seconds: float = 0.0
+    epoch_ips: float | None = None
+    steps: int = 0  # optimizer steps seen in this run (for max_steps and windows)
+
+    def on_train_epoch_start(self, trainer) -> None:
+        loader, world = trainer.train_loader, max(trainer.world_size, 1)
+        per_rank = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+        bs = loader.batch_size
+        n = len(loader)
+        sizes = [bs] * (n - 1) + [per_rank - bs * (n - 1)] if n else []
+        self.global_batch_sizes = [s * world for s in sizes]
+        self.stamps = [time.perf_counter()]
+
+    def on_train_batch_end(self, trainer) -> None:
+        self.stamps.append(time.perf_counter())
+        self.steps += 1
+
+    def window(self, first: int, last: int) -> tuple[float, float]:
+        """Images and seconds for steps (first, last], indices into this epoch's stamps."""
+        images = sum(self.global_batch_sizes[first:last])
+        return float(images), self.stamps[last] - self.stamps[first]
+
+    def close_epoch(self) -> float | None:
+        done = len(self.stamps) - 1
+        skip = max(1, int(done * WARMUP_FRACTION))
+        if done - skip < 1:
+            self.epoch_ips = None
+            return None
+        images, seconds = self.window(skip, done)
+        self.total_images += images
+        self.total_seconds += seconds
+        self.epoch_ips = images / seconds if seconds > 0 else None
+        return self.epoch_ips
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.total_images / self.total_seconds if self.total_seconds > 0 else None
+
+
+class Reporter:
+    """`ray.train.report` once per epoch on every rank (it is a barrier); rank 0 attaches metrics and a checkpoint."""
+
+    def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, on_metrics=None):
+        self.spec, self.meter, self.rank = spec, meter, rank
+        self.on_metrics = on_metrics or []  # rank-0 consumers of each epoch's metrics (tracking)
+        self.history: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer) -> None:
+        self.meter.close_epoch()
+        if self.spec.trace_samples and trainer.train_loader.sampler is not None:
+            sampler = trainer.train_loader.sampler
+            self.samples.append({"epoch": getattr(sampler, "epoch", None), "indices": [int(i) for i in sampler]})
+
+    def epoch_metrics(self, trainer) -> dict[str, Any]:
+        m: dict[str, Any] = {"epoch": trainer.epoch + 1}
+        if self.rank != 0:
+            return m
+        m.update(trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss else {})
+        m.update({k: float(v) for k, v in (trainer.metrics or {}).items()})
+        m.update({k: float(v) for k, v in getattr(trainer, "lr", {}).items()})
+        if trainer.fitness is not None:
+            m["fitness"] = float(trainer.fitness)
+        if self.meter.epoch_ips is not None:
+            m[IPS_KEY] = self.meter.epoch_ips
+        if trainer.epoch_time is not None:
+            m["throughput/epoch_seconds"] = float(trainer.epoch_time)
+        if trainer.device.type == "cuda":
+            m["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
+        return m
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        metrics = self.epoch_metrics(trainer)
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        self.history.append(metrics)
+        for consumer in self.on_metrics:
+            consumer(metrics, trainer)
+        with tempfile.TemporaryDirectory(prefix="raytrain-yolo-ckpt-") as tmp:
+            for name in CHECKPOINT_FILES:
+                src = trainer.wdir / name
+                if src.is_file():
+                    shutil.copy2(src, Path(tmp) / name)
+            for src in (trainer.csv, trainer.save_dir / "args.yaml"):
+                if src.is_file():
+                    shutil.copy2(src, Path(tmp) / src.name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter, in order: equal on all ranks iff DDP kept them in sync."""
+    h = hashlib.sha256()
+    for _, p in sorted(model.state_dict().items()):
+        if torch.is_tensor(p) and p.is_floating_point():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def local_save_project(spec: RunSpec) -> str:
+    """Where rank 0 keeps Ultralytics' own run folder: under the run's storage when that is a local path."""
+    if "://" not in spec.storage_path:
+        return spec.run_dir
+    return tempfile.mkdtemp(prefix="raytrain-yolo-")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train on this worker; rank 0 returns every rank's facts (device, host, parameter digest) to the driver."""
+    spec = RunSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    args = dict(config["train_args"])
+    if spec.is_synthetic:
+        args["data"] = str(ensure_synthetic(spec.synthetic))
+
+    from raytrain_yolo.adapter import trainer_class, unwrap  # first Ultralytics import in this process
+
+    Trainer = trainer_class(config["task"])
+    overrides = {**args, "project": local_save_project(spec), "name": "train", "exist_ok": True}
+    trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
+
+    meter = ThroughputMeter()
+    reporter = Reporter(spec, meter, rank)
+    trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
+    trainer.add_callback("on_train_batch_end", meter.on_train_batch_end)
+    trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
+    trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
+    trainer.train()
+
+    facts = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(trainer.device),
+        "loss_scale": trainer.world_size,
+        "params_sha256": params_digest(unwrap(trainer.model)),
+        "samples": reporter.samples,
+    }
+    gathered = [facts]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, facts)
+    if rank != 0:
+        return None
+    return {
+        "workers": gathered,
+        "history": reporter.history,
+        "images_per_second": meter.images_per_second,
+        "save_dir": str(trainer.save_dir),
+        "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
+    }
