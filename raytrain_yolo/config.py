@@ -28,6 +28,8 @@ EMBEDDED_TRAIN_DEFAULTS: dict[str, Any] = {
     "batch": 16,
     "optimizer": "SGD",  # `auto` picks by run length; name one so short and long runs train alike
     "lr0": 0.01,
+    "nbs": 16,  # nominal batch = batch: an optimizer step per batch (Ultralytics accumulates up to nbs=64)
+    "warmup_epochs": 1,
     "plots": False,
     "seed": 0,
 }
