@@ -132,11 +132,13 @@ class Reporter:
 
 
 def params_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter, in order: equal on all ranks iff DDP kept them in sync."""
+    """SHA-256 of every trainable parameter, in order: equal on all ranks iff DDP kept them in sync.
+
+    Buffers (BatchNorm running stats) are left out: like Ultralytics, we do not sync them every forward.
+    """
     h = hashlib.sha256()
-    for _, p in sorted(model.state_dict().items()):
-        if torch.is_tensor(p) and p.is_floating_point():
-            h.update(p.detach().float().cpu().numpy().tobytes())
+    for _, p in model.named_parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
