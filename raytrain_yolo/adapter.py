@@ -18,6 +18,8 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -26,6 +28,13 @@ from ultralytics.utils import RANK, WORLD_SIZE
 
 # Ultralytics integrations that would duplicate what raytrain_yolo does itself.
 _DUPLICATE_CALLBACK_MODULES = ("ultralytics.utils.callbacks.mlflow", "ultralytics.utils.callbacks.raytune")
+
+# Like Ultralytics: BatchNorm buffers are not synced every forward (torch 2.13 renamed the switch).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 TASK_TRAINERS = {
     "detect": yolo.detect.DetectionTrainer,
@@ -68,7 +77,7 @@ class RayTrainerMixin:
             self._wrap_cpu_ddp = False
             self.world_size = self._ray_world_size
             self.model = nn.parallel.DistributedDataParallel(
-                self.model, find_unused_parameters=not bool(self.args.compile), broadcast_buffers=False
+                self.model, find_unused_parameters=not bool(self.args.compile), **_NO_BUFFER_SYNC
             )
         super()._build_train_pipeline()
 

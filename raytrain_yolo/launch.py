@@ -13,6 +13,7 @@ from typing import Any
 from raytrain_yolo import storage
 from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
+from raytrain_yolo.tracking import RunTracker
 
 # Environment every worker gets (unless the user set it): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
@@ -95,7 +96,7 @@ def guess_task(model: str) -> str:
     return guess_model_task(model)
 
 
-def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str):
+def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -106,7 +107,7 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str):
     env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task},
+        train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking},
         torch_config=TorchConfig(backend=s.backend),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
@@ -125,13 +126,44 @@ def launch(spec: RunSpec) -> LaunchResult:
     """Run one training job end to end and write `<storage>/<name>/summary.json`."""
     connect_ray(spec)
     spec, train_args, task = prepare(spec)
-    untrained = untrained_metrics(spec, train_args) if _want_untrained(spec) else None
-    trainer = build_trainer(spec, train_args, task)
-    result = trainer.fit()
-    summary = build_summary(spec, train_args, task, result, untrained)
-    path = f"{spec.run_dir}/summary.json"
-    storage.write_text(path, json.dumps(summary, indent=2, default=str))
+    tracker = RunTracker(spec) if spec.tracking.enabled else None
+    tracking = None
+    if tracker:
+        run_id = tracker.start(run_params(spec, train_args, task))
+        tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
+    try:
+        untrained = untrained_metrics(spec, train_args) if _want_untrained(spec) else None
+        trainer = build_trainer(spec, train_args, task, tracking)
+        result = trainer.fit()
+        summary = build_summary(spec, train_args, task, result, untrained)
+        if tracker:
+            summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+        path = f"{spec.run_dir}/summary.json"
+        storage.write_text(path, json.dumps(summary, indent=2, default=str))
+    except BaseException as e:
+        if tracker:
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker:
+        tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
     return LaunchResult(spec, summary, path)
+
+
+def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str, Any]:
+    """What only the driver knows: Ray scaling and the run's place; rank 0 adds Ultralytics' full arguments."""
+    s = spec.scaling
+    return {
+        "ray/num_workers": s.num_workers,
+        "ray/use_gpu": s.use_gpu,
+        "ray/gpus": s.num_workers if s.use_gpu else 0,
+        "ray/cpus_per_worker": s.cpus_per_worker,
+        "ray/backend": s.backend,
+        "ray/max_failures": spec.max_failures,
+        "ray/storage_path": spec.storage_path,
+        "task": task,
+        "dataset": "synthetic" if spec.is_synthetic else train_args.get("data"),
+        "model_config": train_args.get("model"),
+    }
 
 
 def _want_untrained(spec: RunSpec) -> bool:

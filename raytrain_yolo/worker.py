@@ -118,8 +118,6 @@ class Reporter:
             ray.train.report(metrics)
             return
         self.history.append(metrics)
-        for consumer in self.on_metrics:
-            consumer(metrics, trainer)
         with tempfile.TemporaryDirectory(prefix="raytrain-yolo-ckpt-") as tmp:
             for name in CHECKPOINT_FILES:
                 src = trainer.wdir / name
@@ -129,6 +127,9 @@ class Reporter:
                 if src.is_file():
                     shutil.copy2(src, Path(tmp) / src.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
+        for consumer in self.on_metrics:
+            consumer(metrics, trainer)
 
 
 def params_digest(model: torch.nn.Module) -> str:
@@ -167,11 +168,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     meter = ThroughputMeter()
     reporter = Reporter(spec, meter, rank)
+    logger = None
+    if rank == 0 and config.get("tracking"):
+        from raytrain_yolo.tracking import EpochLogger
+
+        t = config["tracking"]
+        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and ray.train.get_checkpoint() is None)
+        trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
+        reporter.on_metrics.append(logger.log_epoch)
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
     trainer.add_callback("on_train_batch_end", meter.on_train_batch_end)
     trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
     trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
     trainer.train()
+    if logger:
+        logger.log_outputs(trainer)
 
     facts = {
         "rank": rank,

@@ -1,0 +1,201 @@
+"""MLflow, and nothing else touches mlflow.
+
+One training is one MLflow run. The driver owns its life cycle: it creates the run (or finds the run of an
+earlier attempt with the same storage path and name), logs the scaling parameters and versions, and ends it
+FINISHED or FAILED. Rank 0 of the workers logs the Ultralytics arguments, the per-epoch metrics and the
+checkpoint artifacts into that run by id, so restarted workers keep writing to the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from raytrain_yolo.config import RunSpec
+from raytrain_yolo.errors import UserError
+
+RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def resolve_uri(spec: RunSpec) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working directory."""
+    uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if "://" not in uri and ":" not in uri[1:2]:  # a bare folder: MLflow's file store, made absolute
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri
+
+
+def metric_key(key: str) -> str:
+    """MLflow refuses parentheses: `metrics/mAP50(B)` is logged as `metrics/mAP50B` (as Ultralytics does)."""
+    return key.replace("(", "").replace(")", "")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Say before training, not after an hour, that the tracking server does not answer."""
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means: cannot track
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"MLflow tracking URI {uri} does not answer ({first}): start the server, fix --tracking-uri, "
+            "or pass --no-tracking"
+        ) from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("ray", "ultralytics", "torch", "mlflow", "raytrain_yolo"):
+        try:
+            out[f"version/{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _job_submission_id() -> str | None:
+    """Set when running as a `ray job submit` entrypoint (the job config travels in this variable)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+class RunTracker:
+    """Driver side: create or resume the run, log what only the driver knows, end it with a status."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.uri = resolve_uri(spec)
+        self.client = None
+        self.run_id: str | None = None
+        self.resumed = False
+
+    def start(self, extra_params: dict[str, Any]) -> str:
+        check_reachable(self.uri)
+        self.client = _client(self.uri)
+        exp = self.client.get_experiment_by_name(self.spec.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.spec.tracking.experiment)
+        key = self.spec.run_dir
+        found = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
+        )
+        if found and found[0].info.status != "FINISHED":
+            self.run_id, self.resumed = found[0].info.run_id, True
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {RUN_KEY_TAG: key, "ray.result_path": key, "ray.world_size": str(self.spec.scaling.num_workers)}
+            if commit := _git_commit():
+                tags["mlflow.source.git.commit"] = commit
+            if job := _job_submission_id():
+                tags["ray.job_submission_id"] = job
+            run = self.client.create_run(exp_id, run_name=self.spec.name, tags=tags)
+            self.run_id = run.info.run_id
+            log_params(self.client, self.run_id, {**extra_params, **versions()})
+        return self.run_id
+
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
+        if not self.run_id:
+            return
+        try:
+            if summary is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "summary.json"
+                    path.write_text(json.dumps(summary, indent=2, default=str))
+                    self.client.log_artifact(self.run_id, str(path))
+                if self.spec.tracking.register_model and summary.get("best_checkpoint"):
+                    self._register(self.spec.tracking.register_model)
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _register(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered: add a version
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/weights"
+        self.client.create_model_version(name, source=source, run_id=self.run_id)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+class EpochLogger:
+    """Rank 0 side: Ultralytics arguments once, metrics every epoch (step=epoch), artifacts at the end."""
+
+    def __init__(self, uri: str, run_id: str, log_args: bool = True):
+        self.client = _client(uri)
+        self.run_id = run_id
+        self.log_args = log_args
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        if not self.log_args:
+            return
+        params = dict(vars(trainer.args))
+        params["data/train_images"] = len(trainer.train_loader.dataset)
+        params["data/val_images"] = len(trainer.test_loader.dataset)
+        params["data/nc"] = trainer.data.get("nc")
+        params["device_name"] = _device_name(trainer)
+        log_params(self.client, self.run_id, params)
+
+    def log_epoch(self, metrics: dict[str, Any], trainer) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        step, now = int(metrics["epoch"]), int(time.time() * 1000)
+        items = [
+            Metric(metric_key(k), float(v), now, step)
+            for k, v in metrics.items()
+            if k != "epoch" and isinstance(v, (int, float))
+        ]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def log_outputs(self, trainer) -> None:
+        for name in ("last.pt", "best.pt"):
+            if (trainer.wdir / name).is_file():
+                self.client.log_artifact(self.run_id, str(trainer.wdir / name), "weights")
+        for f in sorted(trainer.save_dir.iterdir()):
+            if f.is_file() and f.suffix in {".csv", ".yaml", ".png", ".jpg"}:
+                self.client.log_artifact(self.run_id, str(f))
+
+
+def _device_name(trainer) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
