@@ -79,19 +79,30 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
     return spec
 
 
+def stop_ray() -> None:
+    """Shut down the Ray this process started or joined, so its log stream ends before our last line."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def run_main(body: Callable[[], int], debug: bool) -> int:
     """Run a CLI body: user mistakes are one line and exit 2; failed training is one line and exit 1."""
     try:
         return body()
     except UserError as e:
+        stop_ray()
         if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        stop_ray()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # training failures from Ray, bugs: one line unless --debug
+        stop_ray()
         if debug or os.environ.get("RAYTRAIN_YOLO_DEBUG"):
             traceback.print_exc()
         print(f"error: training failed: {_root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
@@ -107,4 +118,7 @@ def _root_cause(e: BaseException) -> str:
             break
         seen = nxt
     text = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {text[-1] if text else ''}".rstrip(": ")
+    line = text[-1] if text else ""
+    if len(line) > 200 and ". " in line:  # Ray's messages run on with advice; keep the first sentence
+        line = line[: line.index(". ") + 1]
+    return f"{type(seen).__name__}: {line}".rstrip(": ")

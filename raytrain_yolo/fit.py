@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raytrain_yolo.cli import OneLineParser, add_run_flags, run_main, spec_from_args
+from raytrain_yolo.cli import OneLineParser, add_run_flags, run_main, spec_from_args, stop_ray
 
 EPILOG = """\
 Ultralytics training arguments go after the flags in Ultralytics' own key=value form, e.g.
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             spec.validate_untrained = ns.validate_untrained
         spec.trace_samples = spec.trace_samples or ns.trace_samples
         result = launch(spec)
+        stop_ray()
         print(format_summary(result.summary, result.summary_path), flush=True)
         if result.summary.get("error"):
             print(f"error: training failed: {result.summary['error']}", file=sys.stderr)

@@ -47,3 +47,59 @@ def load_summary(storage: Path, name: str) -> dict:
 
 def total_train_loss(metrics: dict) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("train/") and k.endswith("_loss"))
+
+
+def start_cli(module: str, *args: str, env: dict | None = None, log_path: Path | None = None):
+    """Start `python -m raytrain_yolo.<module>` in the background (for fault injection); output to log_path."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", f"raytrain_yolo.{module}", *map(str, args)],
+        stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True,
+    )
+
+
+def train_worker_pids(parent_pid: int) -> list[int]:
+    """PIDs of the Ray Train worker processes under one `fit` process (its local Ray's raylet spawns them)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(parent_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    pids = []
+    for p in kids:
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker"):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def mlflow_runs(uri: str, experiment: str = "raytrain_yolo"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

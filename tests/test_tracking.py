@@ -1,0 +1,124 @@
+"""Issue 3: every run, metric and checkpoint recorded in MLflow, once; local store, HTTP server, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port, load_summary, mlflow_runs, run_cli, start_cli, train_worker_pids, wait_for
+
+EPOCHS = 2
+SMALL = ("--cpu", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, f"epochs={EPOCHS}", "imgsz=96")
+PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB", "train/box_loss",
+             "train/cls_loss", "lr/pg0", "throughput/images_per_second", "throughput/epoch_seconds")
+
+
+def check_one_finished_run(uri: str, summary: dict, name: str):
+    client, runs = mlflow_runs(uri)
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == name
+    assert summary["mlflow_run_id"] == run.info.run_id and summary["tracking_uri"] == uri
+    p = run.data.params
+    assert p["ray/num_workers"] == "2" and p["ray/backend"] == "gloo" and p["ray/cpus_per_worker"] == "1.0"
+    assert p["batch"] == "16" and p["epochs"] == str(EPOCHS) and p["optimizer"] == "SGD"
+    assert p["data/train_images"] == "64" and p["data/val_images"] == "16" and p["device_name"] == "cpu"
+    for pkg in ("ray", "ultralytics", "torch", "mlflow"):
+        assert p[f"version/{pkg}"], pkg
+    assert run.data.tags["ray.world_size"] == "2" and run.data.tags["ray.result_path"] == summary["ray_result_path"]
+    for key in PER_EPOCH:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, EPOCHS + 1)), (key, steps)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.csv", "args.yaml", "summary.json", "weights"} <= top
+    weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
+    assert weights == {"weights/best.pt", "weights/last.pt"}
+    return client, run
+
+
+def test_local_store_one_run_with_params_metrics_and_loadable_weights(tmp_path):
+    from ultralytics import YOLO
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("fit", *SMALL, "--storage-path", tmp_path, "--name", "local", "--tracking-uri", uri,
+                   "--register-model", "shapes-detector")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = load_summary(tmp_path, "local")
+    assert f"mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
+    client, run = check_one_finished_run(uri, summary, "local")
+    local = client.download_artifacts(run.info.run_id, "weights/last.pt", str(tmp_path))
+    assert YOLO(local).task == "detect"
+    versions = client.search_model_versions("name='shapes-detector'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_default_store_is_mlflow_db_in_the_working_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytrain_yolo.fit", *map(str, SMALL), "epochs=1", "--storage-path", "runs", "--name", "d"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").is_file()
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 90, what="mlflow server")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_http_server(tmp_path, mlflow_server):
+    proc = run_cli("fit", *SMALL, "--storage-path", tmp_path, "--name", "http",
+                   env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = load_summary(tmp_path, "http")
+    check_one_finished_run(mlflow_server, summary, "http")
+
+
+def test_run_killed_mid_way_is_marked_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "fit.log"
+    fit = start_cli("fit", "--cpu", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, "epochs=6",
+                    "imgsz=96", "--storage-path", tmp_path, "--name", "dies", "--tracking-uri", uri,
+                    "--max-failures", 0, log_path=log)
+    try:
+        wait_for(lambda: list((tmp_path / "dies").glob("checkpoint_*")), 300, what="the first checkpoint")
+        pids = wait_for(lambda: train_worker_pids(fit.pid), 30, what="worker pids")
+        os.kill(pids[-1], signal.SIGKILL)
+        rc = fit.wait(timeout=300)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert rc == 1, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("error: training failed"), out[-2000:]
+    _, runs = mlflow_runs(uri)
+    assert [r.info.status for r in runs] == ["FAILED"]
