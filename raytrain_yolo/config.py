@@ -78,6 +78,7 @@ class TrackingSpec:
     uri: str | None = None
     experiment: str = "raytrain_yolo"
     register_model: str | None = None
+    parent_run_id: str | None = None  # set for tune trials: each is a nested run under the sweep's run
 
 
 @dataclass

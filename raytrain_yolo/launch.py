@@ -96,7 +96,7 @@ def guess_task(model: str) -> str:
     return guess_model_task(model)
 
 
-def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None):
+def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -118,12 +118,16 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
         ),
     )
 
 
-def launch(spec: RunSpec) -> LaunchResult:
-    """Run one training job end to end and write `<storage>/<name>/summary.json`."""
+def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
+    """Run one training job end to end and write `<storage>/<name>/summary.json`.
+
+    `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
+    """
     connect_ray(spec)
     spec, train_args, task = prepare(spec)
     tracker = RunTracker(spec) if spec.tracking.enabled else None
@@ -133,7 +137,7 @@ def launch(spec: RunSpec) -> LaunchResult:
         tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
     try:
         untrained = untrained_metrics(spec, train_args) if _want_untrained(spec) else None
-        trainer = build_trainer(spec, train_args, task, tracking)
+        trainer = build_trainer(spec, train_args, task, tracking, callbacks)
         result = trainer.fit()
         summary = build_summary(spec, train_args, task, result, untrained)
         if tracker:

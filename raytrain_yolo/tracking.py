@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ class RunTracker:
                 tags["mlflow.source.git.commit"] = commit
             if job := _job_submission_id():
                 tags["ray.job_submission_id"] = job
+            if self.spec.tracking.parent_run_id:
+                tags["mlflow.parentRunId"] = self.spec.tracking.parent_run_id
             run = self.client.create_run(exp_id, run_name=self.spec.name, tags=tags)
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, {**extra_params, **versions()})
@@ -176,13 +179,12 @@ class EpochLogger:
 
     def log_epoch(self, metrics: dict[str, Any], trainer) -> None:
         from mlflow.entities import Metric
-        import time
 
-        step, now = int(metrics["epoch"]), int(time.time() * 1000)
+        step, now = int(metrics.get("window") or metrics["epoch"]), int(time.time() * 1000)
         items = [
             Metric(metric_key(k), float(v), now, step)
             for k, v in metrics.items()
-            if k != "epoch" and isinstance(v, (int, float))
+            if k not in ("epoch", "window") and isinstance(v, (int, float))
         ]
         self.client.log_batch(self.run_id, metrics=items)
 

@@ -31,48 +31,67 @@ WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timin
 
 @dataclass
 class ThroughputMeter:
-    """Steady-state global images/s from per-step timestamps on rank 0.
+    """Steady-state global images/s from per-step timestamps.
 
     DDP keeps ranks in lockstep (every step all-reduces), so one rank's step times times the global batch is the
-    global rate. The first WARMUP_FRACTION of each epoch's steps is skipped, which also keeps dataloader start-up,
-    caching and the previous epoch's validation/checkpointing out of the window.
+    global rate. In each epoch the first WARMUP_FRACTION of steps is not steady: that keeps dataloader start-up,
+    caching and the previous epoch's validation and checkpointing out of every figure.
     """
 
-    global_batch_sizes: list[int] = field(default_factory=list)  # images per step, all ranks together
-    stamps: list[float] = field(default_factory=list)
+    window_steps: int = 0  # >0: close a window of this many steady steps at a time (tune trials)
+    global_batch_sizes: list[int] = field(default_factory=list)  # images per step this epoch, all ranks together
+    last_stamp: float = 0.0
+    step_in_epoch: int = 0
+    skip: int = 1
+    steps: int = 0  # steps seen in this run
+    epoch_images: float = 0.0
+    epoch_seconds: float = 0.0
     total_images: float = 0.0
     total_seconds: float = 0.0
+    win_images: float = 0.0
+    win_seconds: float = 0.0
+    win_steps: int = 0
+    windows: int = 0
     epoch_ips: float | None = None
-    steps: int = 0  # optimizer steps seen in this run (for max_steps and windows)
 
     def on_train_epoch_start(self, trainer) -> None:
         loader, world = trainer.train_loader, max(trainer.world_size, 1)
         per_rank = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
-        bs = loader.batch_size
-        n = len(loader)
+        bs, n = loader.batch_size, len(loader)
         sizes = [bs] * (n - 1) + [per_rank - bs * (n - 1)] if n else []
         self.global_batch_sizes = [s * world for s in sizes]
-        self.stamps = [time.perf_counter()]
+        self.skip = max(1, int(n * WARMUP_FRACTION))
+        self.step_in_epoch, self.epoch_images, self.epoch_seconds = 0, 0.0, 0.0
+        self.last_stamp = time.perf_counter()
 
-    def on_train_batch_end(self, trainer) -> None:
-        self.stamps.append(time.perf_counter())
+    def on_train_batch_end(self, trainer) -> bool:
+        """Record one step; True when it closed a window."""
+        now = time.perf_counter()
+        seconds, self.last_stamp = now - self.last_stamp, now
+        i, self.step_in_epoch = self.step_in_epoch, self.step_in_epoch + 1
         self.steps += 1
-
-    def window(self, first: int, last: int) -> tuple[float, float]:
-        """Images and seconds for steps (first, last], indices into this epoch's stamps."""
-        images = sum(self.global_batch_sizes[first:last])
-        return float(images), self.stamps[last] - self.stamps[first]
-
-    def close_epoch(self) -> float | None:
-        done = len(self.stamps) - 1
-        skip = max(1, int(done * WARMUP_FRACTION))
-        if done - skip < 1:
-            self.epoch_ips = None
-            return None
-        images, seconds = self.window(skip, done)
+        if i < self.skip or i >= len(self.global_batch_sizes):
+            return False
+        images = self.global_batch_sizes[i]
+        self.epoch_images += images
+        self.epoch_seconds += seconds
         self.total_images += images
         self.total_seconds += seconds
-        self.epoch_ips = images / seconds if seconds > 0 else None
+        if not self.window_steps:
+            return False
+        self.win_images += images
+        self.win_seconds += seconds
+        self.win_steps += 1
+        return self.win_steps >= self.window_steps
+
+    def take_window(self) -> float:
+        ips = self.win_images / self.win_seconds
+        self.win_images, self.win_seconds, self.win_steps = 0.0, 0.0, 0
+        self.windows += 1
+        return ips
+
+    def close_epoch(self) -> float | None:
+        self.epoch_ips = self.epoch_images / self.epoch_seconds if self.epoch_seconds > 0 else None
         return self.epoch_ips
 
     @property
@@ -81,13 +100,28 @@ class ThroughputMeter:
 
 
 class Reporter:
-    """`ray.train.report` once per epoch on every rank (it is a barrier); rank 0 attaches metrics and a checkpoint."""
+    """`ray.train.report` on every rank the same number of times (it is a barrier).
+
+    Training runs report once per epoch; rank 0 attaches the metrics and a checkpoint. Throughput trials
+    (`window_steps` > 0) report once per window of steady steps instead, so a Tune scheduler can stop a slow
+    trial early, and stop after `max_steps`.
+    """
 
     def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, on_metrics=None):
         self.spec, self.meter, self.rank = spec, meter, rank
-        self.on_metrics = on_metrics or []  # rank-0 consumers of each epoch's metrics (tracking)
+        self.on_metrics = on_metrics or []  # rank-0 consumers of each report's metrics (tracking)
         self.history: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
+        self.trial = spec.window_steps > 0
+
+    def on_train_batch_end(self, trainer) -> None:
+        if self.meter.on_train_batch_end(trainer):
+            metrics = {"window": self.meter.windows + 1, IPS_KEY: self.meter.take_window(), "step": self.meter.steps}
+            if self.rank == 0 and trainer.device.type == "cuda":
+                metrics["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
+            self._report(metrics, trainer, checkpoint=False)
+        if self.spec.max_steps and self.meter.steps >= self.spec.max_steps:
+            trainer.stop = True  # every rank reaches the same step, so all stop together
 
     def on_train_epoch_end(self, trainer) -> None:
         self.meter.close_epoch()
@@ -113,20 +147,22 @@ class Reporter:
         return m
 
     def on_fit_epoch_end(self, trainer) -> None:
-        metrics = self.epoch_metrics(trainer)
+        if not self.trial:
+            self._report(self.epoch_metrics(trainer), trainer, checkpoint=True)
+
+    def _report(self, metrics: dict[str, Any], trainer, checkpoint: bool) -> None:
         if self.rank != 0:
-            ray.train.report(metrics)
+            ray.train.report({k: v for k, v in metrics.items() if k in ("epoch", "window")})
             return
         self.history.append(metrics)
-        with tempfile.TemporaryDirectory(prefix="raytrain-yolo-ckpt-") as tmp:
-            for name in CHECKPOINT_FILES:
-                src = trainer.wdir / name
-                if src.is_file():
-                    shutil.copy2(src, Path(tmp) / name)
-            for src in (trainer.csv, trainer.save_dir / "args.yaml"):
-                if src.is_file():
-                    shutil.copy2(src, Path(tmp) / src.name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if not checkpoint:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory(prefix="raytrain-yolo-ckpt-") as tmp:
+                for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
+                    if src.is_file():
+                        shutil.copy2(src, Path(tmp) / src.name)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
         for consumer in self.on_metrics:
             consumer(metrics, trainer)
@@ -166,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     overrides = {**args, "project": local_save_project(spec), "name": "train", "exist_ok": True}
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
 
-    meter = ThroughputMeter()
+    meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, rank)
     logger = None
     if rank == 0 and config.get("tracking"):
@@ -177,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
         reporter.on_metrics.append(logger.log_epoch)
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
-    trainer.add_callback("on_train_batch_end", meter.on_train_batch_end)
+    trainer.add_callback("on_train_batch_end", reporter.on_train_batch_end)
     trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
     trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
     trainer.train()
