@@ -20,9 +20,12 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_run_flags(p: argparse.ArgumentParser) -> None:
+def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     ray_g = p.add_argument_group("Ray (where and on how many workers)")
-    ray_g.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks); default: one per GPU, else 2")
+    if sweep:
+        ray_g.add_argument("--num-workers", type=int_list, help="Ray Train workers per trial, e.g. 1,2 (a swept knob)")
+    else:
+        ray_g.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks); default: one per GPU, else 2")
     dev = ray_g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (NCCL)")
     dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers (gloo)")
@@ -51,13 +54,24 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers, e.g. 16,32") from None
+
+
+def str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
     """Embedded defaults < --config file < flags and key=value pairs."""
     base: dict[str, Any] = load_config_file(ns.config) if ns.config else {}
     spec = RunSpec.from_dict(base)
     spec.train.update(parse_key_values(pairs))
     flags = {
-        ("scaling", "num_workers"): ns.num_workers,
+        ("scaling", "num_workers"): ns.num_workers if not isinstance(ns.num_workers, list) else None,
         ("scaling", "use_gpu"): ns.use_gpu,
         ("scaling", "cpus_per_worker"): ns.cpus_per_worker,
         ("tracking", "uri"): ns.tracking_uri,
@@ -105,11 +119,11 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
         stop_ray()
         if debug or os.environ.get("RAYTRAIN_YOLO_DEBUG"):
             traceback.print_exc()
-        print(f"error: training failed: {_root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: training failed: {root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """The innermost error's first line: Ray wraps a worker's exception several times."""
     seen = e
     while True:

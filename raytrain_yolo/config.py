@@ -94,8 +94,8 @@ class RunSpec:
     max_failures: int = 0
     validate_untrained: bool | None = None  # None: only for the synthetic dataset
     trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
-    window_steps: int = 0  # >0: also report throughput every N steps (tune trials); 0: per epoch only
-    max_steps: int = 0  # >0: stop after N optimizer steps (throughput trials)
+    window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch
+    max_windows: int = 0  # >0: a throughput trial stops after this many windows
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

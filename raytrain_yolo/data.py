@@ -19,6 +19,7 @@ import numpy as np
 from raytrain_yolo.config import SyntheticSpec
 
 CLASSES = ("square", "circle", "triangle")
+FORMAT = 2  # bump when the generator's output changes, so caches of the old bytes are not reused
 
 
 def cache_root() -> Path:
@@ -27,7 +28,7 @@ def cache_root() -> Path:
 
 
 def dataset_dir(spec: SyntheticSpec) -> Path:
-    key = hashlib.sha1(json.dumps(vars(spec), sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps({**vars(spec), "format": FORMAT}, sort_keys=True).encode()).hexdigest()[:10]
     return cache_root() / "synthetic" / f"shapes-{spec.imgsz}px-{spec.train}-{spec.val}-s{spec.seed}-{key}"
 
 
@@ -40,9 +41,20 @@ def ensure_synthetic(spec: SyntheticSpec) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
     try:
-        rng = np.random.default_rng(spec.seed)
-        for split, n in (("train", spec.train), ("val", spec.val)):
-            _write_split(tmp, split, n, spec.imgsz, rng)
+        jobs = [(tmp, split, i, spec.imgsz, spec.seed) for split, n in (("train", spec.train), ("val", spec.val))
+                for i in range(n)]
+        for split in ("train", "val"):
+            (tmp / "images" / split).mkdir(parents=True)
+            (tmp / "labels" / split).mkdir(parents=True)
+        procs = min(os.cpu_count() or 1, 16) if len(jobs) >= 512 else 1
+        if procs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(procs) as pool:
+                list(pool.map(_write_one, jobs, chunksize=64))
+        else:
+            for job in jobs:
+                _write_one(job)
         (tmp / "data.yaml").write_text(_data_yaml(root))
         try:
             tmp.rename(root)
@@ -58,18 +70,17 @@ def _data_yaml(root: Path) -> str:
     return f"path: {root}\ntrain: images/train\nval: images/val\nnc: {len(CLASSES)}\nnames:\n{names}\n"
 
 
-def _write_split(root: Path, split: str, n: int, size: int, rng: np.random.Generator) -> None:
+def _write_one(job: tuple) -> None:
+    """One image and its label file; its own RNG stream, so any number of processes give the same bytes."""
     import cv2
 
-    img_dir, lbl_dir = root / "images" / split, root / "labels" / split
-    img_dir.mkdir(parents=True)
-    lbl_dir.mkdir(parents=True)
-    for i in range(n):
-        img, labels = render_image(size, rng)
-        cv2.imwrite(str(img_dir / f"{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        (lbl_dir / f"{i:06d}.txt").write_text(
-            "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
-        )
+    root, split, i, size, seed = job
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+    img, labels = render_image(size, rng)
+    cv2.imwrite(str(root / "images" / split / f"{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    (root / "labels" / split / f"{i:06d}.txt").write_text(
+        "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
+    )
 
 
 def render_image(size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from raytrain_yolo.config import RunSpec
 from raytrain_yolo.errors import UserError
+from raytrain_yolo.storage import is_uri as storage_is_uri
 
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -139,6 +140,10 @@ class RunTracker:
                     self._register(self.spec.tracking.register_model)
         finally:
             self.client.set_terminated(self.run_id, status=status)
+
+    def log_artifact(self, path: str) -> None:
+        if self.run_id and not storage_is_uri(path):
+            self.client.log_artifact(self.run_id, path)
 
     def _register(self, name: str) -> None:
         from mlflow.exceptions import MlflowException

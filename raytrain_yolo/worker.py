@@ -104,7 +104,7 @@ class Reporter:
 
     Training runs report once per epoch; rank 0 attaches the metrics and a checkpoint. Throughput trials
     (`window_steps` > 0) report once per window of steady steps instead, so a Tune scheduler can stop a slow
-    trial early, and stop after `max_steps`.
+    trial early, and stop after `max_windows`.
     """
 
     def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, on_metrics=None):
@@ -120,8 +120,8 @@ class Reporter:
             if self.rank == 0 and trainer.device.type == "cuda":
                 metrics["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
             self._report(metrics, trainer, checkpoint=False)
-        if self.spec.max_steps and self.meter.steps >= self.spec.max_steps:
-            trainer.stop = True  # every rank reaches the same step, so all stop together
+        if self.spec.max_windows and self.meter.windows >= self.spec.max_windows:
+            trainer.stop = True  # every rank closes the same window at the same step, so all stop together
 
     def on_train_epoch_end(self, trainer) -> None:
         self.meter.close_epoch()

@@ -1,0 +1,334 @@
+"""Throughput sweeps with Ray Tune: each trial is a real, short `launch()` of the training loop.
+
+A trial trains until it has measured `windows` windows of `window_steps` steady steps and reports images/s
+after each window (through Ray Train's `TuneReportCallback`), so ASHA can stop slow trials early. Impossible
+points (batch not divisible by the workers, AMP on CPU, more loader workers than a node has cores) and crashes
+(out of memory) become rows with a reason; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from raytrain_yolo import storage
+from raytrain_yolo.config import RunSpec, check_name, default_name, resolve_train_args
+from raytrain_yolo.errors import UserError
+from raytrain_yolo.worker import IPS_KEY
+
+# Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
+TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "deterministic")
+KNOBS = TRAIN_KNOBS + ("num_workers",)
+TRIAL_DRIVER_CPU = 0.1  # the trial function only waits on its TorchTrainer; its workers get the rest
+
+
+@dataclass
+class SweepSpace:
+    """Values to try for each knob; knobs left empty keep the base configuration's value."""
+
+    batch: list[int] = field(default_factory=list)
+    workers: list[int] = field(default_factory=list)
+    amp: list[str] = field(default_factory=list)  # fp16, bf16, fp32
+    cache: list[str] = field(default_factory=list)  # none, ram, disk
+    compile: list[Any] = field(default_factory=list)
+    channels_last: list[bool] = field(default_factory=list)
+    deterministic: list[bool] = field(default_factory=list)
+    num_workers: list[int] = field(default_factory=list)
+
+    def grid(self) -> dict[str, list]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass
+class SweepBudget:
+    window_steps: int = 10  # steady steps per measurement window
+    windows: int = 4  # windows per trial (ASHA's max_t)
+    grace_windows: int = 1  # windows every trial gets before ASHA may stop it
+    early_stop: bool = True
+    max_concurrent: int | None = None  # default: as many trials as the cluster's GPUs (or CPUs) fit at once
+
+
+def default_space(use_gpu: bool, gpus_per_trial: int, cpus_per_node: int, gpu_mem_gb: float) -> SweepSpace:
+    """Sensible first grid for the hardware found: batch per GPU 16..128 (by memory), loader workers, AMP, cache."""
+    if not use_gpu:
+        return SweepSpace(batch=[8, 16], amp=["fp32"], cache=["none", "ram"])
+    per_gpu = [16, 64, 128] if gpu_mem_gb >= 24 else [16, 32, 64]
+    cores = max(1, cpus_per_node // max(gpus_per_trial, 1))
+    return SweepSpace(
+        batch=[b * gpus_per_trial for b in per_gpu],
+        workers=sorted({min(8, cores), cores}),
+        amp=["fp16", "bf16"],
+        cache=["none", "ram"],
+    )
+
+
+def knob_args(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Knob values as Ultralytics arguments (`cache: none` means False)."""
+    args = {k: v for k, v in knobs.items() if k in TRAIN_KNOBS}
+    if "cache" in args and str(args["cache"]).lower() in ("none", "false"):
+        args["cache"] = False
+    return args
+
+
+def best_config(base: RunSpec, knobs: dict[str, Any]) -> dict[str, Any]:
+    """A `--config` file for `fit`: the base configuration with the winning knobs, optimizer named."""
+    train = {**base.train, **knob_args(knobs)}
+    if str(train.get("optimizer", "auto")).lower() == "auto":
+        train["optimizer"] = "SGD"  # what the trials measured; `auto` picks by run length
+    scaling = dataclasses.asdict(base.scaling)
+    if "num_workers" in knobs:
+        scaling["num_workers"] = knobs["num_workers"]
+    out = {"train": train, "scaling": scaling}
+    if base.is_synthetic:
+        out["synthetic"] = dataclasses.asdict(base.synthetic)
+    return out
+
+
+def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: SweepBudget) -> RunSpec:
+    spec = RunSpec.from_dict(base.to_dict())
+    spec.train.update(knob_args(knobs))
+    if str(spec.train.get("optimizer", "auto")).lower() == "auto":
+        spec.train["optimizer"] = "SGD"
+    # Train long enough to fill the windows; no per-epoch validation, plots or checkpoints in a trial.
+    spec.train.update(epochs=1000, val=False, plots=False, save=False)
+    spec.train.pop("patience", None)
+    if "num_workers" in knobs:
+        spec.scaling.num_workers = knobs["num_workers"]
+    spec.storage_path = f"{base.run_dir}/trials"
+    spec.name = trial_name
+    spec.window_steps, spec.max_windows = budget.window_steps, budget.windows
+    spec.validate_untrained = False
+    return spec
+
+
+def infeasible_reason(spec: RunSpec, max_node_cpus: int) -> str | None:
+    """Points that cannot run, known before starting them."""
+    t, n = spec.train, spec.scaling.num_workers
+    batch = t.get("batch", 16)
+    if isinstance(batch, int) and (batch < n or batch % n):
+        return f"batch {batch} is not divisible by {n} workers"
+    if not spec.scaling.use_gpu and t.get("amp") not in (None, False, "fp32"):
+        return f"amp={t['amp']} needs a GPU (CPU workers train in fp32)"
+    workers = t.get("workers")
+    if isinstance(workers, int) and workers > max_node_cpus:
+        return f"workers={workers} dataloader workers exceed the {max_node_cpus} CPUs of the largest node"
+    return None
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune's function trainable: one real training launch, reporting images/s per window."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raytrain_yolo.cli import root_cause
+    from raytrain_yolo.launch import launch
+
+    base = RunSpec.from_dict(config["base"])
+    budget = SweepBudget(**config["budget"])
+    knobs = {k: config[k] for k in KNOBS if k in config}
+    spec = trial_spec(base, knobs, tune.get_context().get_trial_name(), budget)
+    done = {IPS_KEY: 0.0, "window": budget.windows + 1}  # ends the trial for ASHA; 0 images/s sorts it last
+    reason = infeasible_reason(spec, config["max_node_cpus"])
+    if reason:
+        tune.report({**done, "status": "infeasible", "reason": reason})
+        return
+    try:
+        launch(spec, callbacks=[TuneReportCallback()])
+    except UserError as e:
+        tune.report({**done, "status": "infeasible", "reason": str(e)})
+    except Exception as e:  # noqa: BLE001 - a crashed trial is a result (out of memory is the usual one)
+        cause = root_cause(e)
+        status = "out of memory" if "out of memory" in cause.lower() else "failed"
+        tune.report({**done, "status": status, "reason": cause[:300]})
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    paths: dict[str, str]
+
+
+def summarize_trial(result, knobs_present: list[str], budget: SweepBudget) -> dict[str, Any]:
+    row: dict[str, Any] = {k: result.config.get(k) for k in knobs_present}
+    row["trial"] = result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else None
+    df = result.metrics_dataframe
+    records = [] if df is None else df.to_dict("records")
+    windows = [r for r in records if not isinstance(r.get("status"), str) and r.get(IPS_KEY) is not None]
+    ips = [float(r[IPS_KEY]) for r in windows]
+    status_rec = next((r for r in reversed(records) if isinstance(r.get("status"), str)), None)
+    row["windows"] = len(ips)
+    row["images_per_second"] = sum(ips) / len(ips) if ips else None
+    mem = [r.get("system/gpu_mem_gb") for r in windows if r.get("system/gpu_mem_gb") == r.get("system/gpu_mem_gb")]
+    row["gpu_mem_gb"] = max((m for m in mem if m is not None), default=None)
+    if status_rec:
+        row["status"], row["reason"] = status_rec["status"], status_rec.get("reason")
+    elif result.error:
+        from raytrain_yolo.cli import root_cause
+
+        row["status"], row["reason"] = "failed", root_cause(result.error)[:300]
+    elif len(ips) >= budget.windows:
+        row["status"], row["reason"] = "ok", None
+    else:
+        row["status"], row["reason"] = "stopped early", f"slower than the others after {len(ips)} windows (ASHA)"
+    return row
+
+
+def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepResult:
+    """Run the sweep and write results.parquet, best.yaml and throughput.png under `<storage>/<name>/`."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raytrain_yolo.launch import connect_ray, resolve_scaling
+    from raytrain_yolo.tracking import RunTracker
+
+    connect_ray()
+    base.name = check_name(base.name or default_name("tune"))
+    base.storage_path = storage.normalise(base.storage_path)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_node_cpus = int(max((n["Resources"].get("CPU", 0) for n in nodes), default=1))
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
+    # Leave room for the trial driver next to its workers (seen: a 1-CPU driver starves 2 x 1-CPU workers).
+    s = base.scaling
+    if s.use_gpu is None:
+        s.use_gpu = gpus > 0
+    most_workers = max(space.num_workers or [s.num_workers or (gpus if s.use_gpu else 1)])
+    if not s.use_gpu:
+        s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / most_workers * 20) / 20)
+    resolve_scaling(base)
+    resolve_train_args(base)  # validate the base configuration once, before any trial
+    grid = space.grid() or dataclasses.asdict(default_space(s.use_gpu, s.num_workers, max_node_cpus, _gpu_mem_gb()))
+    if budget.max_concurrent is None:
+        per_trial = most_workers
+        budget.max_concurrent = max(1, gpus // per_trial if s.use_gpu else int(cpus // (per_trial * s.cpus_per_worker + TRIAL_DRIVER_CPU)))
+    storage.check_writable(base.run_dir)
+
+    tracker = RunTracker(base) if base.tracking.enabled else None
+    if tracker:
+        tracker.start({f"sweep/{k}": ",".join(map(str, v)) for k, v in grid.items()} | {
+            "sweep/window_steps": budget.window_steps, "sweep/windows": budget.windows})
+        base.tracking.parent_run_id = tracker.run_id
+    try:
+        scheduler = (
+            # max_t one past the budget: a trial that keeps up ends on its own (clean Train shutdown, summary,
+            # FINISHED MLflow run); ASHA only stops the slow ones, at its rungs.
+            ASHAScheduler(time_attr="window", max_t=budget.windows + 1, grace_period=budget.grace_windows,
+                          reduction_factor=2)
+            if budget.early_stop else FIFOScheduler()
+        )
+        param_space = {k: tune.grid_search(v) for k, v in grid.items()}
+        param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
+                                        max_concurrent_trials=budget.max_concurrent),
+            run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path, verbose=1),
+        )
+        grid_results = tuner.fit()
+        rows = [summarize_trial(r, list(grid), budget) for r in grid_results]
+        rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
+        best = next((r for r in rows if r["status"] == "ok"), None)
+        paths = write_outputs(base, rows, best, list(grid))
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    if tracker:
+        for p in paths.values():
+            tracker.log_artifact(p)
+        tracker.finish("FINISHED")
+    return SweepResult(rows, best, paths)
+
+
+def _gpu_mem_gb() -> float:
+    """GPU memory of this machine's first GPU, for the default grid (0 when none is visible here)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 0.0
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def write_outputs(base: RunSpec, rows: list[dict], best: dict | None, knobs: list[str]) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = base.run_dir
+    cols = [*knobs, "images_per_second", "gpu_mem_gb", "windows", "status", "reason", "trial"]
+    table = pa.table({c: [_plain(r.get(c)) for r in rows] for c in cols})
+    paths = {"results": f"{run_dir}/results.parquet", "plot": f"{run_dir}/throughput.png"}
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(paths["results"], buf.getvalue().to_pybytes())
+    if best:
+        cfg = best_config(base, {k: best[k] for k in knobs})
+        header = (
+            f"# Fastest configuration found by `python -m raytrain_yolo.tune` ({base.name}, "
+            f"{time.strftime('%Y-%m-%d')}): {best['images_per_second']:.1f} images/s.\n"
+            "# Use it as is: python -m raytrain_yolo.fit --config best.yaml\n"
+        )
+        paths["best"] = f"{run_dir}/best.yaml"
+        storage.write_text(paths["best"], header + yaml.safe_dump(cfg, sort_keys=False))
+    plot_throughput(rows, paths["plot"])
+    storage.write_text(f"{run_dir}/sweep.json", json.dumps({"rows": rows, "best": best}, indent=2, default=str))
+    paths["json"] = f"{run_dir}/sweep.json"
+    return paths
+
+
+def _plain(v):
+    return str(v) if isinstance(v, (list, dict)) else v
+
+
+def plot_throughput(rows: list[dict], path: str) -> None:
+    """images/s against global batch, one line per AMP mode (best over the other knobs)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["images_per_second"] and r["status"] in ("ok", "stopped early") and r.get("batch") is not None:
+            line = series.setdefault(str(r.get("amp", "default")), {})
+            line[r["batch"]] = max(line.get(r["batch"], 0.0), r["images_per_second"])
+    for amp, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", label=f"amp={amp}")
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("images/s (steady state)")
+    ax.set_title("Training throughput per configuration")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def format_table(rows: list[dict], knobs: list[str]) -> str:
+    head = [*knobs, "images/s", "GPU GB", "windows", "status", "reason"]
+    body = [
+        [*(str(r.get(k)) for k in knobs),
+         f"{r['images_per_second']:.1f}" if r["images_per_second"] else "-",
+         f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-",
+         str(r["windows"]), r["status"], (r.get("reason") or "")[:70]]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)])
+

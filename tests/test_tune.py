@@ -1,0 +1,76 @@
+"""Issue 4: a real Ray Tune throughput sweep over real training trials on CPU workers."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import load_summary, mlflow_runs, run_cli
+
+WINDOWS = 3
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("tune")
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    proc = run_cli(
+        "tune", "--cpu", "--num-workers", 1, "--batch", "8,2", "--workers", "0,1", "--amp", "fp32,bf16",
+        "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
+        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--storage-path", storage, "--name", "sweep",
+        "--tracking-uri", uri, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, storage, uri
+
+
+def test_results_table_one_row_per_trial(sweep):
+    proc, storage, _ = sweep
+    rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
+    assert len(rows) == 8  # 2 batch x 2 workers x 2 amp
+    assert {(r["batch"], r["workers"], r["amp"]) for r in rows} == {
+        (b, w, a) for b in (8, 2) for w in (0, 1) for a in ("fp32", "bf16")}
+    assert "images/s" in proc.stdout and "status" in proc.stdout
+    assert (storage / "sweep" / "throughput.png").stat().st_size > 1000
+
+
+def test_infeasible_points_are_recorded_and_the_sweep_goes_on(sweep):
+    _, storage, _ = sweep
+    rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
+    bf16 = [r for r in rows if r["amp"] == "bf16"]
+    assert all(r["status"] == "infeasible" and "needs a GPU" in r["reason"] for r in bf16)
+    assert any(r["status"] == "ok" for r in rows if r["amp"] == "fp32")
+
+
+def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path):
+    _, storage, _ = sweep
+    rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["windows"] == WINDOWS and r["images_per_second"] > 0 for r in ok)
+    best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
+    fastest = max(ok, key=lambda r: r["images_per_second"])
+    assert (best["train"]["batch"], best["train"]["workers"]) == (fastest["batch"], fastest["workers"])
+    assert best["train"]["optimizer"] == "SGD" and best["scaling"]["num_workers"] == 1
+    proc = run_cli("fit", "--config", storage / "sweep" / "best.yaml", "epochs=1", "--storage-path", tmp_path,
+                   "--name", "from-best", "--no-tracking")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = load_summary(tmp_path, "from-best")
+    assert s["train_args"]["batch"] == fastest["batch"] and s["epochs_completed"] == 1
+
+
+def test_early_stopping_stops_the_slow_configuration(sweep):
+    _, storage, _ = sweep
+    rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["windows"] < WINDOWS for r in stopped)
+    assert all(r["batch"] == 2 for r in stopped), "batch 2 is the clearly slower configuration on CPU"
+
+
+def test_parent_mlflow_run_with_nested_trials(sweep):
+    _, _, uri = sweep
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4  # the feasible trials; infeasible ones never start training
