@@ -56,10 +56,10 @@ command -v setsid >/dev/null && SETSID=(setsid)   # own session: closing this te
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: one node, nothing to drain to, so stop at once on SIGTERM.
     export RAY_AUTH_MODE=token PATH="$BIN:$PATH" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
     unset RAY_ADDRESS
-    exec nohup "${SETSID[@]}" "$RAY" start --head --block \
+    exec nohup ${SETSID[@]+"${SETSID[@]}"} "$RAY" start --head --block \
         --node-ip-address 127.0.0.1 --port "$PORT" \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-        --temp-dir "$TEMP_DIR" --disable-usage-stats "${NUM_CPUS[@]}" "$@"
+        --temp-dir "$TEMP_DIR" --disable-usage-stats ${NUM_CPUS[@]+"${NUM_CPUS[@]}"} "$@"
 ) >"$LOG" 2>&1 &
 echo $! >"$PID_FILE"
 
@@ -71,6 +71,11 @@ deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
     try:
         os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:  # Linux: an exited child stays a zombie until this script ends
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                sys.exit(1)
+    except FileNotFoundError:
+        pass
     except OSError:
         sys.exit(1)  # `ray start` exited: see the log
     try:

@@ -35,6 +35,14 @@ def resolve_uri(spec: RunSpec) -> str:
     return uri
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a local SQLite store, not in whichever working directory created the experiment first
+    (under `ray job submit --working-dir` that is a temporary copy of the code)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def metric_key(key: str) -> str:
     """MLflow refuses parentheses: `metrics/mAP50(B)` is logged as `metrics/mAP50B` (as Ultralytics does)."""
     return key.replace("(", "").replace(")", "")
@@ -106,7 +114,9 @@ class RunTracker:
         check_reachable(self.uri)
         self.client = _client(self.uri)
         exp = self.client.get_experiment_by_name(self.spec.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.spec.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.spec.tracking.experiment, artifact_location=_artifact_location(self.uri)
+        )
         key = self.spec.run_dir
         found = self.client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]

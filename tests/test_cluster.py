@@ -114,41 +114,44 @@ def head():
     base = Path(tempfile.mkdtemp(prefix="rtyc-", dir="/tmp"))
     real_token = Path.home() / ".ray" / "auth_token"
     real_before = real_token.read_bytes() if real_token.exists() else None
-
-    # The token, exactly as cluster/local-up.sh makes it, but into a temporary HOME.
-    home = base / "home"
-    home.mkdir()
-    gen = subprocess.run([RAY, "get-auth-token", "--generate"], env={**_clean_env(), "HOME": str(home)},
-                         capture_output=True, text=True, timeout=60)
-    token_path = home / ".ray" / "auth_token"
-    assert gen.returncode == 0 and token_path.is_file(), gen.stderr[-2000:]
-    token = token_path.read_text().strip()
-    assert token and gen.stdout.strip() == token
-
-    dashboard_port = free_port()
-    env = {
-        **_clean_env(),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_path),
-        # Job entrypoints run `python` from the head's PATH: make it this interpreter, with ray and raytrain_yolo.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        # One node, nothing to drain to: stop at once on SIGTERM (Ray 2.60 drains for up to 30 s by default).
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-    }
-    cmd = [
-        RAY, "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-        "--num-cpus", "2", "--temp-dir", str(base / "ray"), "--disable-usage-stats",
-        # Fixed defaults (52365, 10001, ...) could collide with another Ray on this machine: every port is ours.
-        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()),
-    ]
-    log_path = base / "head.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = log = None
+    token_path = base / "home" / ".ray" / "auth_token"
     try:
+        # The token, exactly as cluster/local-up.sh makes it, but into a temporary HOME.
+        (base / "home").mkdir()
+        gen = subprocess.run([RAY, "get-auth-token", "--generate"], env={**_clean_env(), "HOME": str(base / "home")},
+                             capture_output=True, text=True, timeout=60)
+        assert gen.returncode == 0 and token_path.is_file(), gen.stderr[-2000:]
+        token = token_path.read_text().strip()
+        assert token and gen.stdout.strip() == token
+
+        ports = set()
+        while len(ports) < 7:  # distinct: free_port() only asks the OS for a port that is free right now
+            ports.add(free_port())
+        gcs_port, dashboard_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port, client_port = ports
+        env = {
+            **_clean_env(),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            # Job entrypoints run `python` from the head's PATH: this interpreter, with ray and raytrain_yolo.
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # One node, nothing to drain to: stop at once on SIGTERM (Ray 2.60 drains for up to 30 s by default).
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
+        cmd = [
+            RAY, "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+            "--num-cpus", "2", "--temp-dir", str(base / "ray"), "--disable-usage-stats",
+            # Fixed defaults (52365, 10001, ...) could collide with another Ray on this machine: all ports are ours.
+            "--dashboard-agent-listen-port", str(agent_port), "--dashboard-agent-grpc-port", str(agent_grpc_port),
+            "--runtime-env-agent-port", str(runtime_env_port), "--metrics-export-port", str(metrics_port),
+            "--ray-client-server-port", str(client_port),
+        ]
+        log_path = base / "head.log"
+        log = open(log_path, "w")
+        proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         url = f"http://127.0.0.1:{dashboard_port}"
         headers = {"Authorization": f"Bearer {token}"}
 
@@ -165,9 +168,11 @@ def head():
         yield Head(url=url, token=token, token_path=token_path, base=base, client_env=client_env)
     finally:
         try:
-            _stop_head(proc, token_path)
+            if proc is not None:
+                _stop_head(proc, token_path)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             shutil.rmtree(base, ignore_errors=True)
             real_after = real_token.read_bytes() if real_token.exists() else None
             if real_before is not None:
