@@ -1,0 +1,256 @@
+"""`python -m raytrain_yolo.bench`: plain Ultralytics vs raytrain_yolo vs the GPU-only step vs the tuner's pick.
+
+All rows are steady-state images/s measured the same way (worker.ThroughputMeter: per-step timestamps, each
+epoch's first 20% of steps skipped, windows of --window-steps steps), in one run on one machine, on the same
+synthetic dataset. Results go to <out>/bench.json and <out>/bench.md as each row finishes, so a run cut short
+still leaves what it measured.
+
+    python -m raytrain_yolo.bench --out experiments/results            # one GPU: the full benchmark
+    python -m raytrain_yolo.bench --cpu --images 64 --imgsz 64 --window-steps 2 --windows 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec  # noqa: E402
+from raytrain_yolo.data import ensure_synthetic  # noqa: E402
+from raytrain_yolo.worker import IPS_KEY, ThroughputMeter  # noqa: E402
+
+MODEL = "yolo26n.yaml"
+DEFAULTS = {"batch": 16, "workers": 8}  # Ultralytics' own defaults
+
+
+class Bench:
+    def __init__(self, ns: argparse.Namespace):
+        self.ns = ns
+        self.out = Path(ns.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.data = str(ensure_synthetic(SyntheticSpec(train=ns.images, val=16, imgsz=ns.imgsz, seed=0)))
+        self.device_name = _device_name(ns.cpu)
+        self.common = {"data": self.data, "model": MODEL, "imgsz": ns.imgsz, "optimizer": "SGD", "epochs": 1000,
+                       "val": False, "plots": False, "save": False, "seed": 0}
+        if ns.cpu:
+            self.common["amp"] = False
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print(f"[bench] {row}", flush=True)
+        self.write()
+
+    # 1-2. plain Ultralytics
+    def native(self, label: str, batch: int, workers: int) -> None:
+        from ultralytics import YOLO
+
+        meter = ThroughputMeter(window_steps=self.ns.window_steps)
+        windows: list[float] = []
+
+        def on_batch_end(trainer):
+            if meter.on_train_batch_end(trainer):
+                windows.append(meter.take_window())
+            if len(windows) >= self.ns.windows:
+                trainer.stop = True
+
+        model = YOLO(MODEL)
+        model.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
+        model.add_callback("on_train_batch_end", on_batch_end)
+        t0 = time.time()
+        model.train(**self.common, batch=batch, workers=workers, device="cpu" if self.ns.cpu else 0,
+                    project=str(self.out / "native"), name=label, exist_ok=True, verbose=False)
+        self.record({"row": label, "kind": "native", "batch": batch, "workers": workers, "amp": self._amp(),
+                     "images_per_second": _mean(windows), "windows": windows, "wall_s": round(time.time() - t0, 1)})
+        _free_gpu()
+
+    # 3. the same configurations through raytrain_yolo (Ray Train, one worker)
+    def raytrain(self, label: str, batch: int, workers: int, extra: dict | None = None) -> None:
+        from raytrain_yolo.launch import launch
+
+        spec = RunSpec(
+            train={**self.common, "batch": batch, "workers": workers, **(extra or {})},
+            scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+            tracking=TrackingSpec(enabled=False), storage_path=str(self.out / "ray"), name=label,
+            window_steps=self.ns.window_steps, max_windows=self.ns.windows, validate_untrained=False,
+        )
+        t0 = time.time()
+        summary = launch(spec).summary
+        windows = [h[IPS_KEY] for h in summary["history"] if "window" in h]
+        mem = max((h.get("system/gpu_mem_gb", 0) for h in summary["history"]), default=None)
+        self.record({"row": label, "kind": "raytrain", "batch": batch, "workers": workers, "amp": self._amp(),
+                     **(extra or {}), "images_per_second": _mean(windows), "windows": windows,
+                     "gpu_mem_gb": mem, "wall_s": round(time.time() - t0, 1)})
+
+    # 4. the GPU-only step: a real batch already on the device, forward + loss + backward + optimizer step
+    def gpu_only(self, batch: int, steps: int = 30) -> None:
+        import torch
+        from ultralytics.models.yolo.detect import DetectionTrainer
+        from ultralytics.utils.torch_utils import autocast
+
+        trainer = DetectionTrainer(overrides={**self.common, "batch": batch, "workers": 0,
+                                              "device": "cpu" if self.ns.cpu else 0,
+                                              "project": str(self.out / "gpu_only"), "name": "step", "exist_ok": True})
+        trainer._setup_train()
+        batch_data = trainer.preprocess_batch(next(iter(trainer.train_loader)))
+        cuda = trainer.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+        def step():
+            with autocast(trainer.amp, device=trainer.device.type):
+                loss, _ = trainer.model(batch_data)
+            trainer.scaler.scale(loss.sum()).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            trainer.optimizer.zero_grad()
+
+        for _ in range(5):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        ips = batch * steps / (time.perf_counter() - t0)
+        self.record({"row": f"gpu-only-b{batch}", "kind": "gpu_only", "batch": batch, "amp": self._amp(),
+                     "images_per_second": ips})
+        trainer.train_loader.close() if hasattr(trainer.train_loader, "close") else None
+        del trainer
+        _free_gpu()
+
+    # 5. what the tuner picks when given a few minutes
+    def tuned(self) -> None:
+        from raytrain_yolo.tuning import SweepBudget, SweepSpace, run_sweep
+
+        base = RunSpec(train={"data": self.data, "model": MODEL, "imgsz": self.ns.imgsz, "optimizer": "SGD"},
+                       scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+                       tracking=TrackingSpec(enabled=False), storage_path=str(self.out / "tune"), name="sweep")
+        space = SweepSpace(batch=self.ns.sweep_batch, workers=[self.ns.max_workers],
+                           amp=["fp32"] if self.ns.cpu else ["fp16", "bf16"])
+        budget = SweepBudget(window_steps=self.ns.window_steps, windows=self.ns.windows, grace_windows=1,
+                             max_concurrent=1)
+        t0 = time.time()
+        res = run_sweep(base, space, budget)
+        b = res.best or {}
+        self.record({"row": "tuned", "kind": "raytrain-tuned", "batch": b.get("batch"), "workers": b.get("workers"),
+                     "amp": b.get("amp"), "images_per_second": b.get("images_per_second"),
+                     "trials": [{k: r.get(k) for k in ("batch", "workers", "amp", "images_per_second", "status")}
+                                for r in res.rows], "wall_s": round(time.time() - t0, 1)})
+
+    def _amp(self) -> str:
+        return "fp32" if self.ns.cpu else "fp16"
+
+    def ratios(self) -> dict[str, float | None]:
+        ips = {r["row"]: r.get("images_per_second") for r in self.rows}
+        big = f"b{self.ns.big_batch}"
+
+        def ratio(a, b):
+            return round(ips[a] / ips[b], 3) if ips.get(a) and ips.get(b) else None
+
+        tuned_or_big = "tuned" if ips.get("tuned") else f"raytrain-{big}"
+        return {
+            "raytrain/native, defaults (target >= 0.98)": ratio("raytrain-defaults", "native-defaults"),
+            f"raytrain/native, {big} (target >= 0.98)": ratio(f"raytrain-{big}", f"native-{big}"),
+            "tuned/native defaults (target >= 5)": ratio("tuned", "native-defaults"),
+            f"end-to-end/GPU-only at {big} (target >= 0.9)": ratio(f"raytrain-{big}", f"gpu-only-{big}"),
+            "best end-to-end/GPU-only at its batch": ratio(tuned_or_big, f"gpu-only-{big}"),
+        }
+
+    def write(self) -> None:
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": self.device_name, "cpus": os.cpu_count(),
+                "images": self.ns.images, "imgsz": self.ns.imgsz, "model": MODEL, "window_steps": self.ns.window_steps,
+                "windows": self.ns.windows, "python": platform.python_version(), "versions": _versions()}
+        doc = {"meta": meta, "rows": self.rows, "ratios": self.ratios()}
+        (self.out / "bench.json").write_text(json.dumps(doc, indent=2, default=str))
+        lines = [f"# Benchmark: {meta['device']}, {meta['cpus']} CPU cores, {meta['date']}", "",
+                 f"YOLO26n from `{MODEL}`, {self.ns.images} synthetic JPEGs at {self.ns.imgsz} px, SGD, steady-state "
+                 f"images/s over {self.ns.windows} windows of {self.ns.window_steps} steps. Versions: "
+                 + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+                 "| row | batch | workers | amp | images/s | GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            v = r.get("images_per_second")
+            lines.append(f"| {r['row']} | {r.get('batch')} | {r.get('workers', '-')} | {r.get('amp')} | "
+                         f"{v:.1f} |" if v else f"| {r['row']} | {r.get('batch')} | {r.get('workers', '-')} | "
+                         f"{r.get('amp')} | n/a |")
+            lines[-1] += f" {r['gpu_mem_gb']:.1f} |" if r.get("gpu_mem_gb") else " - |"
+        lines += ["", "| ratio | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in doc["ratios"].items()]
+        (self.out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device_name(cpu: bool) -> str:
+    import torch
+
+    if not cpu and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "ray", "ultralytics"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raytrain_yolo.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/results/bench")
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--window-steps", type=int, default=20)
+    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--big-batch", type=int, default=128)
+    p.add_argument("--max-workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--sweep-batch", default="128,256", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--only", default="native,raytrain,gpu,tune", help="which parts to run")
+    p.add_argument("--cpu", action="store_true", help="CPU smoke test of the script itself")
+    ns = p.parse_args(argv)
+    parts = set(ns.only.split(","))
+    bench = Bench(ns)
+    big = ns.big_batch
+    steps = [
+        ("native", lambda: bench.native("native-defaults", DEFAULTS["batch"], DEFAULTS["workers"])),
+        ("native", lambda: bench.native(f"native-b{big}", big, ns.max_workers)),
+        ("raytrain", lambda: bench.raytrain("raytrain-defaults", DEFAULTS["batch"], DEFAULTS["workers"])),
+        ("raytrain", lambda: bench.raytrain(f"raytrain-b{big}", big, ns.max_workers)),
+        ("gpu", lambda: bench.gpu_only(big)),
+        ("tune", bench.tuned),
+    ]
+    for part, fn in steps:
+        if part in parts:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - keep measuring the other rows
+                bench.record({"row": f"{part}-failed", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    print((bench.out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
