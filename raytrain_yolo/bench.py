@@ -34,8 +34,9 @@ DEFAULTS = {"batch": 16, "workers": 8}  # Ultralytics' own defaults
 class Bench:
     def __init__(self, ns: argparse.Namespace):
         self.ns = ns
-        self.out = Path(ns.out)
+        self.out = Path(ns.out)  # bench.json, bench.md
         self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(ns.work or ns.out)  # the runs' own folders (weights, checkpoints)
         self.rows: list[dict[str, Any]] = []
         self.data = str(ensure_synthetic(SyntheticSpec(train=ns.images, val=16, imgsz=ns.imgsz, seed=0)))
         self.device_name = _device_name(ns.cpu)
@@ -66,8 +67,9 @@ class Bench:
         model.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
         model.add_callback("on_train_batch_end", on_batch_end)
         t0 = time.time()
-        model.train(**self.common, batch=batch, workers=workers, device="cpu" if self.ns.cpu else 0,
-                    project=str(self.out / "native"), name=label, exist_ok=True, verbose=False)
+        # save=True: plain `model.train()` insists on a checkpoint at the end (written after the windows)
+        model.train(**{**self.common, "save": True}, batch=batch, workers=workers, device="cpu" if self.ns.cpu else 0,
+                    project=str(self.work / "native"), name=label, exist_ok=True, verbose=False)
         self.record({"row": label, "kind": "native", "batch": batch, "workers": workers, "amp": self._amp(),
                      "images_per_second": _mean(windows), "windows": windows, "wall_s": round(time.time() - t0, 1)})
         _free_gpu()
@@ -79,7 +81,7 @@ class Bench:
         spec = RunSpec(
             train={**self.common, "batch": batch, "workers": workers, **(extra or {})},
             scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
-            tracking=TrackingSpec(enabled=False), storage_path=str(self.out / "ray"), name=label,
+            tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "ray"), name=label,
             window_steps=self.ns.window_steps, max_windows=self.ns.windows, validate_untrained=False,
         )
         t0 = time.time()
@@ -98,7 +100,7 @@ class Bench:
 
         trainer = DetectionTrainer(overrides={**self.common, "batch": batch, "workers": 0,
                                               "device": "cpu" if self.ns.cpu else 0,
-                                              "project": str(self.out / "gpu_only"), "name": "step", "exist_ok": True})
+                                              "project": str(self.work / "gpu_only"), "name": "step", "exist_ok": True})
         trainer._setup_train()
         batch_data = trainer.preprocess_batch(next(iter(trainer.train_loader)))
         cuda = trainer.device.type == "cuda"
@@ -132,11 +134,12 @@ class Bench:
 
         base = RunSpec(train={"data": self.data, "model": MODEL, "imgsz": self.ns.imgsz, "optimizer": "SGD"},
                        scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
-                       tracking=TrackingSpec(enabled=False), storage_path=str(self.out / "tune"), name="sweep")
+                       tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "tune"), name="sweep")
         space = SweepSpace(batch=self.ns.sweep_batch, workers=[self.ns.max_workers],
                            amp=["fp32"] if self.ns.cpu else ["fp16", "bf16"])
+        # No early stopping here: every trial ends by itself, so a stopped trial's GPU is never waited for.
         budget = SweepBudget(window_steps=self.ns.window_steps, windows=self.ns.windows, grace_windows=1,
-                             max_concurrent=1)
+                             max_concurrent=1, early_stop=False)
         t0 = time.time()
         res = run_sweep(base, space, budget)
         b = res.best or {}
@@ -220,7 +223,8 @@ def _versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raytrain_yolo.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="experiments/results/bench")
+    p.add_argument("--out", default="experiments/results/bench", help="where bench.json and bench.md go")
+    p.add_argument("--work", help="where the runs' own folders go (default: --out)")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--window-steps", type=int, default=20)
