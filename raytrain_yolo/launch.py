@@ -91,9 +91,10 @@ def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
 
 
 def guess_task(model: str) -> str:
-    from ultralytics.nn.tasks import guess_model_task
+    """The task from the model's YAML head or checkpoint (a name alone is only a guess, with a warning)."""
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
-    return guess_model_task(model)
+    return guess_model_task(yaml_model_load(model) if str(model).endswith((".yaml", ".yml")) else model)
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None):
