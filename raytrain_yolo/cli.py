@@ -25,7 +25,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if sweep:
         ray_g.add_argument("--num-workers", type=int_list, help="Ray Train workers per trial, e.g. 1,2 (a swept knob)")
     else:
-        ray_g.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks); default: one per GPU, else 2")
+        ray_g.add_argument("--num-workers", type=worker_range, help="Ray Train workers (DDP ranks); default: one per GPU, "
+                           "else 2. MIN-MAX is elastic: training goes on with fewer workers and grows back; the "
+                           "global batch stays fixed, so it must divide by every count in the range")
     dev = ray_g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (NCCL)")
     dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers (gloo)")
@@ -36,7 +38,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         "on a multi-node cluster it must be shared by all nodes: a cloud URI (s3://, gs://) or a shared filesystem",
     )
     ray_g.add_argument("--name", help="run name, the folder under --storage-path (default fit-<timestamp>)")
-    ray_g.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0)")
+    ray_g.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0); "
+                       "rerunning the same command with the same --name resumes a run whose driver died")
+    ray_g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept: the best N by fitness plus the latest (default 2)")
 
     trk = p.add_argument_group("MLflow tracking")
     trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlruns)")
@@ -52,6 +56,15 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
     p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def worker_range(text: str) -> tuple[int | None, int]:
+    """'4' -> (None, 4); '2-4' -> (2, 4)."""
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else (None, int(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of workers (N) or a range (MIN-MAX)") from None
 
 
 def int_list(text: str) -> list[int]:
@@ -71,7 +84,8 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
     spec = RunSpec.from_dict(base)
     spec.train.update(parse_key_values(pairs))
     flags = {
-        ("scaling", "num_workers"): ns.num_workers if not isinstance(ns.num_workers, list) else None,
+        ("scaling", "min_workers"): ns.num_workers[0] if isinstance(ns.num_workers, tuple) else None,
+        ("scaling", "num_workers"): ns.num_workers[1] if isinstance(ns.num_workers, tuple) else None,
         ("scaling", "use_gpu"): ns.use_gpu,
         ("scaling", "cpus_per_worker"): ns.cpus_per_worker,
         ("tracking", "uri"): ns.tracking_uri,
@@ -84,6 +98,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "storage_path"): ns.storage_path,
         (None, "name"): ns.name,
         (None, "max_failures"): ns.max_failures,
+        (None, "keep_checkpoints"): getattr(ns, "keep_checkpoints", None),
     }
     for (section, key), value in flags.items():
         if value is not None:

@@ -62,6 +62,7 @@ class ScalingSpec:
     """How many Ray Train workers, on what. `None` means: decide from the cluster."""
 
     num_workers: int | None = None  # one per GPU when the cluster has GPUs, else 2 CPU workers
+    min_workers: int | None = None  # elastic: keep training on as few as this many workers (Ray Train V2)
     use_gpu: bool | None = None
     cpus_per_worker: float = 1.0
 
@@ -92,6 +93,7 @@ class RunSpec:
     storage_path: str = "runs/raytrain"
     name: str = ""
     max_failures: int = 0
+    keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
     validate_untrained: bool | None = None  # None: only for the synthetic dataset
     trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
     window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch
@@ -214,8 +216,10 @@ def resolve_train_args(spec: RunSpec) -> dict[str, Any]:
     return validate_train_args(args)
 
 
-def check_batch(batch: Any, num_workers: int) -> int:
-    """The global batch is split evenly across workers, so it must divide."""
+def check_batch(batch: Any, num_workers: int, min_workers: int | None = None) -> int:
+    """The global batch is fixed and split evenly across however many workers run, so it must divide each."""
+    for n in range(min_workers or num_workers, num_workers):
+        check_batch(batch, n)
     if not isinstance(batch, int) or isinstance(batch, bool):
         raise UserError(
             f"batch={batch} must be a whole number under Ray (AutoBatch needs a single process): e.g. batch={16 * num_workers}"

@@ -60,16 +60,17 @@ def resolve_scaling(spec: RunSpec) -> RunSpec:
         raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
     if s.num_workers is None:
         s.num_workers = gpus if s.use_gpu else max(1, min(LOCAL_CPU_WORKERS, int(cpus // s.cpus_per_worker)))
-    if s.num_workers < 1:
-        raise UserError(f"--num-workers {s.num_workers} must be at least 1")
+    if s.num_workers < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= s.num_workers):
+        raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{s.num_workers} must be "
+                        "at least 1 (and MIN <= MAX for MIN-MAX)")
     if s.cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker {s.cpus_per_worker} must be above 0")
-    if s.use_gpu and s.num_workers > gpus:
+    if s.use_gpu and (s.min_workers or s.num_workers) > gpus:
         raise UserError(
             f"{s.num_workers} GPU workers need {s.num_workers} GPUs but the cluster has {gpus}: "
             f"use --num-workers {gpus} or add GPU nodes"
         )
-    need = s.num_workers * s.cpus_per_worker
+    need = (s.min_workers or s.num_workers) * s.cpus_per_worker
     if need > cpus:
         raise UserError(
             f"{s.num_workers} workers x {s.cpus_per_worker} CPUs need {need:g} CPUs but the cluster has {cpus:g}: "
@@ -84,7 +85,7 @@ def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     spec.storage_path = storage.normalise(spec.storage_path)
     train_args = resolve_train_args(spec)
     resolve_scaling(spec)
-    check_batch(train_args["batch"], spec.scaling.num_workers)
+    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
     task = train_args.get("task") or guess_task(train_args["model"])
     storage.check_writable(spec.run_dir)
     return spec, train_args, task
@@ -111,13 +112,20 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
         train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking},
         torch_config=TorchConfig(backend=s.backend),
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+            num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker},
         ),
         run_config=RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
             failure_config=FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.keep_checkpoints,
+                # Ray keeps the latest checkpoint whatever its score; with validation off there is no fitness.
+                checkpoint_score_attribute="fitness" if train_args.get("val", True) else None,
+                checkpoint_score_order="max",
+            ),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
         ),
@@ -201,7 +209,8 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     summary = {
         "name": spec.name,
         "task": task,
-        "world_size": spec.scaling.num_workers,
+        "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
+        "resumed_from_epoch": ret.get("resumed_from"),
         "device": "cuda" if spec.scaling.use_gpu else "cpu",
         "device_name": ret.get("device_name"),
         "backend": spec.scaling.backend,

@@ -22,6 +22,7 @@ from raytrain_yolo.errors import UserError
 from raytrain_yolo.storage import is_uri as storage_is_uri
 
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
+SENTINEL_METRIC = "lr/pg0"  # logged every epoch: its steps tell which epochs MLflow has
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
@@ -181,6 +182,13 @@ class EpochLogger:
         self.client = _client(uri)
         self.run_id = run_id
         self.log_args = log_args
+        self.logged: set[int] = set()  # steps already in MLflow: a step is logged once, even across restarts
+
+    def sync_history(self, history: list[dict[str, Any]]) -> None:
+        """On restart: learn which epochs MLflow has, and log those the checkpoint has but MLflow missed."""
+        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, metric_key(SENTINEL_METRIC))}
+        for metrics in history:
+            self.log_epoch(metrics)
 
     def on_pretrain_routine_end(self, trainer) -> None:
         if not self.log_args:
@@ -192,10 +200,13 @@ class EpochLogger:
         params["device_name"] = _device_name(trainer)
         log_params(self.client, self.run_id, params)
 
-    def log_epoch(self, metrics: dict[str, Any], trainer) -> None:
+    def log_epoch(self, metrics: dict[str, Any], trainer=None) -> None:
         from mlflow.entities import Metric
 
         step, now = int(metrics.get("window") or metrics["epoch"]), int(time.time() * 1000)
+        if step in self.logged:
+            return
+        self.logged.add(step)
         items = [
             Metric(metric_key(k), float(v), now, step)
             for k, v in metrics.items()

@@ -7,6 +7,7 @@ the distributed environment (see adapter.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ from raytrain_yolo.data import ensure_synthetic
 
 IPS_KEY = "throughput/images_per_second"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
+STATE_FILE = "raytrain_state.json"  # epochs done and the metrics history, for restarts
 WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timing: loader start-up, cudnn tuning
 
 
@@ -107,10 +109,10 @@ class Reporter:
     trial early, and stop after `max_windows`.
     """
 
-    def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, on_metrics=None):
+    def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, history: list | None = None):
         self.spec, self.meter, self.rank = spec, meter, rank
-        self.on_metrics = on_metrics or []  # rank-0 consumers of each report's metrics (tracking)
-        self.history: list[dict[str, Any]] = []
+        self.on_metrics: list = []  # rank-0 consumers of each report's metrics (tracking)
+        self.history: list[dict[str, Any]] = list(history or [])  # carried over restarts in the checkpoint
         self.samples: list[dict[str, Any]] = []
         self.trial = spec.window_steps > 0
 
@@ -162,6 +164,8 @@ class Reporter:
                 for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
                     if src.is_file():
                         shutil.copy2(src, Path(tmp) / src.name)
+                state = {"epoch": metrics["epoch"], "history": self.history}
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state, default=float))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
         for consumer in self.on_metrics:
@@ -186,6 +190,26 @@ def local_save_project(spec: RunSpec) -> str:
     return tempfile.mkdtemp(prefix="raytrain-yolo-")
 
 
+def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
+    """After a restart (worker failure, or the same --name run again): the latest Ray checkpoint, unpacked.
+
+    Returns its state (`epoch` = epochs done, `history`) with `last_pt` set to a local copy of Ultralytics'
+    `last.pt`, which holds model, EMA, optimizer, scaler, epoch, best fitness and the early-stopping state.
+    Rank 0 also puts back the checkpoint's `results.csv`, so it keeps one row per epoch.
+    """
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="raytrain-yolo-resume-"))
+    ckpt.to_directory(str(local))
+    state = json.loads((local / STATE_FILE).read_text())
+    state["last_pt"] = str(local / "last.pt")
+    if rank == 0 and (local / "results.csv").is_file():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local / "results.csv", save_dir / "results.csv")
+    return state
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Train on this worker; rank 0 returns every rank's facts (device, host, parameter digest) to the driver."""
     spec = RunSpec.from_dict(config["spec"])
@@ -195,21 +219,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     args = dict(config["train_args"])
     if spec.is_synthetic:
         args["data"] = str(ensure_synthetic(spec.synthetic))
+    save_dir = Path(local_save_project(spec)) / "train"
+    state = restore(spec, save_dir, rank)
+    if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
+        return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
+                "save_dir": str(save_dir), "device_name": None} if rank == 0 else None
 
     from raytrain_yolo.adapter import trainer_class, unwrap  # first Ultralytics import in this process
 
     Trainer = trainer_class(config["task"])
-    overrides = {**args, "project": local_save_project(spec), "name": "train", "exist_ok": True}
+    overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
+    if state:  # Ultralytics' own resume: it restores everything in last.pt and starts at the next epoch
+        overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
 
     meter = ThroughputMeter(window_steps=spec.window_steps)
-    reporter = Reporter(spec, meter, rank)
+    reporter = Reporter(spec, meter, rank, history=state["history"] if state else None)
     logger = None
     if rank == 0 and config.get("tracking"):
         from raytrain_yolo.tracking import EpochLogger
 
         t = config["tracking"]
-        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and ray.train.get_checkpoint() is None)
+        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None)
+        if state:
+            logger.sync_history(state["history"])
         trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
         reporter.on_metrics.append(logger.log_epoch)
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
@@ -239,6 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "workers": gathered,
         "history": reporter.history,
         "images_per_second": meter.images_per_second,
+        "resumed_from": state["epoch"] if state else None,
         "save_dir": str(trainer.save_dir),
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
     }

@@ -1,0 +1,66 @@
+"""Issue 6: a worker or the driver dies; the training finishes, nothing is lost or counted twice."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from pathlib import Path
+
+from conftest import load_summary, mlflow_runs, run_cli, start_cli, train_worker_pids, wait_for
+
+EPOCHS = 4
+ARGS = ("--cpu", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, f"epochs={EPOCHS}", "imgsz=96")
+PER_EPOCH = ("metrics/mAP50B", "train/box_loss", "lr/pg0", "throughput/epoch_seconds")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*"))
+
+
+def assert_complete_once(storage: Path, name: str, uri: str):
+    s = load_summary(storage, name)
+    assert s["epochs_completed"] == EPOCHS
+    assert [h["epoch"] for h in s["history"]] == list(range(1, EPOCHS + 1)), "each epoch once, in order"
+    assert s["resumed_from_epoch"] and s["resumed_from_epoch"] >= 1, "the restart must resume, not start over"
+    rows = list(csv.DictReader(open(Path(s["last_checkpoint"]).parent / "results.csv")))
+    assert [int(float(r["epoch"])) for r in rows] == list(range(1, EPOCHS + 1))
+    client, runs = mlflow_runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for key in PER_EPOCH:
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)
+    return s
+
+
+def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "fit.log"
+    fit = start_cli("fit", *ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri,
+                    "--max-failures", 1, log_path=log)
+    try:
+        wait_for(lambda: checkpoints(tmp_path / "ft"), 300, what="the first checkpoint")
+        victim = wait_for(lambda: train_worker_pids(fit.pid), 30, what="worker pids")[-1]
+        os.kill(victim, signal.SIGKILL)
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    assert rc == 0, log.read_text()[-3000:]
+    s = assert_complete_once(tmp_path, "ft", uri)
+    assert victim not in [w["pid"] for w in s["workers"]], "the finished run must be the restarted worker group"
+
+
+def test_driver_killed_then_same_command_resumes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = (*ARGS, "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
+    fit = start_cli("fit", *cmd, log_path=tmp_path / "first.log")
+    try:
+        wait_for(lambda: checkpoints(tmp_path / "again"), 300, what="the first checkpoint")
+    finally:
+        os.killpg(fit.pid, signal.SIGKILL)  # the driver and the local Ray it started: a lost head machine
+        fit.wait(timeout=60)
+    assert not (tmp_path / "again" / "summary.json").exists()
+    proc = run_cli("fit", *cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_complete_once(tmp_path, "again", uri)
