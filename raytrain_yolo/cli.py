@@ -40,10 +40,13 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     ray_g.add_argument("--name", help="run name, the folder under --storage-path (default fit-<timestamp>)")
     ray_g.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0); "
                        "rerunning the same command with the same --name resumes a run whose driver died")
+    ray_g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
+                       help="wait this long for an autoscaling cluster to have the workers' CPUs/GPUs "
+                       "(default 0: a request the cluster cannot meet fails at once)")
     ray_g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept: the best N by fitness plus the latest (default 2)")
 
     trk = p.add_argument_group("MLflow tracking")
-    trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlruns)")
+    trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
     trk.add_argument("--experiment", help="MLflow experiment name (default raytrain_yolo)")
     trk.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     trk.add_argument("--register-model", metavar="NAME", help="register best.pt in the MLflow model registry")
@@ -54,6 +57,8 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     syn.add_argument("--synthetic-size", type=int, help="image side in pixels (default 160)")
     syn.add_argument("--synthetic-seed", type=int, help="generator seed (default 0)")
 
+    p.add_argument("--allow-bad-labels", action="store_true",
+                   help="train even if some label lines are malformed (Ultralytics skips those images)")
     p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
@@ -98,13 +103,16 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "storage_path"): ns.storage_path,
         (None, "name"): ns.name,
         (None, "max_failures"): ns.max_failures,
-        (None, "keep_checkpoints"): getattr(ns, "keep_checkpoints", None),
+        (None, "keep_checkpoints"): ns.keep_checkpoints,
+        (None, "resource_wait_s"): ns.wait_for_resources,
     }
     for (section, key), value in flags.items():
         if value is not None:
             setattr(getattr(spec, section) if section else spec, key, value)
     if ns.no_tracking:
         spec.tracking.enabled = False
+    if ns.allow_bad_labels:
+        spec.allow_bad_labels = True
     return spec
 
 

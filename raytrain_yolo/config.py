@@ -94,6 +94,8 @@ class RunSpec:
     name: str = ""
     max_failures: int = 0
     keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
+    resource_wait_s: float = 0  # >0: wait this long for an autoscaling cluster to have the resources
+    allow_bad_labels: bool = False  # let Ultralytics skip images whose labels are malformed
     validate_untrained: bool | None = None  # None: only for the synthetic dataset
     trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
     window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch
@@ -213,6 +215,10 @@ def resolve_train_args(spec: RunSpec) -> dict[str, Any]:
     if spec.is_synthetic:
         args = {**EMBEDDED_TRAIN_DEFAULTS, **args}
     args.setdefault("model", DEFAULT_MODEL)
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    for key in ("batch", "epochs"):  # Ultralytics' defaults, made explicit: batch is split over workers
+        args.setdefault(key, DEFAULT_CFG_DICT[key])
     return validate_train_args(args)
 
 
@@ -220,7 +226,7 @@ def check_batch(batch: Any, num_workers: int, min_workers: int | None = None) ->
     """The global batch is fixed and split evenly across however many workers run, so it must divide each."""
     for n in range(min_workers or num_workers, num_workers):
         check_batch(batch, n)
-    if not isinstance(batch, int) or isinstance(batch, bool):
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise UserError(
             f"batch={batch} must be a whole number under Ray (AutoBatch needs a single process): e.g. batch={16 * num_workers}"
         )

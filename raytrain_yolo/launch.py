@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from raytrain_yolo import storage
+from raytrain_yolo import preflight, storage
 from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
-from raytrain_yolo.tracking import RunTracker
+from raytrain_yolo.tracking import RunTracker, check_reachable, resolve_uri
 
 # Environment every worker gets (unless the user set it): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
@@ -28,13 +31,15 @@ class LaunchResult:
     summary_path: str
 
 
-def connect_ray(spec: RunSpec | None = None) -> None:
+def connect_ray() -> None:
     """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_answers(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -47,55 +52,97 @@ def connect_ray(spec: RunSpec | None = None) -> None:
         ) from None
 
 
+def _check_answers(address: str, timeout: float = 5.0) -> None:
+    """A TCP probe first: ray.init keeps retrying an address that does not answer for a long time."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if address in ("auto", "local") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}): start it "
+            "(`ray start --head`), fix RAY_ADDRESS, or unset it to run locally"
+        ) from None
+
+
 def resolve_scaling(spec: RunSpec) -> RunSpec:
-    """Fill in GPU/CPU and worker count from the cluster, and refuse requests it can never satisfy."""
+    """Fill in GPU/CPU and worker count from the cluster; refuse requests it can never satisfy.
+
+    A cluster that is still scaling up is waited for only when asked (`--wait-for-resources SECONDS`).
+    """
     import ray
 
-    total = ray.cluster_resources()
-    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
     s = spec.scaling
-    if s.use_gpu is None:
-        s.use_gpu = gpus > 0
-    if s.use_gpu and gpus == 0:
-        raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
-    if s.num_workers is None:
-        s.num_workers = gpus if s.use_gpu else max(1, min(LOCAL_CPU_WORKERS, int(cpus // s.cpus_per_worker)))
-    if s.num_workers < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= s.num_workers):
-        raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{s.num_workers} must be "
-                        "at least 1 (and MIN <= MAX for MIN-MAX)")
     if s.cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker {s.cpus_per_worker} must be above 0")
-    if s.use_gpu and (s.min_workers or s.num_workers) > gpus:
-        raise UserError(
-            f"{s.num_workers} GPU workers need {s.num_workers} GPUs but the cluster has {gpus}: "
-            f"use --num-workers {gpus} or add GPU nodes"
-        )
-    need = (s.min_workers or s.num_workers) * s.cpus_per_worker
+    deadline = time.monotonic() + spec.resource_wait_s
+    while True:
+        try:
+            return _fit_scaling(spec, ray.cluster_resources())
+        except UserError as e:
+            if time.monotonic() >= deadline:
+                if spec.resource_wait_s:
+                    raise UserError(f"waited {spec.resource_wait_s:g} s for resources that did not come: {e}") from None
+                raise
+            time.sleep(2)
+
+
+def _fit_scaling(spec: RunSpec, total: dict[str, float]) -> RunSpec:
+    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
+    s = spec.scaling
+    use_gpu = gpus > 0 if s.use_gpu is None else s.use_gpu
+    if use_gpu and gpus == 0:
+        raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
+    n = s.num_workers
+    if n is None:
+        n = gpus if use_gpu else max(1, min(LOCAL_CPU_WORKERS, int(cpus // s.cpus_per_worker)))
+    if n < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= n):
+        raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{n} must be "
+                        "at least 1 (and MIN <= MAX for MIN-MAX)")
+    least = s.min_workers or n
+    if use_gpu and least > gpus:
+        raise UserError(f"{least} GPU workers need {least} GPUs but the cluster has {gpus}: "
+                        f"use --num-workers {gpus} or add GPU nodes")
+    need = least * s.cpus_per_worker
     if need > cpus:
-        raise UserError(
-            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs need {need:g} CPUs but the cluster has {cpus:g}: "
-            "lower --num-workers or --cpus-per-worker"
-        )
+        raise UserError(f"{least} workers x {s.cpus_per_worker:g} CPUs need {need:g} CPUs but the cluster has "
+                        f"{cpus:g}: lower --num-workers or --cpus-per-worker")
+    s.use_gpu, s.num_workers = use_gpu, n
     return spec
 
 
-def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
-    """Validate everything that can be checked before workers start; return the spec, Ultralytics args, task."""
+def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """Everything that can be checked without Ray: arguments, model, dataset, storage, tracking server."""
     spec.name = check_name(spec.name or default_name())
     spec.storage_path = storage.normalise(spec.storage_path)
+    if spec.keep_checkpoints < 1:
+        raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")
+    if spec.max_failures < -1:
+        raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
     train_args = resolve_train_args(spec)
-    resolve_scaling(spec)
-    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
-    task = train_args.get("task") or guess_task(train_args["model"])
+    if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
+        check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    task = preflight.check_model(train_args["model"], train_args.get("task"))
+    if not spec.is_synthetic:
+        train_args["data"] = str(Path(train_args["data"]).expanduser().resolve())
+        preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
+    if str(train_args["model"]).endswith(".pt"):
+        train_args["model"] = str(Path(train_args["model"]).resolve())
     storage.check_writable(spec.run_dir)
+    if spec.tracking.enabled:
+        check_reachable(resolve_uri(spec))
     return spec, train_args, task
 
 
-def guess_task(model: str) -> str:
-    """The task from the model's YAML head or checkpoint (a name alone is only a guess, with a warning)."""
-    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
-
-    return guess_model_task(yaml_model_load(model) if str(model).endswith((".yaml", ".yml")) else model)
+def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """Validate, then join Ray and fit the request to the cluster."""
+    spec, train_args, task = validate(spec)
+    connect_ray()
+    resolve_scaling(spec)
+    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    return spec, train_args, task
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None):
@@ -137,7 +184,6 @@ def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
 
     `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
     """
-    connect_ray(spec)
     spec, train_args, task = prepare(spec)
     tracker = RunTracker(spec) if spec.tracking.enabled else None
     tracking = None

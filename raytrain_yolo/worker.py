@@ -219,6 +219,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     args = dict(config["train_args"])
     if spec.is_synthetic:
         args["data"] = str(ensure_synthetic(spec.synthetic))
+    elif not Path(args["data"]).is_file():
+        raise FileNotFoundError(
+            f"data={args['data']} exists on the driver but not on node {socket.gethostname()}: put the dataset "
+            "on storage every node mounts at the same path"
+        )
     save_dir = Path(local_save_project(spec)) / "train"
     state = restore(spec, save_dir, rank)
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary

@@ -1,0 +1,151 @@
+"""Checks of the dataset and the model on the driver, before Ray starts: a clear line instead of a traceback
+deep inside a worker an hour later. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytrain_yolo.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+MAX_LABEL_FILES = 50_000  # label scan bound: enough for the datasets people start with, seconds of I/O
+
+
+def check_data(data: str, task: str, allow_bad_labels: bool = False) -> dict[str, Any]:
+    """The data.yaml parses, names its splits, and each split's images and labels exist and are well formed."""
+    p = Path(data).expanduser()
+    if p.suffix not in (".yaml", ".yml"):
+        raise UserError(f"data={data} is not a .yaml file: pass the path of a YOLO data.yaml")
+    if not p.is_file():
+        raise UserError(f"data={data} not found: pass the path of an existing YOLO data.yaml")
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"data={data} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"data={data} must be a mapping with train:, val: and names:")
+    for key in ("train", "val"):
+        if not cfg.get(key):
+            raise UserError(f"data={data} has no '{key}:' entry: add the {key} image folder")
+    names = cfg.get("names")
+    nc = cfg.get("nc", len(names) if isinstance(names, (list, dict)) else None)
+    if not isinstance(nc, int) or nc < 1:
+        raise UserError(f"data={data} names no classes: add 'names:' (a list or an id: name mapping)")
+    if task == "pose" and not cfg.get("kpt_shape"):
+        raise UserError(f"a pose model needs 'kpt_shape:' in data={data}: add it, or train a detect model")
+    root = Path(cfg.get("path") or p.parent)
+    if not root.is_absolute():
+        root = (p.parent / root).resolve()
+    for key in ("train", "val"):
+        for entry in cfg[key] if isinstance(cfg[key], list) else [cfg[key]]:
+            images = _split_path(root, str(entry), key, data)
+            _check_labels(images, nc, task, allow_bad_labels)
+    return cfg
+
+
+def _split_path(root: Path, entry: str, key: str, data: str) -> Path:
+    images = Path(entry) if Path(entry).is_absolute() else (root / entry)
+    if images.exists():
+        return images
+    # Roboflow exports say `train: ../train/images` next to a folder that holds images/train.
+    alt = [c for c in (root / "images" / key, root / key / "images", root / "images" / Path(entry).parent.name)
+           if c.is_dir()]
+    hint = f"; did you mean {key}: {alt[0].relative_to(root)}?" if alt else ""
+    raise UserError(f"{key}: {entry} in data={data} does not exist (looked for {images}){hint}")
+
+
+def _label_dir(images: Path) -> Path:
+    """Ultralytics' rule: the last /images/ in the path becomes /labels/."""
+    parts = list(images.parts)
+    if "images" not in parts:
+        return images
+    i = len(parts) - 1 - parts[::-1].index("images")
+    parts[i] = "labels"
+    return Path(*parts)
+
+
+def _check_labels(images: Path, nc: int, task: str, allow_bad_labels: bool) -> None:
+    if images.is_file():  # a .txt list of image paths: leave it to Ultralytics
+        return
+    files = [f for f in images.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(f"no images in {images}: put .jpg/.png files there or fix the path in data.yaml")
+    labels = _label_dir(images)
+    if not labels.is_dir():
+        raise UserError(f"no label folder for {images}: expected YOLO .txt labels in {labels}")
+    if allow_bad_labels:
+        return
+    for f in sorted(labels.rglob("*.txt"))[:MAX_LABEL_FILES]:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            problem = _label_problem(line.split(), nc, task)
+            if problem:
+                raise UserError(
+                    f"{f} line {n}: {problem}. Fix the file, or pass --allow-bad-labels to let Ultralytics "
+                    "skip such images (it drops the whole image)"
+                )
+
+
+def _label_problem(cols: list[str], nc: int, task: str) -> str | None:
+    if not cols:
+        return None
+    if task == "detect" and len(cols) != 5:
+        return f"{len(cols)} columns, a detection label has 5 (class x y w h)"
+    if len(cols) < 5:
+        return f"{len(cols)} columns, a label needs at least 5"
+    try:
+        cls = float(cols[0])
+        values = [float(c) for c in cols[1:]]
+    except ValueError:
+        return "a value is not a number"
+    if cls != int(cls) or not 0 <= cls < nc:
+        return f"class {cols[0]} is outside 0..{nc - 1}"
+    if task in ("detect", "segment", "obb") and any(not 0.0 <= v <= 1.0 for v in values):
+        return "a coordinate is outside 0..1 (labels are normalised to the image size)"
+    return None
+
+
+def check_model(model: str, task: str | None) -> str:
+    """The model is a known YAML or a loadable local checkpoint; return its task."""
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    name = str(model)
+    if name.endswith((".yaml", ".yml")):
+        try:
+            cfg = yaml_model_load(name)
+        except (FileNotFoundError, OSError):
+            raise UserError(
+                f"model={name} is neither a local file nor an Ultralytics model YAML: e.g. model=yolo26n.yaml"
+            ) from None
+        except yaml.YAMLError:
+            raise UserError(f"model={name} is not valid YAML: fix its syntax") from None
+        found = guess_model_task(cfg)
+    elif name.endswith(".pt"):
+        if not Path(name).is_file():
+            raise UserError(f"model={name} not found: pass the path of a local .pt file (nothing is downloaded)")
+        found = _checkpoint_task(name)
+    else:
+        raise UserError(f"model={name} must be a .yaml model config or a .pt checkpoint")
+    if task and task != found:
+        raise UserError(f"model={name} is a {found} model but task={task}: drop task= or use a {task} model")
+    return found
+
+
+def _checkpoint_task(path: str) -> str:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means: not a usable checkpoint
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"model={path} cannot be loaded ({first}): the file is corrupt or not a PyTorch checkpoint") from None
+    from ultralytics.nn.tasks import guess_model_task
+
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"model={path} is not an Ultralytics checkpoint (no model inside): pass a YOLO .pt file")
+    return guess_model_task(model)
