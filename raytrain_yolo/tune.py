@@ -61,7 +61,6 @@ def _bools(values):
 
 
 def space_and_budget(ns):
-    from raytrain_yolo.config import load_config_file  # noqa: F401  (same YAML rules as --config)
     from raytrain_yolo.tuning import SweepBudget, SweepSpace
 
     raw = {}
@@ -71,7 +70,7 @@ def space_and_budget(ns):
                 raw = yaml.safe_load(f) or {}
         except OSError:
             raise UserError(f"--space file '{ns.space}' not found: pass an existing YAML file") from None
-        except yaml.YAMLError as e:
+        except yaml.YAMLError:
             raise UserError(f"--space file '{ns.space}' is not valid YAML: fix its syntax") from None
     budget_keys = {f.name for f in dataclasses.fields(SweepBudget)}
     space_keys = {f.name for f in dataclasses.fields(SweepSpace)}

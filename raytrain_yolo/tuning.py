@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from raytrain_yolo import storage
-from raytrain_yolo.config import RunSpec, check_name, default_name, resolve_train_args
+from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
 from raytrain_yolo.worker import IPS_KEY
 
@@ -109,11 +109,12 @@ def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: Sw
 
 def infeasible_reason(spec: RunSpec, max_node_cpus: int) -> str | None:
     """Points that cannot run, known before starting them."""
-    t, n = spec.train, spec.scaling.num_workers
-    batch = t.get("batch", 16)
-    if isinstance(batch, int) and (batch < n or batch % n):
-        return f"batch {batch} is not divisible by {n} workers"
-    if not spec.scaling.use_gpu and t.get("amp") not in (None, False, "fp32"):
+    t = spec.train
+    try:
+        check_batch(t.get("batch", 16), spec.scaling.num_workers, spec.scaling.min_workers)
+    except UserError as e:
+        return str(e)
+    if not spec.scaling.use_gpu and t.get("amp") in ("fp16", "bf16"):
         return f"amp={t['amp']} needs a GPU (CPU workers train in fp32)"
     workers = t.get("workers")
     if isinstance(workers, int) and workers > max_node_cpus:

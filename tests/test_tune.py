@@ -64,7 +64,9 @@ def test_early_stopping_stops_the_slow_configuration(sweep):
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["windows"] < WINDOWS for r in stopped)
-    assert all(r["batch"] == 2 for r in stopped), "batch 2 is the clearly slower configuration on CPU"
+    slow = [r for r in rows if r["batch"] == 2 and r["amp"] == "fp32"]
+    assert all(r["status"] == "stopped early" for r in slow), "batch 2 is the clearly slower configuration on CPU"
+    # (ASHA may also stop one of two equal batch-8 trials at a rung: it keeps the better half, noise decides.)
 
 
 def test_parent_mlflow_run_with_nested_trials(sweep):
