@@ -251,7 +251,11 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     history = ret.get("history", [])
     final = history[-1] if history else {}
     ckpt_dir = result.checkpoint.path if result.checkpoint else None
-    pick = lambda name: f"{ckpt_dir}/{name}" if ckpt_dir else None  # noqa: E731
+
+    def pick(name: str) -> str | None:
+        path = f"{ckpt_dir}/{name}" if ckpt_dir else None
+        return path if path and (storage.is_uri(path) or Path(path).is_file()) else None
+
     summary = {
         "name": spec.name,
         "task": task,

@@ -69,7 +69,10 @@ def check_reachable(uri: str) -> None:
         ) from None
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def versions() -> dict[str, str]:

@@ -166,8 +166,8 @@ def summarize_trial(result, knobs_present: list[str], budget: SweepBudget) -> di
     status_rec = next((r for r in reversed(records) if isinstance(r.get("status"), str)), None)
     row["windows"] = len(ips)
     row["images_per_second"] = sum(ips) / len(ips) if ips else None
-    mem = [r.get("system/gpu_mem_gb") for r in windows if r.get("system/gpu_mem_gb") == r.get("system/gpu_mem_gb")]
-    row["gpu_mem_gb"] = max((m for m in mem if m is not None), default=None)
+    mem = [r.get("system/gpu_mem_gb") for r in windows]  # missing in a row of the dataframe reads as NaN
+    row["gpu_mem_gb"] = max((float(m) for m in mem if m is not None and not math.isnan(m)), default=None)
     if status_rec:
         row["status"], row["reason"] = status_rec["status"], status_rec.get("reason")
     elif result.error:
