@@ -91,15 +91,10 @@ def best_config(base: RunSpec, knobs: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: SweepBudget) -> RunSpec:
-    spec = RunSpec.from_dict(base.to_dict())
-    spec.train.update(knob_args(knobs))
-    if str(spec.train.get("optimizer", "auto")).lower() == "auto":
-        spec.train["optimizer"] = "SGD"
+    spec = RunSpec.from_dict({**base.to_dict(), **best_config(base, knobs)})  # what best.yaml would run
     # Train long enough to fill the windows; no per-epoch validation, plots or checkpoints in a trial.
     spec.train.update(epochs=1000, val=False, plots=False, save=False)
     spec.train.pop("patience", None)
-    if "num_workers" in knobs:
-        spec.scaling.num_workers = knobs["num_workers"]
     spec.storage_path = f"{base.run_dir}/trials"
     spec.name = trial_name
     spec.window_steps, spec.max_windows = budget.window_steps, budget.windows
