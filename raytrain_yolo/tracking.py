@@ -185,11 +185,12 @@ class EpochLogger:
         self.client = _client(uri)
         self.run_id = run_id
         self.log_args = log_args
-        self.logged: set[int] = set()  # steps already in MLflow: a step is logged once, even across restarts
+        # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
+        # from and trains an epoch again that an earlier attempt had already logged.
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))}
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
-        """On restart: learn which epochs MLflow has, and log those the checkpoint has but MLflow missed."""
-        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, metric_key(SENTINEL_METRIC))}
+        """On restart: log the epochs the checkpoint has but MLflow missed."""
         for metrics in history:
             self.log_epoch(metrics)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 from pathlib import Path
@@ -14,8 +15,13 @@ ARGS = ("--cpu", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val",
 PER_EPOCH = ("metrics/mAP50B", "train/box_loss", "lr/pg0", "throughput/epoch_seconds")
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("checkpoint_*"))
+def registered_checkpoint(run_dir: Path) -> bool:
+    """A checkpoint Ray has registered (its snapshot names one), not just a folder being uploaded."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):
+        return False
 
 
 def assert_complete_once(storage: Path, name: str, uri: str):
@@ -39,7 +45,7 @@ def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
     fit = start_cli("fit", *ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri,
                     "--max-failures", 1, log_path=log)
     try:
-        wait_for(lambda: checkpoints(tmp_path / "ft"), 300, what="the first checkpoint")
+        wait_for(lambda: registered_checkpoint(tmp_path / "ft"), 300, what="the first checkpoint")
         victim = wait_for(lambda: train_worker_pids(fit.pid), 30, what="worker pids")[-1]
         os.kill(victim, signal.SIGKILL)
         rc = fit.wait(timeout=600)
@@ -56,7 +62,7 @@ def test_driver_killed_then_same_command_resumes(tmp_path):
     cmd = (*ARGS, "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
     fit = start_cli("fit", *cmd, log_path=tmp_path / "first.log")
     try:
-        wait_for(lambda: checkpoints(tmp_path / "again"), 300, what="the first checkpoint")
+        wait_for(lambda: registered_checkpoint(tmp_path / "again"), 300, what="the first checkpoint")
     finally:
         os.killpg(fit.pid, signal.SIGKILL)  # the driver and the local Ray it started: a lost head machine
         fit.wait(timeout=60)
