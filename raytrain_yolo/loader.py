@@ -1,0 +1,140 @@
+"""`--loader device`: the training set decoded once into device memory, augmented per batch by `augment.py`.
+
+Ultralytics' trainer only needs a few things from its train loader: iteration, `len`, `sampler` (with
+`set_epoch`), `batch_size`, `drop_last`, `num_workers`, `reset()`, and `dataset.close_mosaic()` and
+`dataset.labels`. This module supplies exactly those, so the training loop stays Ultralytics' own.
+Validation keeps Ultralytics' loader.
+
+Images come from Ultralytics' own dataset: its label parsing and cache, and `load_image`, which resizes the
+long side to imgsz. They are stored as one uint8 tensor (N, 3, imgsz, imgsz), RGB, with gray padding. That
+is about 1.2 MB per image at 640 px, so a 4096-image set takes 5 GB. When the set does not fit in half the
+free device memory, the loader refuses and names `--loader ultralytics` as the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from raytrain_yolo.augment import GRAY, AugmentHyp, Labels, augment
+
+STORE_FRACTION = 0.5  # of free device memory the decoded images may take
+
+
+class DeviceDataset:
+    """The decoded training images and their boxes, ready for batched augmentation."""
+
+    def __init__(self, source, hyp: AugmentHyp, device: torch.device):
+        self.source = source  # an Ultralytics YOLODataset (its transforms are never called)
+        self.hyp = hyp
+        n, s = len(source.labels), hyp.imgsz
+        check_fits(n, s, device)
+        store = torch.full((n, 3, s, s), GRAY, dtype=torch.uint8)
+        hw = torch.zeros(n, 2, dtype=torch.long)
+
+        def load(i):
+            im, _, (h, w) = source.load_image(i)
+            store[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))  # BGR->RGB
+            hw[i] = torch.tensor([h, w])
+
+        source.augment = False  # only read images: no mosaic buffer, no per-image cache kept in the source
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # cv2 decode/resize release the GIL
+            list(pool.map(load, range(n)))
+        self.images = store.to(device)
+        self.hw = hw
+        self.boxes = _labels_table(source.labels, hw)
+
+    @property
+    def labels(self):
+        return self.source.labels
+
+    def __len__(self) -> int:
+        return len(self.source.labels)
+
+    def close_mosaic(self, hyp=None) -> None:
+        """Called by Ultralytics' trainer for the last `close_mosaic` epochs."""
+        self.hyp = AugmentHyp(**{**vars(self.hyp), "mosaic": 0.0})
+
+    def batch(self, idx: list[int], gen: torch.Generator) -> dict:
+        out = augment(self.images, self.hw, self.boxes, torch.tensor(idx), self.hyp, gen)
+        files = [self.source.im_files[i] for i in idx]
+        shapes = [tuple(int(v) for v in self.hw[i]) for i in idx]
+        s = self.hyp.imgsz
+        return {**out, "im_file": files, "ori_shape": shapes, "resized_shape": [(s, s)] * len(idx)}
+
+
+class DeviceLoader:
+    """Iterates batches of `DeviceDataset` in DistributedSampler order, one rank's share per epoch."""
+
+    num_workers = 0
+    drop_last = False
+
+    def __init__(self, dataset: DeviceDataset, batch_size: int, rank: int, world_size: int, seed: int):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.rank, self.seed = rank, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.sampler.epoch) * 1_009 + self.rank)
+        order = list(self.sampler)
+        for lo in range(0, len(order), self.batch_size):
+            yield self.dataset.batch(order[lo:lo + self.batch_size], gen)
+
+    def reset(self) -> None:
+        """Ultralytics calls this after close_mosaic; nothing is prefetched, so nothing to drop."""
+
+    def close(self) -> None:
+        self.dataset.images = self.dataset.images[:0]
+
+
+def check_fits(n: int, imgsz: int, device: torch.device) -> None:
+    need = n * 3 * imgsz * imgsz
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > STORE_FRACTION * free:
+        raise MemoryError(
+            f"--loader device needs {need / 1e9:.1f} GB for {n} images at imgsz={imgsz} but {device.type} has "
+            f"{free / 1e9:.1f} GB free: use --loader ultralytics, a smaller imgsz, or fraction=<0..1>"
+        )
+
+
+def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
+    """Ultralytics' per-image normalised xywh boxes as one table of pixel xyxy on the stored images."""
+    counts = [len(lb["cls"]) for lb in labels]
+    start = torch.zeros(len(labels) + 1, dtype=torch.long)
+    start[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    if not sum(counts):
+        return Labels(torch.zeros(0), torch.zeros(0, 4, dtype=torch.float64), start)
+    cls = torch.from_numpy(np.concatenate([lb["cls"].reshape(-1) for lb in labels])).float()
+    xywh = torch.from_numpy(np.concatenate([lb["bboxes"].reshape(-1, 4) for lb in labels])).double()
+    img = torch.arange(len(labels)).repeat_interleave(torch.tensor(counts))
+    h, w = hw[img, 0:1].double(), hw[img, 1:2].double()
+    xy, half = xywh[:, :2], xywh[:, 2:] / 2
+    xyxy = torch.cat([xy - half, xy + half], 1) * torch.cat([w, h, w, h], 1)
+    return Labels(cls, xyxy, start)
+
+
+def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
+    """The train loader for an Ultralytics detection trainer (see adapter.DeviceLoaderMixin)."""
+    import torch.distributed as dist
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    args = trainer.args
+    gs = max(int(unwrap_model(trainer.model).stride.max()), 32)
+    cfg = type(args)(**{**vars(args), "cache": False})  # the device store is the cache
+    source = build_yolo_dataset(cfg, img_path, batch_size, trainer.data, mode="train", rect=False, stride=gs)
+    dataset = DeviceDataset(source, AugmentHyp.from_args(args), trainer.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return DeviceLoader(dataset, batch_size, rank, world, int(args.seed))

@@ -1,0 +1,201 @@
+"""Issue 9: batched augmentation (`--loader device`) against Ultralytics' own transforms, on CPU.
+
+The same random draws are fed to Ultralytics' transforms and to ours: for the geometry, Ultralytics' own
+matrix and mosaic layout are handed to our warp. Boxes must match, and images must match up to interpolation.
+A second dataset of solid rectangles checks that every output box still sits on its object, through mosaic,
+perspective and flips.
+"""
+
+from __future__ import annotations
+
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from raytrain_yolo.augment import AugmentHyp, Draws, augment, hsv_jitter, layout, perspective_matrix, transform_labels, warp
+from raytrain_yolo.config import SyntheticSpec
+from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+
+S = 96  # imgsz
+
+
+def ultralytics_dataset(data_yaml, imgsz: int, **hyp):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    cfg = get_cfg(overrides={"imgsz": imgsz, "data": str(data_yaml), **hyp})
+    data = check_det_dataset(str(data_yaml))
+    return build_yolo_dataset(cfg, data["train"], 8, data, mode="train", stride=32)
+
+
+@pytest.fixture(scope="module")
+def shapes_yaml():
+    return ensure_synthetic(SyntheticSpec(train=12, val=4, imgsz=S, seed=3))
+
+
+@pytest.fixture(scope="module")
+def rects_yaml(tmp_path_factory):
+    """Solid rectangles of distinct colours on gray-free noise, in images of several aspect ratios."""
+    root = tmp_path_factory.mktemp("rects")
+    rng = np.random.default_rng(0)
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(8 if split == "train" else 2):
+            h, w = [(120, 80), (80, 120), (100, 100), (60, 140)][i % 4]
+            img = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)  # dark noise, far from every object colour
+            lines = []
+            for c in range(2):
+                bw, bh = int(rng.integers(w // 5, w // 2)), int(rng.integers(h // 5, h // 2))
+                x0 = int(rng.integers(0, w - bw)) if c == 0 else w - bw
+                y0 = 0 if c == 0 else h - bh
+                img[y0:y0 + bh, x0:x0 + bw] = colors[c][::-1]  # written as BGR
+                lines.append(f"{c} {(x0 + bw / 2) / w} {(y0 + bh / 2) / h} {bw / w} {bh / h}\n")
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
+            (root / "labels" / split / f"{i}.txt").write_text("".join(lines))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n")
+    return root / "data.yaml"
+
+
+def test_matrix_equals_ultralytics_for_the_same_draws():
+    from ultralytics.data.augment import RandomPerspective
+
+    rp = RandomPerspective(degrees=12, translate=0.2, scale=0.4, shear=6, perspective=0.0004, size=(S, S))
+    canvas = np.zeros((2 * S, 2 * S - 10, 3), np.uint8)
+    random.seed(7)
+    m_ultra, scale = rp._compute_affine_matrix(canvas, (S, S))
+    random.seed(7)  # replay the same eight draws, in Ultralytics' order: P, rotation, scale, shear, translation
+    px, py, deg, sc, shx, shy, tx, ty = (
+        random.uniform(*r) for r in [(-0.0004, 0.0004)] * 2 + [(-12, 12), (0.6, 1.4)] + [(-6, 6)] * 2 + [(0.3, 0.7)] * 2
+    )
+    t = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    d = Draws(mosaic=None, partners=None, center=None, perspective=t(px, py), degrees=t(deg)[0], scale=t(sc)[0],
+              shear=t(shx, shy), translate=t(tx, ty), hsv=None, flipud=None, fliplr=None)
+    m_ours = perspective_matrix(t(2 * S - 10, 2 * S), S, d)[0].numpy()
+    assert scale == pytest.approx(sc)
+    np.testing.assert_allclose(m_ours, m_ultra, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_mosaic_and_perspective_match_ultralytics(shapes_yaml, seed):
+    """Ultralytics' Mosaic + RandomPerspective vs our warp, given Ultralytics' own layout and matrix."""
+    from ultralytics.data.augment import Mosaic, RandomPerspective
+
+    ds = ultralytics_dataset(shapes_yaml, S)
+    ds.buffer = list(range(len(ds.labels)))  # Mosaic picks partners from this buffer: make it the whole set
+    random.seed(seed)
+    mosaic = Mosaic(ds, imgsz=S, p=1.0)
+    labels = ds.get_image_and_label(seed)
+    params = mosaic.get_params(labels)
+    partners = [ds.im_files.index(lb["im_file"]) for lb in labels["mix_labels"]]
+    labels = mosaic.apply_instances(mosaic.apply_image(labels, params), params)
+    xc, yc = params["layout"][3]["x1a"], params["layout"][3]["y1a"]
+    rp = RandomPerspective(degrees=5, translate=0.1, scale=0.5, shear=2, size=(S, S))
+    p = rp.get_params(labels)
+    out = rp.apply_instances(rp.apply_image(labels, p), p)
+    ultra_img = torch.from_numpy(out["img"][..., ::-1].transpose(2, 0, 1).copy()).float()
+    out["instances"].convert_bbox("xyxy")
+    ultra_boxes = torch.from_numpy(out["instances"].bboxes).double()
+
+    dd = DeviceDataset(ultralytics_dataset(shapes_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    one = lambda v: torch.tensor([v])  # noqa: E731
+    d = Draws(mosaic=one(True), partners=torch.tensor([partners]), center=torch.tensor([[xc, yc]]),
+              perspective=None, degrees=None, scale=one(p["scale"]).double(), shear=None, translate=None,
+              hsv=None, flipud=one(False), fliplr=one(False))
+    lay = layout_with_matrix(torch.tensor([seed]), dd.hw, d, torch.from_numpy(p["M"]).double())
+    ours = warp(dd.images, lay, d, S)[0]
+    cls, xywh, _ = transform_labels(dd.boxes, lay, d, S)
+    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1).double() * S
+
+    assert len(ultra_boxes) > 0
+    torch.testing.assert_close(cls.flatten(), torch.from_numpy(out["cls"]).float().flatten())
+    torch.testing.assert_close(xyxy, ultra_boxes, atol=0.02, rtol=0)
+    diff = (ours - ultra_img).abs()
+    assert diff.mean() < 1.5, diff.mean()  # bilinear in float vs cv2's fixed point; seams at tile edges
+    assert (diff > 30).float().mean() < 0.01
+
+
+def layout_with_matrix(idx, hw, d, M):
+    """Our mosaic layout for these draws, with Ultralytics' matrix in place of ours."""
+    d.perspective = torch.zeros(1, 2, dtype=torch.float64)
+    d.degrees = torch.zeros(1, dtype=torch.float64)
+    d.shear = torch.zeros(1, 2, dtype=torch.float64)
+    d.translate = torch.zeros(1, 2, dtype=torch.float64)
+    lay = layout(idx, hw, d, S)
+    lay.M = M[None]
+    return lay
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_hsv_matches_ultralytics(shapes_yaml, seed):
+    from ultralytics.data.augment import RandomHSV
+
+    bgr = cv2.imread(str(ultralytics_dataset(shapes_yaml, S).im_files[seed]))
+    np.random.seed(seed)
+    ultra = RandomHSV(0.015, 0.7, 0.4).apply_image({"img": bgr.copy()})["img"][..., ::-1]
+    np.random.seed(seed)
+    gains = torch.from_numpy(np.random.uniform(-1, 1, 3) * [0.015, 0.7, 0.4])[None]
+    rgb = torch.from_numpy(bgr[..., ::-1].transpose(2, 0, 1).copy()).float()[None]
+    ours = hsv_jitter(rgb, gains)[0].round().clamp(0, 255)
+    diff = (ours - torch.from_numpy(ultra.transpose(2, 0, 1).copy()).float()).abs()
+    assert diff.mean() < 1.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def rect_loader(rects_yaml, batch=8, **hyp):
+    src = ultralytics_dataset(rects_yaml, S)
+    ds = DeviceDataset(src, AugmentHyp(imgsz=S, hsv_h=0, hsv_s=0, hsv_v=0, **hyp), torch.device("cpu"))
+    return DeviceLoader(ds, batch_size=batch, rank=0, world_size=1, seed=0)
+
+
+@pytest.mark.parametrize("hyp", [{}, {"flipud": 0.5, "degrees": 0.0, "scale": 0.9}, {"mosaic": 0.0}])
+def test_every_box_stays_on_its_object(rects_yaml, hyp):
+    """Rectangles fill their boxes exactly; after augmentation each kept box must still be its colour."""
+    loader = rect_loader(rects_yaml, **hyp)
+    colors = torch.tensor([[255, 0, 0], [0, 255, 0]]).float()
+    checked = 0
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        for b in loader:
+            for cls, (x, y, w, h), i in zip(b["cls"].flatten(), (b["bboxes"] * S).tolist(), b["batch_idx"]):
+                x1, y1, x2, y2 = (int(round(v)) for v in (x - w / 2 + 1, y - h / 2 + 1, x + w / 2 - 1, y + h / 2 - 1))
+                if x2 - x1 < 3 or y2 - y1 < 3:
+                    continue
+                patch = b["img"][int(i), :, y1:y2, x1:x2].float()
+                near = ((patch - colors[int(cls)][:, None, None]).abs().max(0).values < 40).float().mean()
+                assert near > 0.9, (epoch, int(i), int(cls), float(near))
+                checked += 1
+    assert checked > 20
+
+
+def test_fixed_seed_gives_the_same_batches(rects_yaml):
+    a, b = rect_loader(rects_yaml), rect_loader(rects_yaml)
+    first = [next(iter(a)), next(iter(b))]
+    for key in ("img", "cls", "bboxes", "batch_idx"):
+        assert torch.equal(first[0][key], first[1][key]), key
+    a.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(a))["img"], first[0]["img"])
+
+
+def test_close_mosaic_keeps_each_image_to_its_own_objects(rects_yaml):
+    loader = rect_loader(rects_yaml)
+    per_image = lambda b: torch.bincount(b["batch_idx"].long(), minlength=len(b["img"]))  # noqa: E731
+    assert max(per_image(b).max() for b in loader) > 2  # mosaic brings in other images' rectangles
+    loader.dataset.close_mosaic()
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        assert all(per_image(b).max() <= 2 for b in loader)
+
+
+def test_whole_batch_is_ultralytics_format(shapes_yaml):
+    ds = DeviceDataset(ultralytics_dataset(shapes_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    out = augment(ds.images, ds.hw, ds.boxes, torch.arange(6), ds.hyp, torch.Generator().manual_seed(0))
+    assert out["img"].shape == (6, 3, S, S) and out["img"].dtype == torch.uint8
+    n = len(out["cls"])
+    assert n > 0 and out["cls"].shape == (n, 1) and out["bboxes"].shape == (n, 4) and out["batch_idx"].shape == (n,)
+    assert out["bboxes"].min() >= 0 and out["bboxes"].max() <= 1
