@@ -85,13 +85,28 @@ class RayTrainerMixin:
         """Skipped under Ray: see the module docstring."""
 
 
-def trainer_class(task: str) -> type:
+class DeviceLoaderMixin:
+    """`--loader device`: training batches decoded and augmented on the training device (loader.py).
+
+    Only the train loader changes; validation, the loss and the loop are Ultralytics' own.
+    """
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        if mode != "train":
+            return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+        from raytrain_yolo.loader import build
+
+        return build(self, dataset_path, batch_size)
+
+
+def trainer_class(task: str, loader: str = "ultralytics") -> type:
     """The Ray-aware trainer for an Ultralytics task (detect, pose, segment, obb)."""
     try:
         base = TASK_TRAINERS[task]
     except KeyError:
         raise ValueError(f"task '{task}' is not supported; use one of {', '.join(TASK_TRAINERS)}") from None
-    return type(f"Ray{base.__name__}", (RayTrainerMixin, base), {})
+    mixins = (RayTrainerMixin, DeviceLoaderMixin) if loader == "device" else (RayTrainerMixin,)
+    return type(f"Ray{base.__name__}", (*mixins, base), {})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

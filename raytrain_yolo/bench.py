@@ -7,6 +7,10 @@ still leaves what it measured.
 
     python -m raytrain_yolo.bench --out experiments/results            # one GPU: the full benchmark
     python -m raytrain_yolo.bench --cpu --images 64 --imgsz 64 --window-steps 2 --windows 2   # smoke test
+    python -m raytrain_yolo.bench --only device,gpu,map --out ...   # issue 9: the device loader and its mAP
+
+Parts: native, raytrain, gpu (GPU-only step), tune, device (`--loader device` rows), compile (device loader
+with torch.compile), map (the same short training run with each loader, validation mAP side by side).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(ns.work or ns.out)  # the runs' own folders (weights, checkpoints)
         self.rows: list[dict[str, Any]] = []
-        self.data = str(ensure_synthetic(SyntheticSpec(train=ns.images, val=16, imgsz=ns.imgsz, seed=0)))
+        self.data = str(ensure_synthetic(SyntheticSpec(train=ns.images, val=ns.val_images, imgsz=ns.imgsz, seed=0)))
         self.device_name = _device_name(ns.cpu)
         self.common = {"data": self.data, "model": MODEL, "imgsz": ns.imgsz, "optimizer": "SGD", "epochs": 1000,
                        "val": False, "plots": False, "save": False, "seed": 0}
@@ -75,21 +79,22 @@ class Bench:
         _free_gpu()
 
     # 3. the same configurations through raytrain_yolo (Ray Train, one worker)
-    def raytrain(self, label: str, batch: int, workers: int, extra: dict | None = None) -> None:
+    def raytrain(self, label: str, batch: int, workers: int, extra: dict | None = None,
+                 loader: str = "ultralytics") -> None:
         from raytrain_yolo.launch import launch
 
         spec = RunSpec(
             train={**self.common, "batch": batch, "workers": workers, **(extra or {})},
             scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
-            tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "ray"), name=label,
+            tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "ray"), name=label, loader=loader,
             window_steps=self.ns.window_steps, max_windows=self.ns.windows, validate_untrained=False,
         )
         t0 = time.time()
         summary = launch(spec).summary
         windows = [h[IPS_KEY] for h in summary["history"] if "window" in h]
         mem = max((h.get("system/gpu_mem_gb", 0) for h in summary["history"]), default=None)
-        self.record({"row": label, "kind": "raytrain", "batch": batch, "workers": workers, "amp": self._amp(),
-                     **(extra or {}), "images_per_second": _mean(windows), "windows": windows,
+        self.record({"row": label, "kind": "raytrain", "loader": loader, "batch": batch, "workers": workers,
+                     "amp": self._amp(), **(extra or {}), "images_per_second": _mean(windows), "windows": windows,
                      "gpu_mem_gb": mem, "wall_s": round(time.time() - t0, 1)})
 
     # 4. the GPU-only step: a real batch already on the device, forward + loss + backward + optimizer step
@@ -148,6 +153,24 @@ class Bench:
                      "trials": [{k: r.get(k) for k in ("batch", "workers", "amp", "images_per_second", "status")}
                                 for r in res.rows], "wall_s": round(time.time() - t0, 1)})
 
+    # 6. validation mAP after the same short training with each loader: same data, seed, epochs, batch
+    def accuracy(self, loader: str) -> None:
+        from raytrain_yolo.launch import launch
+
+        epochs = self.ns.map_epochs
+        train = {**self.common, "batch": self.ns.big_batch, "workers": self.ns.max_workers, "epochs": epochs,
+                 "val": True, "save": True, "close_mosaic": max(1, epochs // 5)}
+        spec = RunSpec(train=train, scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+                       tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "map"),
+                       name=f"map-{loader}", loader=loader, validate_untrained=False)
+        t0 = time.time()
+        s = launch(spec).summary
+        m = s.get("metrics", {})
+        self.record({"row": f"map-{loader}", "kind": "accuracy", "loader": loader, "batch": self.ns.big_batch,
+                     "amp": self._amp(), "epochs": epochs, "mAP50": m.get("metrics/mAP50(B)"),
+                     "mAP50-95": m.get("metrics/mAP50-95(B)"), "images_per_second": s.get("images_per_second"),
+                     "wall_s": round(time.time() - t0, 1)})
+
     def _amp(self) -> str:
         return "fp32" if self.ns.cpu else "fp16"
 
@@ -159,7 +182,17 @@ class Bench:
             return round(ips[a] / ips[b], 3) if ips.get(a) and ips.get(b) else None
 
         tuned_or_big = "tuned" if ips.get("tuned") else f"raytrain-{big}"
+        maps = {r["row"]: r.get("mAP50-95") for r in self.rows if r.get("kind") == "accuracy"}
+        fastest_device = max((v for k, v in ips.items() if k.startswith("device-") and v), default=None)
+        per_batch = {f"device loader/GPU-only at b{b}": ratio(f"device-b{b}", f"gpu-only-b{b}")
+                     for b in self.ns.device_batch}
         return {
+            **per_batch,
+            "fastest device-loader row, images/s (target >= 3000)": round(fastest_device, 1) if fastest_device else None,
+            "device loader/native defaults": round(fastest_device / ips["native-defaults"], 3)
+            if fastest_device and ips.get("native-defaults") else None,
+            "mAP50-95 device/ultralytics loader (same epochs)": round(maps["map-device"] / maps["map-ultralytics"], 3)
+            if maps.get("map-device") and maps.get("map-ultralytics") else None,
             "raytrain/native, defaults (target >= 0.98)": ratio("raytrain-defaults", "native-defaults"),
             f"raytrain/native, {big} (target >= 0.98)": ratio(f"raytrain-{big}", f"native-{big}"),
             "tuned/native defaults (target >= 5)": ratio("tuned", "native-defaults"),
@@ -179,14 +212,25 @@ class Bench:
                  + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
                  "| row | batch | workers | amp | images/s | GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
         for r in self.rows:
+            if r.get("kind") == "accuracy":
+                continue
             v = r.get("images_per_second")
             lines.append(f"| {r['row']} | {r.get('batch')} | {r.get('workers', '-')} | {r.get('amp')} | "
                          f"{v:.1f} |" if v else f"| {r['row']} | {r.get('batch')} | {r.get('workers', '-')} | "
                          f"{r.get('amp')} | n/a |")
             lines[-1] += f" {r['gpu_mem_gb']:.1f} |" if r.get("gpu_mem_gb") else " - |"
+        acc = [r for r in self.rows if r.get("kind") == "accuracy"]
+        if acc:
+            lines += ["", "| loader | epochs | batch | mAP50 | mAP50-95 | images/s |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['loader']} | {r['epochs']} | {r['batch']} | {_fmt(r.get('mAP50'))} | "
+                      f"{_fmt(r.get('mAP50-95'))} | {_fmt(r.get('images_per_second'), 1)} |" for r in acc]
         lines += ["", "| ratio | value |", "| --- | --- |"]
         lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in doc["ratios"].items()]
         (self.out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "n/a"
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -227,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="where the runs' own folders go (default: --out)")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--val-images", type=int, default=256, help="validation images (the map part's mAP)")
+    p.add_argument("--map-epochs", type=int, default=10, help="epochs of each map run")
+    p.add_argument("--device-batch", default="128,256", type=lambda s: [int(x) for x in s.split(",")],
+                   help="batches of the device-loader rows")
+    p.add_argument("--compile-batch", type=int, default=256, help="batch of the device loader + compile row")
     p.add_argument("--window-steps", type=int, default=20)
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--big-batch", type=int, default=128)
@@ -245,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         ("raytrain", lambda: bench.raytrain(f"raytrain-b{big}", big, ns.max_workers)),
         ("gpu", lambda: bench.gpu_only(big)),
         ("tune", bench.tuned),
+        *[("device", lambda b=b: bench.raytrain(f"device-b{b}", b, 0, loader="device")) for b in ns.device_batch],
+        *[("gpu", lambda b=b: bench.gpu_only(b)) for b in ns.device_batch if b != big and "device" in parts],
+        ("map", lambda: bench.accuracy("ultralytics")),
+        ("map", lambda: bench.accuracy("device")),
+        ("compile", lambda: bench.raytrain(f"device-b{ns.compile_batch}-compile", ns.compile_batch, 0,
+                                           {"compile": True}, loader="device")),
     ]
     for part, fn in steps:
         if part in parts:

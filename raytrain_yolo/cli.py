@@ -31,6 +31,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     dev = ray_g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (NCCL)")
     dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers (gloo)")
+    if not sweep:  # tune has --loader among its knobs
+        ray_g.add_argument("--loader", help="ultralytics (default: Ultralytics' CPU dataloader) or device (decode once "
+                           "into GPU memory and augment each batch there; detect task)")
     ray_g.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default 1)")
     ray_g.add_argument(
         "--storage-path",
@@ -105,6 +108,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "max_failures"): ns.max_failures,
         (None, "keep_checkpoints"): ns.keep_checkpoints,
         (None, "resource_wait_s"): ns.wait_for_resources,
+        (None, "loader"): ns.loader if isinstance(ns.loader, str) else None,  # a list is a tune knob
     }
     for (section, key), value in flags.items():
         if value is not None:

@@ -44,6 +44,7 @@ RAY_OWNED_KEYS = {
     "resume": "rerun the same command with the same --name to resume",
 }
 AMP_MODES = ("fp16", "bf16", "fp32")
+LOADERS = ("ultralytics", "device")  # device: decode once into device memory, augment batches there (loader.py)
 CACHE_MODES = ("ram", "disk")
 
 
@@ -92,6 +93,7 @@ class RunSpec:
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     storage_path: str = "runs/raytrain"
     name: str = ""
+    loader: str = "ultralytics"  # one of LOADERS; "device" runs augmentation on the training device
     max_failures: int = 0
     keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
     resource_wait_s: float = 0  # >0: wait this long for an autoscaling cluster to have the resources
@@ -236,6 +238,21 @@ def check_batch(batch: Any, num_workers: int, min_workers: int | None = None) ->
             f"batch={batch} must be a multiple of the {num_workers} workers (each gets batch/{num_workers}): use batch={fix}"
         )
     return batch
+
+
+def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> str:
+    """`--loader device` implements the detect task's default augmentations; refuse what it would silently drop."""
+    if loader not in LOADERS:
+        raise UserError(f"--loader {loader} is not one of {', '.join(LOADERS)}")
+    if loader == "device":
+        if task != "detect":
+            raise UserError(f"--loader device augments detection boxes only, not task={task}: use --loader ultralytics")
+        from raytrain_yolo.augment import unsupported
+
+        bad = unsupported(train_args)
+        if bad:
+            raise UserError(f"--loader device does not implement {bad[0]}: drop it, or use --loader ultralytics")
+    return loader
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raytrain_yolo import preflight, storage
-from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
+from raytrain_yolo.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
 from raytrain_yolo.tracking import RunTracker, check_reachable, resolve_uri
 
@@ -125,6 +125,7 @@ def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
         check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
     task = preflight.check_model(train_args["model"], train_args.get("task"))
+    check_loader(spec.loader, task, train_args)
     if not spec.is_synthetic:
         train_args["data"] = str(Path(train_args["data"]).expanduser().resolve())
         preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
@@ -220,6 +221,7 @@ def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str
         "ray/max_failures": spec.max_failures,
         "ray/storage_path": spec.storage_path,
         "task": task,
+        "loader": spec.loader,
         "dataset": "synthetic" if spec.is_synthetic else train_args.get("data"),
         "model_config": train_args.get("model"),
     }
@@ -259,6 +261,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     summary = {
         "name": spec.name,
         "task": task,
+        "loader": spec.loader,
         "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
         "resumed_from_epoch": ret.get("resumed_from"),
         "device": "cuda" if spec.scaling.use_gpu else "cpu",
@@ -289,6 +292,7 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
     rows = [
         ("run", summary["name"]),
         ("task / device", f"{summary['task']} on {summary['world_size']} x {summary['device_name'] or summary['device']}"),
+        ("train loader", summary.get("loader", "ultralytics")),
         ("epochs", f"{summary['epochs_completed']} of {summary['epochs_requested']}"),
     ]
     for key in SUMMARY_METRICS[:2]:

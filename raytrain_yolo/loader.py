@@ -72,21 +72,23 @@ class DeviceLoader:
     """Iterates batches of `DeviceDataset` in DistributedSampler order, one rank's share per epoch."""
 
     num_workers = 0
-    drop_last = False
 
-    def __init__(self, dataset: DeviceDataset, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, dataset: DeviceDataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 drop_last: bool = False):
         self.dataset = dataset
         self.batch_size = batch_size
+        self.drop_last = drop_last  # as Ultralytics under compile=: no odd-sized last batch to recompile for
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.rank, self.seed = rank, seed
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        n = len(self.sampler) / self.batch_size
+        return math.floor(n) if self.drop_last else math.ceil(n)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed((self.seed * 100_003 + self.sampler.epoch) * 1_009 + self.rank)
         order = list(self.sampler)
-        for lo in range(0, len(order), self.batch_size):
+        for lo in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.dataset.batch(order[lo:lo + self.batch_size], gen)
 
     def reset(self) -> None:
@@ -129,12 +131,14 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
     """The train loader for an Ultralytics detection trainer (see adapter.DeviceLoaderMixin)."""
     import torch.distributed as dist
     from ultralytics.data import build_yolo_dataset
-    from ultralytics.utils.torch_utils import unwrap_model
+    from ultralytics.utils import LOCAL_RANK
+    from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
     args = trainer.args
     gs = max(int(unwrap_model(trainer.model).stride.max()), 32)
     cfg = type(args)(**{**vars(args), "cache": False})  # the device store is the cache
-    source = build_yolo_dataset(cfg, img_path, batch_size, trainer.data, mode="train", rect=False, stride=gs)
+    with torch_distributed_zero_first(LOCAL_RANK):  # as Ultralytics: one rank writes the labels *.cache
+        source = build_yolo_dataset(cfg, img_path, batch_size, trainer.data, mode="train", rect=False, stride=gs)
     dataset = DeviceDataset(source, AugmentHyp.from_args(args), trainer.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return DeviceLoader(dataset, batch_size, rank, world, int(args.seed))
+    return DeviceLoader(dataset, batch_size, rank, world, int(args.seed), drop_last=bool(args.compile))

@@ -38,6 +38,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--compile", type=str_list, help="e.g. false,true")
     g.add_argument("--channels-last", type=str_list, help="e.g. false,true")
     g.add_argument("--deterministic", type=str_list, help="e.g. true,false")
+    g.add_argument("--loader", type=str_list, help="ultralytics, device (see fit --help)")
     b = p.add_argument_group("budget")
     b.add_argument("--window-steps", type=int, help="steady steps per measurement window (default 10)")
     b.add_argument("--windows", type=int, help="windows per trial (default 4)")
@@ -81,7 +82,7 @@ def space_and_budget(ns):
     budget = SweepBudget(**{k: v for k, v in raw.items() if k in budget_keys})
     flags = {"batch": ns.batch, "workers": ns.workers, "amp": ns.amp, "cache": ns.cache, "compile": _bools(ns.compile),
              "channels_last": _bools(ns.channels_last), "deterministic": _bools(ns.deterministic),
-             "num_workers": ns.num_workers}
+             "num_workers": ns.num_workers, "loader": ns.loader}
     for k, v in flags.items():
         if v:
             setattr(space, k, v)
@@ -93,6 +94,11 @@ def space_and_budget(ns):
     for amp in space.amp:
         if amp not in ("fp16", "bf16", "fp32"):
             raise UserError(f"--amp value '{amp}' is not one of fp16, bf16, fp32")
+    from raytrain_yolo.config import LOADERS
+
+    for loader in space.loader:
+        if loader not in LOADERS:
+            raise UserError(f"--loader value '{loader}' is not one of {', '.join(LOADERS)}")
     for cache in space.cache:
         if str(cache).lower() not in ("none", "ram", "disk", "false"):
             raise UserError(f"--cache value '{cache}' is not one of none, ram, disk")

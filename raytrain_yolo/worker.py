@@ -232,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from raytrain_yolo.adapter import trainer_class, unwrap  # first Ultralytics import in this process
 
-    Trainer = trainer_class(config["task"])
+    Trainer = trainer_class(config["task"], spec.loader)
     overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
     if state:  # Ultralytics' own resume: it restores everything in last.pt and starts at the next epoch
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))

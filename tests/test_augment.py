@@ -199,3 +199,27 @@ def test_whole_batch_is_ultralytics_format(shapes_yaml):
     n = len(out["cls"])
     assert n > 0 and out["cls"].shape == (n, 1) and out["bboxes"].shape == (n, 4) and out["batch_idx"].shape == (n,)
     assert out["bboxes"].min() >= 0 and out["bboxes"].max() <= 1
+
+
+def test_device_loader_trains_under_ray_ddp(tmp_path):
+    """`fit --loader device` on 2 gloo workers: ranks split each epoch, mosaic closes, the loss falls."""
+    from collections import Counter
+
+    from conftest import load_summary, run_cli, total_train_loss
+
+    n_train, epochs = 64, 4
+    proc = run_cli("fit", "--cpu", "--num-workers", 2, "--loader", "device", "--storage-path", tmp_path,
+                   "--name", "dev", "--trace-samples", "--no-tracking", "--synthetic-train", n_train,
+                   "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96", "close_mosaic=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Closing dataloader mosaic" in proc.stdout + proc.stderr  # Ultralytics' own close_mosaic call
+    s = load_summary(tmp_path, "dev")
+    assert s["epochs_completed"] == epochs and s["world_size"] == 2
+    losses = [total_train_loss(h) for h in s["history"]]
+    assert losses[-1] < losses[0], losses
+    ranks = {w["rank"]: w for w in s["workers"]}
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    for e in range(epochs):
+        seen = Counter(i for r in (0, 1) for i in ranks[r]["samples"][e]["indices"])
+        assert set(seen) == set(range(n_train)) and max(seen.values()) == 1, e
+    assert ranks[0]["samples"][0]["indices"] != ranks[0]["samples"][1]["indices"]  # reshuffled each epoch

@@ -151,6 +151,9 @@ def test_pt_of_another_task(fails, tmp_path):
     (("--num-workers", "two"), ("two", "MIN-MAX")),
     (("device=0",), ("device=", "--gpu/--cpu")),
     (("batch=-1",), ("batch=-1", "AutoBatch")),
+    (("--loader", "gpu"), ("--loader gpu", "ultralytics, device")),
+    (("--loader", "device", "mixup=0.5"), ("mixup=0.5", "--loader ultralytics")),
+    (("--loader", "device", "model=yolo26n-pose.yaml"), ("task=pose", "--loader ultralytics")),
 ])
 def test_bad_arguments(fails, args, words):
     fails("--cpu", *args, words=words)

@@ -16,7 +16,7 @@ def sweep(tmp_path_factory):
     storage = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{storage / 'mlflow.db'}"
     proc = run_cli(
-        "tune", "--cpu", "--num-workers", 1, "--batch", "8,2", "--workers", "0,1", "--amp", "fp32,bf16",
+        "tune", "--cpu", "--num-workers", 1, "--batch", "8,2", "--loader", "ultralytics,device", "--amp", "fp32,bf16",
         "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
         "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--storage-path", storage, "--name", "sweep",
         "--tracking-uri", uri, timeout=1200,
@@ -28,9 +28,9 @@ def sweep(tmp_path_factory):
 def test_results_table_one_row_per_trial(sweep):
     proc, storage, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
-    assert len(rows) == 8  # 2 batch x 2 workers x 2 amp
-    assert {(r["batch"], r["workers"], r["amp"]) for r in rows} == {
-        (b, w, a) for b in (8, 2) for w in (0, 1) for a in ("fp32", "bf16")}
+    assert len(rows) == 8  # 2 batch x 2 loaders x 2 amp
+    assert {(r["batch"], r["loader"], r["amp"]) for r in rows} == {
+        (b, lo, a) for b in (8, 2) for lo in ("ultralytics", "device") for a in ("fp32", "bf16")}
     assert "images/s" in proc.stdout and "status" in proc.stdout
     assert (storage / "sweep" / "throughput.png").stat().st_size > 1000
 
@@ -50,13 +50,14 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
     assert all(r["windows"] == WINDOWS and r["images_per_second"] > 0 for r in ok)
     best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
     fastest = max(ok, key=lambda r: r["images_per_second"])
-    assert (best["train"]["batch"], best["train"]["workers"]) == (fastest["batch"], fastest["workers"])
+    assert (best["train"]["batch"], best["loader"]) == (fastest["batch"], fastest["loader"])
     assert best["train"]["optimizer"] == "SGD" and best["scaling"]["num_workers"] == 1
     proc = run_cli("fit", "--config", storage / "sweep" / "best.yaml", "epochs=1", "--storage-path", tmp_path,
                    "--name", "from-best", "--no-tracking")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = load_summary(tmp_path, "from-best")
     assert s["train_args"]["batch"] == fastest["batch"] and s["epochs_completed"] == 1
+    assert s["loader"] == fastest["loader"]
 
 
 def test_early_stopping_stops_the_slow_configuration(sweep):
