@@ -192,7 +192,7 @@ class Bench:
             "device loader/native defaults": round(fastest_device / ips["native-defaults"], 3)
             if fastest_device and ips.get("native-defaults") else None,
             "mAP50-95 device/ultralytics loader (same epochs)": round(maps["map-device"] / maps["map-ultralytics"], 3)
-            if maps.get("map-device") and maps.get("map-ultralytics") else None,
+            if maps.get("map-device") is not None and maps.get("map-ultralytics") else None,
             "raytrain/native, defaults (target >= 0.98)": ratio("raytrain-defaults", "native-defaults"),
             f"raytrain/native, {big} (target >= 0.98)": ratio(f"raytrain-{big}", f"native-{big}"),
             "tuned/native defaults (target >= 5)": ratio("tuned", "native-defaults"),

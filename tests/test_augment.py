@@ -121,6 +121,36 @@ def test_mosaic_and_perspective_match_ultralytics(shapes_yaml, seed):
     assert (diff > 30).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_perspective_without_mosaic_matches_ultralytics(shapes_yaml, seed):
+    """The close_mosaic path: RandomPerspective straight on the resized image (its own canvas)."""
+    from ultralytics.data.augment import RandomPerspective
+
+    ds = ultralytics_dataset(shapes_yaml, S)
+    labels = ds.get_image_and_label(seed)
+    random.seed(seed)
+    rp = RandomPerspective(degrees=8, translate=0.1, scale=0.5, shear=3, size=(S, S))
+    p = rp.get_params(labels)
+    out = rp.apply_instances(rp.apply_image(labels, p), p)
+    ultra_img = torch.from_numpy(out["img"][..., ::-1].transpose(2, 0, 1).copy()).float()
+    out["instances"].convert_bbox("xyxy")
+
+    dd = DeviceDataset(ultralytics_dataset(shapes_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    one = lambda v: torch.tensor([v])  # noqa: E731
+    d = Draws(mosaic=one(False), partners=torch.zeros(1, 3, dtype=torch.long), center=torch.zeros(1, 2, dtype=torch.long),
+              perspective=None, degrees=None, scale=one(p["scale"]).double(), shear=None, translate=None,
+              hsv=None, flipud=one(False), fliplr=one(False))
+    lay = layout_with_matrix(torch.tensor([seed]), dd.hw, d, torch.from_numpy(p["M"]).double())
+    assert lay.tiles.shape == (1, 1) and lay.canvas_wh.tolist() == [[dd.hw[seed, 1], dd.hw[seed, 0]]]
+    ours = warp(dd.images, lay, d, S)[0]
+    cls, xywh, _ = transform_labels(dd.boxes, lay, d, S)
+    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1).double() * S
+    assert len(xyxy) > 0
+    torch.testing.assert_close(xyxy, torch.from_numpy(out["instances"].bboxes).double(), atol=0.02, rtol=0)
+    torch.testing.assert_close(cls.flatten(), torch.from_numpy(out["cls"]).float().flatten())
+    assert (ours - ultra_img).abs().mean() < 1.5
+
+
 def layout_with_matrix(idx, hw, d, M):
     """Our mosaic layout for these draws, with Ultralytics' matrix in place of ours."""
     d.perspective = torch.zeros(1, 2, dtype=torch.float64)
