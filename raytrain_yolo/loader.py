@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 from raytrain_yolo.augment import GRAY, AugmentHyp, Labels, augment
 
 STORE_FRACTION = 0.5  # of free device memory the decoded images may take
+LOAD_CHUNK = 256  # images decoded into host memory before each copy to the device
 
 
 class DeviceDataset:
@@ -34,20 +35,23 @@ class DeviceDataset:
         self.hyp = hyp
         n, s = len(source.labels), hyp.imgsz
         check_fits(n, s, device)
-        store = torch.full((n, 3, s, s), GRAY, dtype=torch.uint8)
-        hw = torch.zeros(n, 2, dtype=torch.long)
+        self.images = torch.full((n, 3, s, s), GRAY, dtype=torch.uint8, device=device)
+        self.hw = torch.zeros(n, 2, dtype=torch.long)
+        staging = torch.empty((min(n, LOAD_CHUNK), 3, s, s), dtype=torch.uint8)  # host memory stays bounded
 
-        def load(i):
+        def load(j, i):
             im, _, (h, w) = source.load_image(i)
-            store[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))  # BGR->RGB
-            hw[i] = torch.tensor([h, w])
+            staging[j, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))  # BGR->RGB
+            self.hw[i] = torch.tensor([h, w])
 
         source.augment = False  # only read images: no mosaic buffer, no per-image cache kept in the source
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # cv2 decode/resize release the GIL
-            list(pool.map(load, range(n)))
-        self.images = store.to(device)
-        self.hw = hw
-        self.boxes = _labels_table(source.labels, hw)
+            for lo in range(0, n, LOAD_CHUNK):
+                ids = range(lo, min(n, lo + LOAD_CHUNK))
+                staging.fill_(GRAY)
+                list(pool.map(load, range(len(ids)), ids))
+                self.images[lo:lo + len(ids)].copy_(staging[:len(ids)])
+        self.boxes = _labels_table(source.labels, self.hw)
 
     @property
     def labels(self):

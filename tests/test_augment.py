@@ -253,3 +253,26 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
         seen = Counter(i for r in (0, 1) for i in ranks[r]["samples"][e]["indices"])
         assert set(seen) == set(range(n_train)) and max(seen.values()) == 1, e
     assert ranks[0]["samples"][0]["indices"] != ranks[0]["samples"][1]["indices"]  # reshuffled each epoch
+
+
+def test_a_dataset_too_big_for_device_memory_is_refused_with_the_fix():
+    from raytrain_yolo.loader import check_fits
+
+    check_fits(16, 96, torch.device("cpu"))
+    with pytest.raises(MemoryError, match="--loader ultralytics"):
+        check_fits(10**9, 640, torch.device("cpu"))
+
+
+def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
+    """Images of several aspect ratios (so gray padding must be reset per chunk), loaded 3 at a time."""
+    import raytrain_yolo.loader as loader_mod
+
+    whole = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    monkeypatch.setattr(loader_mod, "LOAD_CHUNK", 3)  # 8 images: chunks of 3, 3 and 2
+    chunked = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    assert torch.equal(whole.images, chunked.images) and torch.equal(whole.hw, chunked.hw)
+    assert len(set(map(tuple, whole.hw.tolist()))) > 1
+    ds = ultralytics_dataset(rects_yaml, S)
+    for i in (0, 4, 7):
+        im, _, (h, w) = ds.load_image(i)
+        assert torch.equal(chunked.images[i, :, :h, :w], torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()))
