@@ -154,8 +154,16 @@ def layout(idx: torch.Tensor, hw: torch.Tensor, d: Draws, size: int) -> Layout:
     return Layout(tiles, offset, canvas, perspective_matrix(canvas.double(), size, d))
 
 
-def warp(store: torch.Tensor, lay: Layout, d: Draws, size: int, chunk: int = 32) -> torch.Tensor:
-    """Mosaic + perspective as one bilinear sample per output pixel: (B, 3, size, size) float on store's device.
+CHUNK = 32  # images warped at once: bounds the float working memory (about 40 MB per image at 640 px)
+
+
+def warp(store: torch.Tensor, lay: Layout, d: Draws, size: int) -> torch.Tensor:
+    """Mosaic + perspective for the whole batch: (B, 3, size, size) float on store's device."""
+    return torch.cat([img for _, img in warp_chunks(store, lay, d, size)])
+
+
+def warp_chunks(store: torch.Tensor, lay: Layout, d: Draws, size: int):
+    """Mosaic + perspective as one bilinear sample per output pixel; yields (slice, float images) per chunk.
 
     `store` is (N, 3, S, S) uint8, each image top-left with GRAY padding. Each output pixel is mapped back onto
     its canvas, assigned to the quadrant (tile) it falls in, and sampled from that tile with a 3-D grid_sample
@@ -165,9 +173,8 @@ def warp(store: torch.Tensor, lay: Layout, d: Draws, size: int, chunk: int = 32)
     ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
     pix = torch.stack([xs, ys, torch.ones_like(xs)], 0).reshape(3, -1).float()  # (3, size*size)
     minv = torch.linalg.inv(lay.M).float().to(dev)
-    outs = []
-    for lo in range(0, lay.tiles.shape[0], chunk):
-        sl = slice(lo, lo + chunk)
+    for lo in range(0, lay.tiles.shape[0], CHUNK):
+        sl = slice(lo, lo + CHUNK)
         b, depth = lay.tiles[sl].shape
         q = minv[sl] @ pix  # canvas coordinates of every output pixel
         q = (q[:, :2] / q[:, 2:3]).reshape(b, 2, size, size)
@@ -191,8 +198,7 @@ def warp(store: torch.Tensor, lay: Layout, d: Draws, size: int, chunk: int = 32)
                             align_corners=True)[:, :, 0]
         cw, ch = lay.canvas_wh[sl].to(dev).float().unbind(1)
         inside = (qx > -0.5) & (qx < cw[:, None, None] - 0.5) & (qy > -0.5) & (qy < ch[:, None, None] - 0.5)
-        outs.append(out * (inside | ~mosaic)[:, None] + GRAY)
-    return torch.cat(outs)
+        yield sl, out * (inside | ~mosaic)[:, None] + GRAY
 
 
 def hsv_jitter(img: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
@@ -266,15 +272,16 @@ def transform_labels(labels: Labels, lay: Layout, d: Draws, size: int):
 def augment(store: torch.Tensor, hw: torch.Tensor, labels: Labels, idx: torch.Tensor, hyp: AugmentHyp,
             gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One training batch in Ultralytics' format, images uint8 RGB on the store's device, labels on CPU."""
-    size = hyp.imgsz
+    size, dev = hyp.imgsz, store.device
     d = draw(hyp, idx.shape[0], hw.shape[0], gen)
     lay = layout(idx, hw, d, size)
-    img = warp(store, lay, d, size)
-    if hyp.hsv_h or hyp.hsv_s or hyp.hsv_v:
-        img = hsv_jitter(img, d.hsv)
-    dev = img.device
-    img = torch.where(d.flipud.to(dev)[:, None, None, None], img.flip(-2), img)
-    img = torch.where(d.fliplr.to(dev)[:, None, None, None], img.flip(-1), img)
+    out = torch.empty((idx.shape[0], 3, size, size), dtype=torch.uint8, device=dev)
+    for sl, img in warp_chunks(store, lay, d, size):  # each chunk finished before the next: bounded memory
+        if hyp.hsv_h or hyp.hsv_s or hyp.hsv_v:
+            img = hsv_jitter(img, d.hsv[sl])
+        img = torch.where(d.flipud[sl].to(dev)[:, None, None, None], img.flip(-2), img)
+        img = torch.where(d.fliplr[sl].to(dev)[:, None, None, None], img.flip(-1), img)
+        out[sl] = img.round_().clamp_(0, 255)
     cls, bboxes, batch_idx = transform_labels(labels, lay, d, size)
-    return {"img": img.round_().clamp_(0, 255).to(torch.uint8), "cls": cls, "bboxes": bboxes, "batch_idx": batch_idx}
+    return {"img": out, "cls": cls, "bboxes": bboxes, "batch_idx": batch_idx}
 

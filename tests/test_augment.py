@@ -276,3 +276,16 @@ def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
     for i in (0, 4, 7):
         im, _, (h, w) = ds.load_image(i)
         assert torch.equal(chunked.images[i, :, :h, :w], torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()))
+
+
+def test_chunked_warp_gives_the_same_batch(rects_yaml, monkeypatch):
+    import raytrain_yolo.augment as aug
+
+    ds = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
+    idx = torch.arange(20) % len(ds)
+    run = lambda: augment(ds.images, ds.hw, ds.boxes, idx, ds.hyp, torch.Generator().manual_seed(3))  # noqa: E731
+    whole = run()
+    monkeypatch.setattr(aug, "CHUNK", 7)  # 20 images: chunks of 7, 7 and 6, each with its own HSV and flips
+    chunked = run()
+    for key in ("img", "cls", "bboxes", "batch_idx"):
+        assert torch.equal(whole[key], chunked[key]), key
