@@ -183,7 +183,7 @@ def rect_loader(rects_yaml, batch=8, **hyp):
     return DeviceLoader(ds, batch_size=batch, rank=0, world_size=1, seed=0)
 
 
-@pytest.mark.parametrize("hyp", [{}, {"flipud": 0.5, "degrees": 0.0, "scale": 0.9}, {"mosaic": 0.0}])
+@pytest.mark.parametrize("hyp", [{}, {"flipud": 0.5, "degrees": 0.0, "scale": 0.9}, {"mosaic": 0.0}, {"mosaic": 0.5}])
 def test_every_box_stays_on_its_object(rects_yaml, hyp):
     """Rectangles fill their boxes exactly; after augmentation each kept box must still be its colour."""
     loader = rect_loader(rects_yaml, **hyp)
