@@ -52,11 +52,9 @@ class AugmentHyp:
 
     @classmethod
     def from_args(cls, args: Any) -> AugmentHyp:
-        """From an Ultralytics args namespace (or dict) of the training run."""
-        get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
-        values = {f.name: get(f.name, f.default) for f in fields(cls)}
-        values["imgsz"] = int(values["imgsz"])
-        return cls(**values)
+        """From the Ultralytics args namespace of the training run."""
+        values = {f.name: getattr(args, f.name, f.default) for f in fields(cls)}
+        return cls(**{**values, "imgsz": int(values["imgsz"])})
 
 
 def unsupported(args: dict[str, Any]) -> list[str]:

@@ -240,7 +240,7 @@ def check_batch(batch: Any, num_workers: int, min_workers: int | None = None) ->
     return batch
 
 
-def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> str:
+def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> None:
     """`--loader device` implements the detect task's default augmentations; refuse what it would silently drop."""
     if loader not in LOADERS:
         raise UserError(f"--loader {loader} is not one of {', '.join(LOADERS)}")
@@ -252,7 +252,6 @@ def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> str:
         bad = unsupported(train_args)
         if bad:
             raise UserError(f"--loader device does not implement {bad[0]}: drop it, or use --loader ultralytics")
-    return loader
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

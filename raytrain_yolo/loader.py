@@ -13,6 +13,7 @@ free device memory, the loader refuses and names `--loader ultralytics` as the f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ class DeviceDataset:
 
     def close_mosaic(self, hyp=None) -> None:
         """Called by Ultralytics' trainer for the last `close_mosaic` epochs."""
-        self.hyp = AugmentHyp(**{**vars(self.hyp), "mosaic": 0.0})
+        self.hyp = dataclasses.replace(self.hyp, mosaic=0.0)
 
     def batch(self, idx: list[int], gen: torch.Generator) -> dict:
         out = augment(self.images, self.hw, self.boxes, torch.tensor(idx), self.hyp, gen)
