@@ -42,6 +42,9 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(ns.work or ns.out)  # the runs' own folders (weights, checkpoints)
         self.rows: list[dict[str, Any]] = []
+        previous = self.out / "bench.json"
+        if ns.append and previous.is_file():  # a later part of the same benchmark, on the same machine
+            self.rows = json.loads(previous.read_text())["rows"]
         self.data = str(ensure_synthetic(SyntheticSpec(train=ns.images, val=ns.val_images, imgsz=ns.imgsz, seed=0)))
         self.device_name = _device_name(ns.cpu)
         self.common = {"data": self.data, "model": MODEL, "imgsz": ns.imgsz, "optimizer": "SGD", "epochs": 1000,
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-batch", default="128,256", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--only", default="native,raytrain,gpu,tune", help="which parts to run")
     p.add_argument("--cpu", action="store_true", help="CPU smoke test of the script itself")
+    p.add_argument("--append", action="store_true", help="add rows to an existing <out>/bench.json")
     ns = p.parse_args(argv)
     parts = set(ns.only.split(","))
     bench = Bench(ns)
