@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ultralytics.utils.ops import xyxy2xywh
 
 GRAY = 114  # Ultralytics' fill value for mosaic canvas and warp borders
 UNSUPPORTED = ("mixup", "cutmix", "copy_paste", "bgr")  # must be 0 for batched augmentation
@@ -206,8 +207,7 @@ def hsv_jitter(img: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     v, _ = x.max(1, keepdim=True)
     delta = v - x.min(1, keepdim=True)[0]
     s = torch.where(v > 0, delta / v.clamp_min(1e-12), 0)
-    r, gr, b = x.unbind(1)
-    r, gr, b = r[:, None], gr[:, None], b[:, None]
+    r, gr, b = x.split(1, dim=1)
     safe = delta.clamp_min(1e-12)
     h = torch.where(v == r, (gr - b) / safe, torch.where(v == gr, 2 + (b - r) / safe, 4 + (r - gr) / safe))
     h = torch.where(delta > 0, h / 6, 0) % 1
@@ -263,8 +263,7 @@ def transform_labels(labels: Labels, lay: Layout, d: Draws, size: int):
     ud, lr = d.flipud[b], d.fliplr[b]
     new = torch.where(ud[:, None], torch.stack([new[:, 0], size - new[:, 3], new[:, 2], size - new[:, 1]], 1), new)
     new = torch.where(lr[:, None], torch.stack([size - new[:, 2], new[:, 1], size - new[:, 0], new[:, 3]], 1), new)
-    xywh = torch.cat([(new[:, :2] + new[:, 2:]) / 2, new[:, 2:] - new[:, :2]], 1) / size
-    return labels.cls[rows][:, None], xywh.float(), b.float()
+    return labels.cls[rows][:, None], (xyxy2xywh(new) / size).float(), b.float()
 
 
 def augment(store: torch.Tensor, hw: torch.Tensor, labels: Labels, idx: torch.Tensor, hyp: AugmentHyp,

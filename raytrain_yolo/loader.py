@@ -118,6 +118,8 @@ def check_fits(n: int, imgsz: int, device: torch.device) -> None:
 
 def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
     """Ultralytics' per-image normalised xywh boxes as one table of pixel xyxy on the stored images."""
+    from ultralytics.utils.ops import xywh2xyxy
+
     counts = [len(lb["cls"]) for lb in labels]
     start = torch.zeros(len(labels) + 1, dtype=torch.long)
     start[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
@@ -127,9 +129,7 @@ def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
     xywh = torch.from_numpy(np.concatenate([lb["bboxes"].reshape(-1, 4) for lb in labels])).double()
     img = torch.arange(len(labels)).repeat_interleave(torch.tensor(counts))
     h, w = hw[img, 0:1].double(), hw[img, 1:2].double()
-    xy, half = xywh[:, :2], xywh[:, 2:] / 2
-    xyxy = torch.cat([xy - half, xy + half], 1) * torch.cat([w, h, w, h], 1)
-    return Labels(cls, xyxy, start)
+    return Labels(cls, xywh2xyxy(xywh) * torch.cat([w, h, w, h], 1), start)
 
 
 def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:

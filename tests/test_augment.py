@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from ultralytics.utils.ops import xywh2xyxy
 
 from raytrain_yolo.augment import AugmentHyp, Draws, augment, hsv_jitter, layout, perspective_matrix, transform_labels, warp
 from raytrain_yolo.config import SyntheticSpec
@@ -111,7 +112,7 @@ def test_mosaic_and_perspective_match_ultralytics(shapes_yaml, seed):
     lay = layout_with_matrix(torch.tensor([seed]), dd.hw, d, torch.from_numpy(p["M"]).double())
     ours = warp(dd.images, lay, d, S)[0]
     cls, xywh, _ = transform_labels(dd.boxes, lay, d, S)
-    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1).double() * S
+    xyxy = xywh2xyxy(xywh).double() * S
 
     assert len(ultra_boxes) > 0
     torch.testing.assert_close(cls.flatten(), torch.from_numpy(out["cls"]).float().flatten())
@@ -144,7 +145,7 @@ def test_perspective_without_mosaic_matches_ultralytics(shapes_yaml, seed):
     assert lay.tiles.shape == (1, 1) and lay.canvas_wh.tolist() == [[dd.hw[seed, 1], dd.hw[seed, 0]]]
     ours = warp(dd.images, lay, d, S)[0]
     cls, xywh, _ = transform_labels(dd.boxes, lay, d, S)
-    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1).double() * S
+    xyxy = xywh2xyxy(xywh).double() * S
     assert len(xyxy) > 0
     torch.testing.assert_close(xyxy, torch.from_numpy(out["instances"].bboxes).double(), atol=0.02, rtol=0)
     torch.testing.assert_close(cls.flatten(), torch.from_numpy(out["cls"]).float().flatten())
