@@ -88,7 +88,7 @@ class Bench:
 
         spec = RunSpec(
             train={**self.common, "batch": batch, "workers": workers, **(extra or {})},
-            scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+            scaling=self._one_worker(),
             tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "ray"), name=label, loader=loader,
             window_steps=self.ns.window_steps, max_windows=self.ns.windows, validate_untrained=False,
         )
@@ -141,7 +141,7 @@ class Bench:
         from raytrain_yolo.tuning import SweepBudget, SweepSpace, run_sweep
 
         base = RunSpec(train={"data": self.data, "model": MODEL, "imgsz": self.ns.imgsz, "optimizer": "SGD"},
-                       scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+                       scaling=self._one_worker(),
                        tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "tune"), name="sweep")
         space = SweepSpace(batch=self.ns.sweep_batch, workers=[self.ns.max_workers],
                            amp=["fp32"] if self.ns.cpu else ["fp16", "bf16"])
@@ -163,7 +163,7 @@ class Bench:
         epochs = self.ns.map_epochs
         train = {**self.common, "batch": self.ns.big_batch, "workers": self.ns.max_workers, "epochs": epochs,
                  "val": True, "save": True, "close_mosaic": max(1, epochs // 5)}
-        spec = RunSpec(train=train, scaling=ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1),
+        spec = RunSpec(train=train, scaling=self._one_worker(),
                        tracking=TrackingSpec(enabled=False), storage_path=str(self.work / "map"),
                        name=f"map-{loader}", loader=loader, validate_untrained=False)
         t0 = time.time()
@@ -173,6 +173,10 @@ class Bench:
                      "amp": self._amp(), "epochs": epochs, "mAP50": m.get("metrics/mAP50(B)"),
                      "mAP50-95": m.get("metrics/mAP50-95(B)"), "images_per_second": s.get("images_per_second"),
                      "wall_s": round(time.time() - t0, 1)})
+
+    def _one_worker(self) -> ScalingSpec:
+        """Every Ray row trains on one worker: one GPU (or one CPU for the smoke test)."""
+        return ScalingSpec(num_workers=1, use_gpu=not self.ns.cpu, cpus_per_worker=1)
 
     def _amp(self) -> str:
         return "fp32" if self.ns.cpu else "fp16"
