@@ -8,8 +8,13 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
 - world size and device come from Ray, never from Ultralytics' `device=` string, so Ultralytics neither
   spawns its own `torch.distributed.run` nor scales the loss by 0 on CPU;
 - `_setup_ddp` only pins the device: Ray already made the process group (nccl or gloo);
+- the device is Ray's `torch.device` for this worker, passed as `cuda:N`, and checked after Ultralytics parsed
+  it: a mismatch fails at start-up instead of training two workers on one GPU;
 - CPU workers are wrapped in DDP here (Ultralytics passes `device_ids=[None]`, which torch rejects for CPU
-  modules), so gloo workers are real DDP;
+  modules), so gloo workers are real DDP. Detection models are wrapped with `find_unused_parameters=False`
+  (every YOLO26 detect parameter gets a gradient each step; checked in tests/test_gpu_path.py); on GPUs
+  Ultralytics' own wrap is redone the same way;
+- with `--trace-samples`, `preprocess_batch` notes the files of every batch the loop really trained on;
 - `final_eval` is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on every
   node; the per-epoch validation (distributed across ranks) already gives the final metrics;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
@@ -23,6 +28,7 @@ import inspect
 import torch
 from torch import nn
 
+from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.models import yolo
 from ultralytics.utils import RANK, WORLD_SIZE
 
@@ -35,6 +41,13 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     else {"broadcast_buffers": False}
 )
+
+# Ultralytics trainer methods the mixins override or call: if a release renames one, training would go on
+# silently wrong (a CPU loss scaled by 0, a second process group), so trainer_class() refuses it up front.
+OVERRIDDEN = ("_setup_ddp", "_build_train_pipeline", "_setup_train", "final_eval", "get_dataloader",
+              "preprocess_batch", "resume_training")
+# Tasks whose every trainable parameter gets a gradient each step, so DDP need not search for unused ones.
+NO_UNUSED_PARAMETERS = {"detect"}
 
 TASK_TRAINERS = {
     "detect": yolo.detect.DetectionTrainer,
@@ -55,10 +68,16 @@ class RayTrainerMixin:
                 "import raytrain_yolo.adapter only inside the training function"
             )
         overrides = dict(overrides)
-        overrides["device"] = "cpu" if device.type == "cpu" else str(device.index)
+        overrides["device"] = "cpu" if device.type == "cpu" else f"{device.type}:{device.index}"
         if device.type == "cpu":
             overrides["amp"] = False  # AMP is CUDA-only; keeps every rank's autocast the same
         super().__init__(overrides=overrides, _callbacks=_callbacks)
+        if self.device != device:
+            raise RuntimeError(
+                f"Ultralytics {ULTRALYTICS_VERSION} chose device {self.device} but Ray assigned {device} to this "
+                "worker: install the Ultralytics version raytrain_yolo pins (pyproject.toml)"
+            )
+        self.traced_files: list[str] | None = None  # a list: note every trained batch's files (--trace-samples)
         self._ray_world_size = world_size
         # GPU: Ultralytics' own DDP wrap works once it knows the world size. CPU: wrap later ourselves.
         self.world_size = world_size if device.type != "cpu" else 0
@@ -73,13 +92,20 @@ class RayTrainerMixin:
             torch.cuda.set_device(self.device)
 
     def _build_train_pipeline(self):
-        if self._wrap_cpu_ddp:  # runs right after Ultralytics' (skipped) DDP wrap in _setup_train
+        """Runs right after Ultralytics' DDP wrap in `_setup_train` (skipped on CPU): wrap, or rewrap, here."""
+        unused = self.args.task not in NO_UNUSED_PARAMETERS and not self.args.compile
+        if self._wrap_cpu_ddp:
             self._wrap_cpu_ddp = False
             self.world_size = self._ray_world_size
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, find_unused_parameters=not bool(self.args.compile), **_NO_BUFFER_SYNC
-            )
+            self.model = ddp_wrap(self.model, None, unused, bool(self.args.compile))
+        elif isinstance(self.model, nn.parallel.DistributedDataParallel) and self.model.find_unused_parameters and not unused:
+            self.model = ddp_wrap(self.model.module, self.device.index, False, bool(self.args.compile))
         super()._build_train_pipeline()
+
+    def preprocess_batch(self, batch):
+        if self.traced_files is not None:
+            self.traced_files.extend(batch["im_file"])
+        return super().preprocess_batch(batch)
 
     def final_eval(self):
         """Skipped under Ray: see the module docstring."""
@@ -98,6 +124,11 @@ class DeviceLoaderMixin:
 
         return build(self, dataset_path, batch_size)
 
+    def resume_training(self, ckpt):
+        """A resumed run goes on with the next epoch's order and draws, on one worker too."""
+        super().resume_training(ckpt)
+        self.train_loader.sampler.set_epoch(self.start_epoch)
+
 
 def trainer_class(task: str, loader: str = "ultralytics") -> type:
     """The Ray-aware trainer for an Ultralytics task (detect, pose, segment, obb)."""
@@ -105,8 +136,22 @@ def trainer_class(task: str, loader: str = "ultralytics") -> type:
         base = TASK_TRAINERS[task]
     except KeyError:
         raise ValueError(f"task '{task}' is not supported; use one of {', '.join(TASK_TRAINERS)}") from None
+    missing = [name for name in OVERRIDDEN if not callable(getattr(base, name, None))]
+    if missing:
+        raise RuntimeError(
+            f"Ultralytics {ULTRALYTICS_VERSION} has no {base.__name__}.{', .'.join(missing)}, which raytrain_yolo "
+            "adapts: install the Ultralytics version raytrain_yolo pins (pyproject.toml)"
+        )
     mixins = (RayTrainerMixin, DeviceLoaderMixin) if loader == "device" else (RayTrainerMixin,)
     return type(f"Ray{base.__name__}", (*mixins, base), {})
+
+
+def ddp_wrap(module: nn.Module, device_index: int | None, find_unused: bool, static_graph: bool) -> nn.Module:
+    """DDP as Ultralytics builds it (no per-forward buffer sync), with our choice of `find_unused_parameters`."""
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=None if device_index is None else [device_index], find_unused_parameters=find_unused,
+        static_graph=static_graph, **_NO_BUFFER_SYNC,
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

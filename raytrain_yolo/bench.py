@@ -9,8 +9,10 @@ still leaves what it measured.
     python -m raytrain_yolo.bench --cpu --images 64 --imgsz 64 --window-steps 2 --windows 2   # smoke test
     python -m raytrain_yolo.bench --only device,gpu,map --out ...   # issue 9: the device loader and its mAP
 
-Parts: native, raytrain, gpu (GPU-only step), tune, device (`--loader device` rows), compile (device loader
-with torch.compile), map (the same short training run with each loader, validation mAP side by side).
+Parts: device (`--loader device` rows, largest batch first), gpu (GPU-only step), augment (the device loader's
+augmentation alone), native, raytrain, tune, map (the same short training run with each loader, validation mAP
+side by side), ddp (the GPU-only step under DDP with and without `find_unused_parameters`, on a world of 1),
+compile (device loader with torch.compile).
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ class Bench:
                      "gpu_mem_gb": mem, "wall_s": round(time.time() - t0, 1)})
 
     # 4. the GPU-only step: a real batch already on the device, forward + loss + backward + optimizer step
-    def gpu_only(self, batch: int, steps: int = 30) -> None:
+    def gpu_only(self, batch: int, steps: int = 20, ddp: str | None = None) -> None:
+        """`ddp`: None (no wrapper, as one GPU trains), "unused" (DDP searching for unused parameters, as
+        Ultralytics wraps) or "plain" (DDP without that search, as raytrain_yolo wraps detect), on a world of 1."""
         import torch
         from ultralytics.models.yolo.detect import DetectionTrainer
         from ultralytics.utils.torch_utils import autocast
@@ -113,10 +117,16 @@ class Bench:
         batch_data = trainer.preprocess_batch(next(iter(trainer.train_loader)))
         cuda = trainer.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
+        model = trainer.model
+        if ddp:
+            from raytrain_yolo.adapter import ddp_wrap
+
+            _one_process_group(cuda)
+            model = ddp_wrap(model, trainer.device.index, find_unused=ddp == "unused", static_graph=False)
 
         def step():
             with autocast(trainer.amp, device=trainer.device.type):
-                loss, _ = trainer.model(batch_data)
+                loss, _ = model(batch_data)
             trainer.scaler.scale(loss.sum()).backward()
             trainer.scaler.step(trainer.optimizer)
             trainer.scaler.update()
@@ -129,11 +139,50 @@ class Bench:
         for _ in range(steps):
             step()
         sync()
-        ips = batch * steps / (time.perf_counter() - t0)
-        self.record({"row": f"gpu-only-b{batch}", "kind": "gpu_only", "batch": batch, "amp": self._amp(),
-                     "images_per_second": ips})
+        seconds = time.perf_counter() - t0
+        label = f"gpu-only-b{batch}" + (f"-ddp-{ddp}" if ddp else "")
+        self.record({"row": label, "kind": "gpu_only", "batch": batch, "amp": self._amp(), "ddp": ddp,
+                     "images_per_second": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps})
         trainer.train_loader.close() if hasattr(trainer.train_loader, "close") else None
-        del trainer
+        del trainer, model
+        _free_gpu()
+
+    # 4b. the device loader's augmentation alone: what it costs per batch, without the step
+    def augment_only(self, batch: int, steps: int = 10) -> None:
+        import torch
+        from ultralytics.cfg import get_cfg
+        from ultralytics.data import build_yolo_dataset
+        from ultralytics.data.utils import check_det_dataset
+
+        from raytrain_yolo.augment import AugmentHyp
+        from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+
+        device = torch.device("cpu" if self.ns.cpu else "cuda", 0)
+        cfg = get_cfg(overrides={**self.common, "batch": batch, "fraction": min(1.0, 2 * batch / self.ns.images)})
+        data = check_det_dataset(self.data)
+        source = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=32)
+        t0 = time.perf_counter()
+        loader = DeviceLoader(DeviceDataset(source, AugmentHyp.from_args(cfg), device), batch, 0, 1, seed=0)
+        load_s = time.perf_counter() - t0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        it, done, t0 = iter(loader), 0, 0.0
+        for i in range(steps + 1):
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(loader)
+                b = next(it)
+            if i == 0:  # the first batch warms up the kernels
+                sync()
+                t0 = time.perf_counter()
+            else:
+                done += len(b["img"])
+        sync()
+        seconds = time.perf_counter() - t0
+        self.record({"row": f"augment-only-b{batch}", "kind": "augment_only", "batch": batch, "amp": "-",
+                     "images_per_second": done / seconds, "ms_per_step": 1000 * seconds / steps,
+                     "decode_images_per_second": len(loader.dataset) / load_s})
+        loader.close()
         _free_gpu()
 
     # 5. what the tuner picks when given a few minutes
@@ -193,8 +242,17 @@ class Bench:
         fastest_device = max((v for k, v in ips.items() if k.startswith("device-") and v), default=None)
         per_batch = {f"device loader/GPU-only at b{b}": ratio(f"device-b{b}", f"gpu-only-b{b}")
                      for b in self.ns.device_batch}
+        ms = {r["row"]: r.get("ms_per_step") for r in self.rows}
+        ddp_cost = {f"DDP find_unused_parameters cost, b{r['batch']} (ms/step)":
+                    round(ms[r["row"]] - ms[r["row"].replace("-unused", "-plain")], 1)
+                    for r in self.rows if r["row"].endswith("-ddp-unused") and ms.get(r["row"].replace("-unused", "-plain"))}
+        aug_share = {f"augmentation share of the device-loader step at b{b}":
+                     round(ms[f"augment-only-b{b}"] / (1000 * b / ips[f"device-b{b}"]), 3)
+                     for b in self.ns.device_batch if ms.get(f"augment-only-b{b}") and ips.get(f"device-b{b}")}
         return {
             **per_batch,
+            **ddp_cost,
+            **aug_share,
             "fastest device-loader row, images/s (target >= 3000)": round(fastest_device, 1) if fastest_device else None,
             "device loader/native defaults": round(fastest_device / ips["native-defaults"], 3)
             if fastest_device and ips.get("native-defaults") else None,
@@ -238,6 +296,19 @@ class Bench:
 
 def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _one_process_group(cuda: bool) -> None:
+    """A world of one process, so DDP's per-step overhead can be measured on one device."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -295,20 +366,25 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(ns.only.split(","))
     bench = Bench(ns)
     big = ns.big_batch
+    device_batches = sorted(ns.device_batch, reverse=True)  # the largest first: the 3000 images/s question
     steps = [
+        *[("device", lambda b=b: bench.raytrain(f"device-b{b}", b, 0, loader="device")) for b in device_batches],
+        *[("gpu", lambda b=b: bench.gpu_only(b)) for b in device_batches if "device" in parts],
+        ("gpu", lambda: bench.gpu_only(big)) if not ("device" in parts and big in device_batches) else None,
+        *[("augment", lambda b=b: bench.augment_only(b)) for b in device_batches],
         ("native", lambda: bench.native("native-defaults", DEFAULTS["batch"], DEFAULTS["workers"])),
         ("native", lambda: bench.native(f"native-b{big}", big, ns.max_workers)),
         ("raytrain", lambda: bench.raytrain("raytrain-defaults", DEFAULTS["batch"], DEFAULTS["workers"])),
         ("raytrain", lambda: bench.raytrain(f"raytrain-b{big}", big, ns.max_workers)),
-        ("gpu", lambda: bench.gpu_only(big)),
         ("tune", bench.tuned),
-        *[("device", lambda b=b: bench.raytrain(f"device-b{b}", b, 0, loader="device")) for b in ns.device_batch],
-        *[("gpu", lambda b=b: bench.gpu_only(b)) for b in ns.device_batch if b != big and "device" in parts],
         ("map", lambda: bench.accuracy("ultralytics")),
         ("map", lambda: bench.accuracy("device")),
+        ("ddp", lambda: bench.gpu_only(big, ddp="unused")),
+        ("ddp", lambda: bench.gpu_only(big, ddp="plain")),
         ("compile", lambda: bench.raytrain(f"device-b{ns.compile_batch}-compile", ns.compile_batch, 0,
                                            {"compile": True}, loader="device")),
     ]
+    steps = [st for st in steps if st]
     for part, fn in steps:
         if part in parts:
             try:

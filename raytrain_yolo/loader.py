@@ -58,6 +58,10 @@ class DeviceDataset:
     def labels(self):
         return self.source.labels
 
+    @property
+    def im_files(self) -> list[str]:
+        return self.source.im_files
+
     def __len__(self) -> int:
         return len(self.source.labels)
 
@@ -73,6 +77,29 @@ class DeviceDataset:
         return {**out, "im_file": files, "ori_shape": shapes, "resized_shape": [(s, s)] * len(idx)}
 
 
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that knows its epoch even when nobody calls `set_epoch`.
+
+    Ultralytics calls `set_epoch` only when RANK != -1, so on one worker it never does. Each pass takes the
+    epoch `set_epoch` named, or else the one after the previous pass: a new order and new draws every epoch.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._named = False  # set_epoch was called since the last pass began
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._named = True
+
+    def begin_pass(self) -> int:
+        if self._passes and not self._named:
+            self.epoch += 1
+        self._named, self._passes = False, self._passes + 1
+        return self.epoch
+
+
 class DeviceLoader:
     """Iterates batches of `DeviceDataset` in DistributedSampler order, one rank's share per epoch."""
 
@@ -83,7 +110,7 @@ class DeviceLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.drop_last = drop_last  # as Ultralytics under compile=: no odd-sized last batch to recompile for
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.rank, self.seed = rank, seed
 
     def __len__(self) -> int:
@@ -91,7 +118,8 @@ class DeviceLoader:
         return math.floor(n) if self.drop_last else math.ceil(n)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.sampler.epoch) * 1_009 + self.rank)
+        epoch = self.sampler.begin_pass()  # runs at the first batch: a created, unused iterator starts no epoch
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank)
         order = list(self.sampler)
         for lo in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.dataset.batch(order[lo:lo + self.batch_size], gen)

@@ -127,9 +127,10 @@ class Reporter:
 
     def on_train_epoch_end(self, trainer) -> None:
         self.meter.close_epoch()
-        if self.spec.trace_samples and trainer.train_loader.sampler is not None:
-            sampler = trainer.train_loader.sampler
-            self.samples.append({"epoch": getattr(sampler, "epoch", None), "indices": [int(i) for i in sampler]})
+        if trainer.traced_files is not None:  # the images this rank really trained on (--trace-samples)
+            index = {f: i for i, f in enumerate(trainer.train_loader.dataset.im_files)}
+            self.samples.append({"epoch": trainer.epoch, "indices": [index[f] for f in trainer.traced_files]})
+            trainer.traced_files.clear()
 
     def epoch_metrics(self, trainer) -> dict[str, Any]:
         m: dict[str, Any] = {"epoch": trainer.epoch + 1}
@@ -238,6 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
 
+    if spec.trace_samples:
+        trainer.traced_files = []
     meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, rank, history=state["history"] if state else None)
     logger = None

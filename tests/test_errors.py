@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from conftest import free_port, mlflow_runs, run_cli
 from raytrain_yolo.config import SyntheticSpec
@@ -161,20 +163,26 @@ def test_bad_arguments(fails, args, words):
 
 # --- resources ----------------------------------------------------------------------------------------------
 
+CPUS = os.cpu_count() or 1  # the local Ray has at most this many: ask for more, on any machine
+
+
 def test_more_workers_than_cpus(fails):
-    fails("--cpu", "--num-workers", 8, "batch=16", words=("need 8 CPUs", "cluster has 2"), tracking=True)
+    n = 4 * CPUS
+    fails("--cpu", "--num-workers", n, f"batch={n}", words=(f"need {n} CPUs",), tracking=True)
 
 
 def test_more_cpus_per_worker_than_the_cluster(fails):
-    fails("--cpu", "--num-workers", 2, "--cpus-per-worker", 4, words=("need 8 CPUs",), tracking=True)
+    fails("--cpu", "--num-workers", 2, "--cpus-per-worker", 2 * CPUS, words=(f"need {4 * CPUS} CPUs",), tracking=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: tests/test_gpu_path.py trains on it")
 def test_gpu_on_a_cluster_without_gpus(fails):
     fails("--gpu", words=("no GPUs", "--cpu"), tracking=True)
 
 
 def test_waiting_for_resources_is_explicit_and_bounded(fails):
-    fails("--cpu", "--num-workers", 8, "batch=16", "--wait-for-resources", 4, words=("waited 4 s", "need 8 CPUs"))
+    n = 4 * CPUS
+    fails("--cpu", "--num-workers", n, f"batch={n}", "--wait-for-resources", 4, words=("waited 4 s", f"need {n} CPUs"))
 
 
 # --- infrastructure -----------------------------------------------------------------------------------------
