@@ -2,7 +2,8 @@
 # Issue 15's GPU proof, in ONE device call (the device tool gives a session 15 minutes in all, starts included).
 # Prepare here:  bash ../shared/device/make-kit.sh   (.devkit/kit.tar.xz), and test this script on CPU:
 #                  CPU_SMOKE=1 bash experiments/issue15-gpu-check.sh /tmp/issue15-smoke
-# Run there:     bash experiments/issue15-gpu-check.sh $OUT     (carry .devkit)
+# Run there:     bash experiments/issue15-gpu-check.sh $OUT     (carry .devkit; KIT=path if it lies elsewhere;
+#                EXTRA_SITE=path to pure-Python wheels unpacked for what the machine lacks: pytest, pluggy, iniconfig)
 # Everything goes to $OUT as it finishes, so a run cut short still brings back what it measured:
 #   gpu.txt           the card
 #   pytest-gpu.txt    the GPU tests of tests/test_gpu_path.py (one GPU worker trains; CUDA augment == CPU)
@@ -14,8 +15,8 @@ OUT=${1:-/tmp/issue15-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAYTRAIN_YOLO_CACHE=/tmp/rycache RAY_DEDUP_LOGS=0
 if [[ -z ${CPU_SMOKE:-} ]]; then
-  mkdir -p /tmp/site && tar -xJf .devkit/kit.tar.xz -C /tmp/site
-  export PYTHONPATH=/tmp/site:$PWD
+  mkdir -p /tmp/site && tar -xJf "${KIT:-.devkit/kit.tar.xz}" -C /tmp/site
+  export PYTHONPATH=/tmp/site:$PWD${EXTRA_SITE:+:$EXTRA_SITE}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
   nproc >> "$OUT/gpu.txt"
   IMAGES=4096 IMGSZ=640 BATCHES=512,256,128 BIG=128 MAP_EPOCHS=5 COMPILE_B=512 WIN=10 NWIN=2 CPU=
