@@ -7,9 +7,10 @@
 # Everything goes to $OUT as it finishes, so a run cut short still brings back what it measured:
 #   gpu.txt           the card
 #   pytest-gpu.txt    the GPU tests of tests/test_gpu_path.py (one GPU worker trains; CUDA augment == CPU)
-#   bench/bench.md    device loader at batch 512/256/128, the GPU-only step at the same batches, augmentation
-#                     alone, plain Ultralytics (its defaults, and batch 128 with all cores), mAP after the same
-#                     epochs with each loader, DDP with/without find_unused_parameters, and compile=True
+#   bench/bench.md    in this order: device loader at batch 512/256/128, the GPU-only step at the same batches,
+#                     augmentation alone at 512, plain Ultralytics (its defaults, and batch 128 with all cores),
+#                     DDP with/without find_unused_parameters, mAP after the same epochs with each loader, and
+#                     compile=True (last: what the time limit cuts first)
 set -uo pipefail
 OUT=${1:-/tmp/issue15-out}
 mkdir -p "$OUT"
@@ -19,7 +20,7 @@ if [[ -z ${CPU_SMOKE:-} ]]; then
   export PYTHONPATH=/tmp/site:$PWD${EXTRA_SITE:+:$EXTRA_SITE}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
   nproc >> "$OUT/gpu.txt"
-  IMAGES=4096 IMGSZ=640 BATCHES=512,256,128 BIG=128 MAP_EPOCHS=5 COMPILE_B=512 WIN=10 NWIN=2 CPU=
+  IMAGES=4096 IMGSZ=640 BATCHES=512,256,128 BIG=128 MAP_EPOCHS=4 COMPILE_B=512 WIN=10 NWIN=2 CPU=
 else
   export PYTHONPATH=$PWD
   IMAGES=48 IMGSZ=64 BATCHES=16,8 BIG=16 MAP_EPOCHS=1 COMPILE_B=16 WIN=2 NWIN=2 CPU=--cpu
@@ -31,13 +32,13 @@ python -c "from raytrain_yolo.config import SyntheticSpec as S; from raytrain_yo
 print(e(S(train=$IMAGES, val=256, imgsz=$IMGSZ, seed=0)))" > "$OUT/data.txt" 2>&1 &
 data_pid=$!
 
-timeout 150 python -m pytest tests/test_gpu_path.py -q -p no:cacheprovider -k "gpu_worker or on_cuda" \
+timeout 120 python -m pytest tests/test_gpu_path.py -q -p no:cacheprovider -k "gpu_worker or on_cuda" \
   > "$OUT/pytest-gpu.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/pytest-gpu.txt"
 tail -3 "$OUT/pytest-gpu.txt"
 wait $data_pid
 
-timeout ${BENCH_TIMEOUT:-420} python -m raytrain_yolo.bench $CPU --images $IMAGES --imgsz $IMGSZ --val-images 256 \
+timeout ${BENCH_TIMEOUT:-400} python -m raytrain_yolo.bench $CPU --images $IMAGES --imgsz $IMGSZ --val-images 256 \
   --only device,gpu,augment,native,map,ddp,compile --device-batch $BATCHES --big-batch $BIG \
   --map-epochs $MAP_EPOCHS --compile-batch $COMPILE_B --window-steps $WIN --windows $NWIN \
   --out "$OUT/bench" --work /tmp/bench > "$OUT/bench.log" 2>&1
