@@ -171,33 +171,42 @@ def warp_chunks(store: torch.Tensor, lay: Layout, d: Draws, size: int):
     dev, side = store.device, store.shape[-1]
     ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
     pix = torch.stack([xs, ys, torch.ones_like(xs)], 0).reshape(3, -1).float()  # (3, size*size)
-    minv = torch.linalg.inv(lay.M).float().to(dev)
+    # The batch's small tables go to the device once: a blocking copy per chunk would stall the host each time.
+    minv, all_mosaic, all_center, all_offset, all_tiles, all_canvas = to_device(
+        dev, torch.linalg.inv(lay.M).float(), d.mosaic, d.center, lay.offset.float(), lay.tiles, lay.canvas_wh.float())
     for lo in range(0, lay.tiles.shape[0], CHUNK):
         sl = slice(lo, lo + CHUNK)
-        b, depth = lay.tiles[sl].shape
+        b, depth = all_tiles[sl].shape
         q = minv[sl] @ pix  # canvas coordinates of every output pixel
         q = (q[:, :2] / q[:, 2:3]).reshape(b, 2, size, size)
         qx, qy = q[:, 0], q[:, 1]
-        mosaic = d.mosaic[sl].to(dev)[:, None, None]
+        mosaic = all_mosaic[sl][:, None, None]
         if depth == 4:
-            center = d.center[sl].to(dev)
+            center = all_center[sl]
             k = (qy >= center[:, 1, None, None]).long() * 2 + (qx >= center[:, 0, None, None]).long()
             k = torch.where(mosaic, k, 0)
         else:
             k = torch.zeros_like(qx, dtype=torch.long)
-        off = lay.offset[sl].to(dev).float()
+        off = all_offset[sl]
         ox = torch.gather(off[:, :, 0], 1, k.flatten(1)).view_as(qx)
         oy = torch.gather(off[:, :, 1], 1, k.flatten(1)).view_as(qy)
         grid = torch.stack(
             [(qx - ox) * (2 / (side - 1)) - 1, (qy - oy) * (2 / (side - 1)) - 1,
              k.float() * (2 / max(depth - 1, 1)) - 1], -1)
-        src = store[lay.tiles[sl].to(dev).flatten()].view(b, depth, 3, side, side).transpose(1, 2)
+        src = store[all_tiles[sl].flatten()].view(b, depth, 3, side, side).transpose(1, 2)
         # float32 throughout: a float16 grid would be off by up to ~0.3 px at 640 px
         out = F.grid_sample(src.float() - GRAY, grid[:, None], mode="bilinear", padding_mode="zeros",
                             align_corners=True)[:, :, 0]
-        cw, ch = lay.canvas_wh[sl].to(dev).float().unbind(1)
+        cw, ch = all_canvas[sl].unbind(1)
         inside = (qx > -0.5) & (qx < cw[:, None, None] - 0.5) & (qy > -0.5) & (qy < ch[:, None, None] - 0.5)
         yield sl, out * (inside | ~mosaic)[:, None] + GRAY
+
+
+def to_device(dev: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Small per-batch CPU tables onto `dev` through pinned memory: queued copies, no host sync per table."""
+    if dev.type != "cuda":
+        return list(tensors)
+    return [t.pin_memory().to(dev, non_blocking=True) for t in tensors]
 
 
 def hsv_jitter(img: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
@@ -273,11 +282,12 @@ def augment(store: torch.Tensor, hw: torch.Tensor, labels: Labels, idx: torch.Te
     d = draw(hyp, idx.shape[0], hw.shape[0], gen)
     lay = layout(idx, hw, d, size)
     out = torch.empty((idx.shape[0], 3, size, size), dtype=torch.uint8, device=dev)
+    hsv, flipud, fliplr = to_device(dev, d.hsv, d.flipud, d.fliplr)
     for sl, img in warp_chunks(store, lay, d, size):  # each chunk finished before the next: bounded memory
         if hyp.hsv_h or hyp.hsv_s or hyp.hsv_v:
-            img = hsv_jitter(img, d.hsv[sl])
-        img = torch.where(d.flipud[sl].to(dev)[:, None, None, None], img.flip(-2), img)
-        img = torch.where(d.fliplr[sl].to(dev)[:, None, None, None], img.flip(-1), img)
+            img = hsv_jitter(img, hsv[sl])
+        img = torch.where(flipud[sl][:, None, None, None], img.flip(-2), img)
+        img = torch.where(fliplr[sl][:, None, None, None], img.flip(-1), img)
         out[sl] = img.round_().clamp_(0, 255)
     cls, bboxes, batch_idx = transform_labels(labels, lay, d, size)
     return {"img": out, "cls": cls, "bboxes": bboxes, "batch_idx": batch_idx}
