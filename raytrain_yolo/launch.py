@@ -192,7 +192,7 @@ def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
         run_id = tracker.start(run_params(spec, train_args, task))
         tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
     try:
-        untrained = untrained_metrics(spec, train_args) if _want_untrained(spec) else None
+        untrained = untrained_metrics(spec, train_args, task) if _want_untrained(spec) else None
         trainer = build_trainer(spec, train_args, task, tracking, callbacks)
         result = trainer.fit()
         summary = build_summary(spec, train_args, task, result, untrained)
@@ -221,6 +221,7 @@ def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str
         "ray/max_failures": spec.max_failures,
         "ray/storage_path": spec.storage_path,
         "task": task,
+        "data": ret.get("data") or train_args.get("data"),
         "loader": spec.loader,
         "dataset": "synthetic" if spec.is_synthetic else train_args.get("data"),
         "model_config": train_args.get("model"),
@@ -231,13 +232,13 @@ def _want_untrained(spec: RunSpec) -> bool:
     return spec.is_synthetic if spec.validate_untrained is None else spec.validate_untrained
 
 
-def untrained_metrics(spec: RunSpec, train_args: dict[str, Any]) -> dict[str, float]:
+def untrained_metrics(spec: RunSpec, train_args: dict[str, Any], task: str = "detect") -> dict[str, float]:
     """Validate the model before any training step, on the driver, so the summary can show what training bought."""
     from ultralytics import YOLO
 
     from raytrain_yolo.data import ensure_synthetic
 
-    data = str(ensure_synthetic(spec.synthetic)) if spec.is_synthetic else train_args["data"]
+    data = str(ensure_synthetic(spec.synthetic, task)) if spec.is_synthetic else train_args["data"]
     model = YOLO(train_args["model"])
     metrics = model.val(
         data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0
@@ -246,6 +247,14 @@ def untrained_metrics(spec: RunSpec, train_args: dict[str, Any]) -> dict[str, fl
 
 
 SUMMARY_METRICS = ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/precision(B)", "metrics/recall(B)")
+# Each task's own metrics (Ultralytics' keys: (B) boxes, also oriented ones for obb; (P) pose; (M) masks) and losses.
+TASK_METRICS = {
+    "detect": ("metrics/mAP50(B)", "metrics/mAP50-95(B)"),
+    "obb": ("metrics/mAP50(B)", "metrics/mAP50-95(B)"),
+    "pose": ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/mAP50(P)", "metrics/mAP50-95(P)"),
+    "segment": ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/mAP50(M)", "metrics/mAP50-95(M)"),
+}
+TASK_LOSSES = {"pose": ("train/pose_loss",), "segment": ("train/seg_loss",), "obb": ("train/angle_loss",)}
 
 
 def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
@@ -261,6 +270,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     summary = {
         "name": spec.name,
         "task": task,
+        "data": ret.get("data") or train_args.get("data"),
         "loader": spec.loader,
         "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
         "resumed_from_epoch": ret.get("resumed_from"),
@@ -292,14 +302,15 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
     rows = [
         ("run", summary["name"]),
         ("task / device", f"{summary['task']} on {summary['world_size']} x {summary['device_name'] or summary['device']}"),
+        ("data", summary.get("data") or "n/a"),
         ("train loader", summary.get("loader", "ultralytics")),
         ("epochs", f"{summary['epochs_completed']} of {summary['epochs_requested']}"),
     ]
-    for key in SUMMARY_METRICS[:2]:
+    for key in TASK_METRICS.get(summary["task"], SUMMARY_METRICS[:2]):
         if key in m:
             before = f"  (untrained {u[key]:.3f})" if key in u else ""
             rows.append((key, f"{m[key]:.3f}{before}"))
-    for key in ("train/box_loss", "train/cls_loss"):
+    for key in ("train/box_loss", "train/cls_loss", *TASK_LOSSES.get(summary["task"], ())):
         if key in m:
             was = f"  (epoch 1: {first[key]:.3f})" if key in first else ""
             rows.append((key, f"{m[key]:.3f}{was}"))

@@ -36,15 +36,18 @@ def check_data(data: str, task: str, allow_bad_labels: bool = False) -> dict[str
     nc = cfg.get("nc", len(names) if isinstance(names, (list, dict)) else None)
     if not isinstance(nc, int) or nc < 1:
         raise UserError(f"data={data} names no classes: add 'names:' (a list or an id: name mapping)")
-    if task == "pose" and not cfg.get("kpt_shape"):
-        raise UserError(f"a pose model needs 'kpt_shape:' in data={data}: add it, or train a detect model")
+    kpt_shape = cfg.get("kpt_shape")
+    if task == "pose" and not (isinstance(kpt_shape, list) and len(kpt_shape) == 2 and kpt_shape[1] in (2, 3)
+                               and isinstance(kpt_shape[0], int) and kpt_shape[0] > 0):
+        raise UserError(f"a pose model needs 'kpt_shape: [keypoints, 2 or 3]' in data={data} (found {kpt_shape}): "
+                        "add it, e.g. kpt_shape: [17, 3], or train a detect model")
     root = Path(cfg.get("path") or p.parent)
     if not root.is_absolute():
         root = (p.parent / root).resolve()
     for key in ("train", "val"):
         for entry in cfg[key] if isinstance(cfg[key], list) else [cfg[key]]:
             images = _split_path(root, str(entry), key, data)
-            _check_labels(images, nc, task, allow_bad_labels)
+            _check_labels(images, nc, task, allow_bad_labels, kpt_shape)
     return cfg
 
 
@@ -69,7 +72,7 @@ def _label_dir(images: Path) -> Path:
     return Path(*parts)
 
 
-def _check_labels(images: Path, nc: int, task: str, allow_bad_labels: bool) -> None:
+def _check_labels(images: Path, nc: int, task: str, allow_bad_labels: bool, kpt_shape=None) -> None:
     if images.is_file():  # a .txt list of image paths: leave it to Ultralytics
         return
     files = [f for f in images.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -82,7 +85,7 @@ def _check_labels(images: Path, nc: int, task: str, allow_bad_labels: bool) -> N
         return
     for f in sorted(labels.rglob("*.txt"))[:MAX_LABEL_FILES]:
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            problem = _label_problem(line.split(), nc, task)
+            problem = _label_problem(line.split(), nc, task, kpt_shape)
             if problem:
                 raise UserError(
                     f"{f} line {n}: {problem}. Fix the file, or pass --allow-bad-labels to let Ultralytics "
@@ -90,13 +93,26 @@ def _check_labels(images: Path, nc: int, task: str, allow_bad_labels: bool) -> N
                 )
 
 
-def _label_problem(cols: list[str], nc: int, task: str) -> str | None:
+def _label_problem(cols: list[str], nc: int, task: str, kpt_shape=None) -> str | None:
+    """What is wrong with one label line for `task`, or None. Ultralytics' formats: detect `class x y w h`; pose
+    the box then `kpt_shape[0]` keypoints of `kpt_shape[1]` values (x y [visibility]); segment the class then a
+    polygon of at least 3 x y points; obb the class then 4 corners x1 y1 ... x4 y4. Coordinates are 0..1."""
     if not cols:
         return None
-    if task == "detect" and len(cols) != 5:
-        return f"{len(cols)} columns, a detection label has 5 (class x y w h)"
-    if len(cols) < 5:
-        return f"{len(cols)} columns, a label needs at least 5"
+    n = len(cols)
+    if task == "detect" and n != 5:
+        return f"{n} columns, a detection label has 5 (class x y w h)"
+    if task == "pose":
+        nkpt, ndim = kpt_shape
+        if n != 5 + nkpt * ndim:
+            return (f"{n} columns, a pose label with kpt_shape [{nkpt}, {ndim}] has {5 + nkpt * ndim} "
+                    f"(class x y w h, then {nkpt} keypoints of {ndim} values)")
+    if task == "segment" and (n < 7 or n % 2 == 0):
+        return f"{n} columns, a segment label is the class then a polygon of at least 3 x y points (7, 9, 11, ... columns)"
+    if task == "obb" and n != 9:
+        return f"{n} columns, an OBB label has 9 (class x1 y1 x2 y2 x3 y3 x4 y4: the 4 corners)"
+    if n < 5:
+        return f"{n} columns, a label needs at least 5"
     try:
         cls = float(cols[0])
         values = [float(c) for c in cols[1:]]
@@ -104,7 +120,10 @@ def _label_problem(cols: list[str], nc: int, task: str) -> str | None:
         return "a value is not a number"
     if cls != int(cls) or not 0 <= cls < nc:
         return f"class {cols[0]} is outside 0..{nc - 1}"
-    if task in ("detect", "segment", "obb") and any(not 0.0 <= v <= 1.0 for v in values):
+    if task == "pose":  # the box, then each keypoint's x and y (not its visibility)
+        ndim = kpt_shape[1]
+        values = values[:4] + [v for i, v in enumerate(values[4:]) if i % ndim < 2]
+    if any(not 0.0 <= v <= 1.0 for v in values):
         return "a coordinate is outside 0..1 (labels are normalised to the image size)"
     return None
 

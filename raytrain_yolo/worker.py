@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     args = dict(config["train_args"])
     if spec.is_synthetic:
-        args["data"] = str(ensure_synthetic(spec.synthetic))
+        args["data"] = str(ensure_synthetic(spec.synthetic, config["task"]))
     elif not Path(args["data"]).is_file():
         raise FileNotFoundError(
             f"data={args['data']} exists on the driver but not on node {socket.gethostname()}: put the dataset "
@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     state = restore(spec, save_dir, rank)
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
-                "save_dir": str(save_dir), "device_name": None} if rank == 0 else None
+                "save_dir": str(save_dir), "device_name": None, "data": args["data"]} if rank == 0 else None
 
     from raytrain_yolo.adapter import trainer_class, unwrap  # first Ultralytics import in this process
 
@@ -282,5 +282,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
         "save_dir": str(trainer.save_dir),
+        "data": args["data"],
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
     }

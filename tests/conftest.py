@@ -103,3 +103,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TASK_MODELS = {"detect": "yolo26n.yaml", "pose": "yolo26n-pose.yaml", "segment": "yolo26n-seg.yaml", "obb": "yolo26n-obb.yaml"}
+# Tiny runs that still learn in 2 epochs on 2 gloo workers (measured: every task's total train loss falls).
+TINY_TRAIN = {"train": 64, "val": 16, "imgsz": 64}
+TINY_ARGS = ("epochs=2", "imgsz=64", "batch=8", "optimizer=AdamW", "lr0=0.002")
+
+
+@pytest.fixture(scope="session")
+def task_run(tmp_path_factory):
+    """`task_run(task)`: that task trained once per session with `fit` on the embedded data (2 epochs, 2 gloo
+    workers, 64 images of 64 px); returns (CompletedProcess, summary). Shared by the task, val and predict tests."""
+    done: dict[str, tuple] = {}
+    storage = tmp_path_factory.mktemp("task-runs")
+
+    def get(task: str):
+        if task not in done:
+            proc = run_cli(
+                "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", task, "--no-tracking",
+                "--synthetic-train", TINY_TRAIN["train"], "--synthetic-val", TINY_TRAIN["val"],
+                "--synthetic-size", TINY_TRAIN["imgsz"], f"model={TASK_MODELS[task]}", *TINY_ARGS,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[task] = (proc, load_summary(storage, task))
+        return done[task]
+
+    return get
