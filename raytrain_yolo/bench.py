@@ -144,7 +144,7 @@ class Bench:
         self.record({"row": label, "kind": "gpu_only", "batch": batch, "amp": self._amp(), "ddp": ddp,
                      "images_per_second": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps})
         trainer.train_loader.close() if hasattr(trainer.train_loader, "close") else None
-        del trainer, model
+        trainer = model = None  # free the GPU before the next row
         _free_gpu()
 
     # 4b. the device loader's augmentation alone: what it costs per batch, without the step

@@ -221,7 +221,6 @@ def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str
         "ray/max_failures": spec.max_failures,
         "ray/storage_path": spec.storage_path,
         "task": task,
-        "data": ret.get("data") or train_args.get("data"),
         "loader": spec.loader,
         "dataset": "synthetic" if spec.is_synthetic else train_args.get("data"),
         "model_config": train_args.get("model"),
@@ -270,7 +269,6 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     summary = {
         "name": spec.name,
         "task": task,
-        "data": ret.get("data") or train_args.get("data"),
         "loader": spec.loader,
         "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
         "resumed_from_epoch": ret.get("resumed_from"),
