@@ -156,3 +156,99 @@ def ddp_wrap(module: nn.Module, device_index: int | None, find_unused: bool, sta
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --- Validation outside training (val.py) ------------------------------------------------------------------------
+# Ultralytics validates in one process, or under DDP gathers every rank's statistics with `gather_stats`. Here
+# Ray tasks play the ranks: each validates a shard of Ultralytics' own batches, and the driver's validator merges
+# their statistics in its `gather_stats` before Ultralytics' metric code runs once, exactly as on rank 0.
+
+
+def val_args(model: str, overrides: dict) -> dict:
+    """The arguments `YOLO(model).val(**overrides)` validates with (the checkpoint's imgsz, rect batches)."""
+    from ultralytics import YOLO
+
+    return {**YOLO(model).overrides, "rect": True, **overrides, "mode": "val"}
+
+
+class ShardValidatorMixin:
+    """Put before a task's validator. `shard=(i, n)`: validate batches i, i+n, ... and keep the raw statistics in
+    `shard_result`; `shard=None`: validate nothing, merge `shard_results` and compute the metrics.
+
+    The dataset, its rect batch shapes and its batch order are Ultralytics' own, so every image is letterboxed as
+    in a single-process `model.val()`, and the merged statistics are put back in batch order.
+    """
+
+    shard: tuple[int, int] | None = None
+    shard_results: list = []
+
+    def get_dataloader(self, dataset_path, batch_size):
+        loader = super().get_dataloader(dataset_path, batch_size)
+        n, bs = len(loader.dataset), loader.batch_size
+        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        self._batch_ids = list(range(self.shard[0], len(batches), self.shard[1])) if self.shard else []
+        return torch.utils.data.DataLoader(
+            loader.dataset, batch_sampler=[batches[i] for i in self._batch_ids], num_workers=loader.num_workers,
+            collate_fn=loader.dataset.collate_fn, pin_memory=loader.pin_memory,
+        )
+
+    def init_metrics(self, model):
+        super().init_metrics(model)
+        self._ends = []
+
+    def update_metrics(self, preds, batch):
+        super().update_metrics(preds, batch)
+        self._ends.append(len(self.metrics.stats["tp"]))  # where each batch's per-image entries end
+
+    def _image_metric_groups(self):
+        return [m for m in (getattr(self.metrics, k, None) for k in ("box", "seg", "pose")) if hasattr(m, "image_metrics")]
+
+    def gather_stats(self):
+        if self.shard:
+            starts = [0, *self._ends[:-1]]
+            self.shard_result = {
+                "batches": {b: {k: v[s:e] for k, v in self.metrics.stats.items()}
+                            for b, s, e in zip(self._batch_ids, starts, self._ends)},
+                "image_metrics": [dict(m.image_metrics) for m in self._image_metric_groups()],
+                "confusion": self.confusion_matrix.matrix,
+                "seen": self.seen,
+            }
+            return
+        merged = {}
+        for r in self.shard_results:
+            merged.update(r["batches"])
+        for key in self.metrics.stats:
+            self.metrics.stats[key] = [x for b in sorted(merged) for x in merged[b][key]]
+        for r in self.shard_results:
+            for group, part in zip(self._image_metric_groups(), r["image_metrics"]):
+                group.image_metrics.update(part)
+            self.confusion_matrix.matrix = self.confusion_matrix.matrix + r["confusion"]
+        self.seen = sum(r["seen"] for r in self.shard_results)
+
+    def get_stats(self):
+        return {} if self.shard else super().get_stats()
+
+    def finalize_metrics(self):
+        if self.shard:
+            self.shard_result["speed"] = dict(self.speed)  # ms per image of the whole split, this shard's share
+            return
+        self.speed = {k: sum(r["speed"][k] for r in self.shard_results) for k in self.speed}
+        super().finalize_metrics()
+
+    def print_results(self):
+        if not self.shard:
+            from ultralytics.utils import LOGGER
+
+            LOGGER.info(self.get_desc())
+            super().print_results()
+
+
+def sharded_validator(model: str, args: dict, shard: tuple[int, int] | None, shard_results: list | None = None):
+    """The task's Ultralytics validator with ShardValidatorMixin, set up for one shard (or for the merge)."""
+    from ultralytics import YOLO
+
+    yolo = YOLO(model)
+    base = yolo._smart_load("validator")
+    cls = type(f"Sharded{base.__name__}", (ShardValidatorMixin, base), {"shard": shard,
+                                                                       "shard_results": shard_results or []})
+    return yolo, cls(args=args, _callbacks=yolo.callbacks)

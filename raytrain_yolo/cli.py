@@ -163,3 +163,20 @@ def root_cause(e: BaseException) -> str:
     if len(line) > 200 and ". " in line:  # Ray's messages run on with advice; keep the first sentence
         line = line[: line.index(". ") + 1]
     return f"{type(seen).__name__}: {line}".rstrip(": ")
+
+
+def add_job_flags(p: argparse.ArgumentParser, default_name: str) -> None:
+    """The flags val and predict share with fit, meaning the same things."""
+    ray_g = p.add_argument_group("Ray (where and on how many workers)")
+    ray_g.add_argument("--num-workers", type=int, help="Ray workers (default: one per GPU, else 2)")
+    dev = ray_g.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker")
+    dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers")
+    ray_g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
+    ray_g.add_argument("--storage-path", default="runs/raytrain", help="where outputs go (default ./runs/raytrain)")
+    ray_g.add_argument("--name", help=f"run name, the folder under --storage-path (default {default_name}-<timestamp>)")
+    ray_g.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
+                       help="wait this long for the cluster to have the workers' CPUs/GPUs (default 0)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, for model=models:/NAME/VERSION "
+                   "(default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")

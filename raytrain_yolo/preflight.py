@@ -14,8 +14,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_LABEL_FILES = 50_000  # label scan bound: enough for the datasets people start with, seconds of I/O
 
 
-def check_data(data: str, task: str, allow_bad_labels: bool = False) -> dict[str, Any]:
-    """The data.yaml parses, names its splits, and each split's images and labels exist and are well formed."""
+def check_data(data: str, task: str, allow_bad_labels: bool = False, splits=("train", "val")) -> dict[str, Any]:
+    """The data.yaml parses, names its `splits`, and each split's images and labels exist and are well formed."""
     p = Path(data).expanduser()
     if p.suffix not in (".yaml", ".yml"):
         raise UserError(f"data={data} is not a .yaml file: pass the path of a YOLO data.yaml")
@@ -29,7 +29,7 @@ def check_data(data: str, task: str, allow_bad_labels: bool = False) -> dict[str
         raise UserError(f"data={data} is not valid YAML{where}: fix its syntax") from None
     if not isinstance(cfg, dict):
         raise UserError(f"data={data} must be a mapping with train:, val: and names:")
-    for key in ("train", "val"):
+    for key in splits:
         if not cfg.get(key):
             raise UserError(f"data={data} has no '{key}:' entry: add the {key} image folder")
     names = cfg.get("names")
@@ -44,7 +44,7 @@ def check_data(data: str, task: str, allow_bad_labels: bool = False) -> dict[str
     root = Path(cfg.get("path") or p.parent)
     if not root.is_absolute():
         root = (p.parent / root).resolve()
-    for key in ("train", "val"):
+    for key in splits:
         for entry in cfg[key] if isinstance(cfg[key], list) else [cfg[key]]:
             images = _split_path(root, str(entry), key, data)
             _check_labels(images, nc, task, allow_bad_labels, kpt_shape)
@@ -126,6 +126,14 @@ def _label_problem(cols: list[str], nc: int, task: str, kpt_shape=None) -> str |
     if any(not 0.0 <= v <= 1.0 for v in values):
         return "a coordinate is outside 0..1 (labels are normalised to the image size)"
     return None
+
+
+def check_weights(model: str) -> str:
+    """val and predict need trained weights: a local .pt (or a models:/ URI, resolved to one before this)."""
+    if not str(model).endswith(".pt"):
+        raise UserError(f"model={model} has no trained weights: pass a .pt checkpoint (e.g. the best_checkpoint "
+                        "of a fit summary) or models:/NAME/VERSION")
+    return check_model(model, None)
 
 
 def check_model(model: str, task: str | None) -> str:

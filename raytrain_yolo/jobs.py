@@ -1,0 +1,82 @@
+"""What the val and predict jobs share: the model they run (a .pt or models:/NAME/VERSION), their workers fitted to
+the cluster with fit's rules, and the environment their Ray workers get."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from raytrain_yolo import preflight
+from raytrain_yolo.config import RunSpec, ScalingSpec, check_name, default_name
+from raytrain_yolo.errors import UserError
+
+
+@dataclass
+class JobPlan:
+    """A checked val/predict job: local weights, their task, and the workers to run on."""
+
+    model: str
+    task: str
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    out_dir: str
+
+    def remote_options(self) -> dict:
+        """Ray options for one worker (task or actor)."""
+        from raytrain_yolo.launch import WORKER_ENV_DEFAULTS, WORKER_ENV_PASSTHROUGH
+
+        env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
+        env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": 1 if self.use_gpu else 0,
+                "runtime_env": {"env_vars": env}}
+
+    @property
+    def device(self) -> str:
+        """Ultralytics' device inside a worker: Ray gave a GPU worker exactly one visible GPU."""
+        return "0" if self.use_gpu else "cpu"
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> str:
+    """A local .pt path; `models:/NAME/VERSION` (a model `fit --register-model` registered) is downloaded first."""
+    if not str(model).startswith("models:/"):
+        return str(Path(model).expanduser().resolve()) if str(model).endswith(".pt") else str(model)
+    from raytrain_yolo.tracking import check_reachable, resolve_uri
+
+    uri = resolve_uri(RunSpec.from_dict({"tracking": {"uri": tracking_uri}}))
+    check_reachable(uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=tempfile.mkdtemp(prefix="raytrain-yolo-model-")))
+    except MlflowException as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"model={model} not found in the MLflow registry at {uri} ({first}): check the name and "
+                        "version, or --tracking-uri") from None
+    found = [local] if local.suffix == ".pt" else sorted(local.rglob("best.pt")) or sorted(local.rglob("*.pt"))
+    if not found:
+        raise UserError(f"model={model} in the MLflow registry holds no .pt file: register a run's weights "
+                        "(fit --register-model NAME)")
+    return str(found[0])
+
+
+def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, prefix: str,
+         tracking_uri: str | None = None, wait_s: float = 0) -> JobPlan:
+    """Check the model, then join Ray and fit the workers to the cluster (the same rules and messages as fit)."""
+    from raytrain_yolo import storage
+    from raytrain_yolo.launch import connect_ray, resolve_scaling
+
+    if model is None:
+        raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
+    weights = resolve_model(model, tracking_uri)
+    task = preflight.check_weights(weights)
+    out_dir = f"{storage.normalise(storage_path).rstrip('/')}/{check_name(name or default_name(prefix))}"
+    connect_ray()
+    spec = resolve_scaling(RunSpec(scaling=scaling, resource_wait_s=wait_s))
+    s = spec.scaling
+    return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, out_dir)

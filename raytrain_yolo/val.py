@@ -1,0 +1,117 @@
+"""`python -m raytrain_yolo.val`: validate a checkpoint on a dataset split, spread over Ray workers.
+
+    python -m raytrain_yolo.val model=runs/raytrain/exp/checkpoint_.../best.pt data=/data/mydata/data.yaml
+    python -m raytrain_yolo.val --num-workers 8 --gpu model=models:/shapes/3 data=... split=test --output m.json
+
+Each worker (a Ray task) runs Ultralytics' own validator on a shard of Ultralytics' own batches; the driver's
+validator merges their statistics and computes the metrics once with Ultralytics' metric code, so the result is
+what `YOLO(model).val(...)` gives in one process (adapter.ShardValidatorMixin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from raytrain_yolo import preflight, storage
+from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
+from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
+from raytrain_yolo.errors import UserError
+from raytrain_yolo.jobs import JobPlan, plan
+
+VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
+
+
+def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | None = None,
+             storage_path: str = "runs/raytrain", name: str | None = None, tracking_uri: str | None = None,
+             wait_s: float = 0, **overrides: Any) -> dict[str, Any]:
+    """Validate `model` on `split` of `data` over Ray workers; returns (and writes) the metrics as a dict."""
+    import ray
+
+    if data is None:
+        raise UserError("no data= given: pass the data.yaml of the dataset to validate on")
+    overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
+    job = plan(model, scaling or ScalingSpec(), storage_path, name, "val", tracking_uri, wait_s)
+    data = str(storage.normalise(data)) if not storage.is_uri(data) else data
+    preflight.check_data(data, job.task, splits=(split,))
+
+    from raytrain_yolo.adapter import sharded_validator, val_args
+
+    args = val_args(job.model, {**overrides, "data": data, "project": job.out_dir, "name": "ultralytics",
+                                "exist_ok": True})
+    shard_fn = ray.remote(_validate_shard).options(**job.remote_options())
+    refs = [shard_fn.remote(job.model, {**args, "device": job.device}, (i, job.num_workers))
+            for i in range(job.num_workers)]
+    results = ray.get(refs)
+    yolo, merger = sharded_validator(job.model, {**args, "device": "cpu"}, None, results)
+    stats = merger(model=yolo.model)
+    out = _report(job, data, split, merger, stats)
+    storage.write_text(f"{job.out_dir}/val.json", json.dumps(out, indent=2, default=float))
+    return out
+
+
+def _validate_shard(model: str, args: dict, shard: tuple[int, int]) -> dict:
+    """One Ray worker: Ultralytics' validator over this shard's batches; returns the raw statistics."""
+    from raytrain_yolo.adapter import sharded_validator
+
+    yolo, validator = sharded_validator(model, args, shard)
+    validator(model=yolo.model)
+    return validator.shard_result
+
+
+def _report(job: JobPlan, data: str, split: str, merger, stats: dict) -> dict[str, Any]:
+    return {
+        "model": job.model,
+        "task": job.task,
+        "data": data,
+        "split": split,
+        "workers": job.num_workers,
+        "device": "cuda" if job.use_gpu else "cpu",
+        "images": int(merger.seen),
+        "instances": int(merger.metrics.nt_per_class.sum()) if merger.metrics.nt_per_class is not None else 0,
+        "metrics": {k: float(v) for k, v in stats.items()},
+        "speed_ms_per_image": {k: float(v) for k, v in merger.speed.items()},
+        "output_dir": job.out_dir,
+    }
+
+
+EPILOG = """\
+Ultralytics validation arguments go after the flags in key=value form, as for `yolo val`:
+  model=PATH.pt|models:/NAME/VERSION data=PATH/data.yaml split=val|test|train imgsz=640 batch=16 conf=0.001 iou=0.7
+Defaults are those of Ultralytics' model.val() (imgsz from the checkpoint), except plots=False.
+The metrics go to <storage-path>/<name>/val.json, and to --output FILE too when given.
+"""
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m raytrain_yolo.val", epilog=EPILOG,
+                      description="Validate a YOLO checkpoint on a dataset split, sharded over Ray workers.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model=, data=, split= and Ultralytics arguments")
+    add_job_flags(p, "val")
+    p.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE (a path or a URI)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+
+    def body() -> int:
+        kv = parse_key_values(ns.overrides)
+        scaling = ScalingSpec(num_workers=ns.num_workers, use_gpu=ns.use_gpu, cpus_per_worker=ns.cpus_per_worker)
+        out = validate(kv.pop("model", None), kv.pop("data", None), kv.pop("split", "val"), scaling, ns.storage_path,
+                       ns.name, ns.tracking_uri, ns.wait_for_resources, **kv)
+        stop_ray()
+        text = json.dumps(out, indent=2, default=float)
+        if ns.output:
+            storage.write_text(storage.normalise(ns.output), text)
+        print(f"metrics    {ns.output or out['output_dir'] + '/val.json'}", flush=True)
+        return 0
+
+    return run_main(body, ns.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Issue 17, part 2: `raytrain_yolo.val` shards validation over Ray workers and equals Ultralytics' model.val()."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def ultralytics_val(summary: dict, **kw) -> tuple[dict, object]:
+    from ultralytics import YOLO
+
+    m = YOLO(summary["last_checkpoint"]).val(data=summary["data"], plots=False, device="cpu", verbose=False, **kw)
+    return m.results_dict, m
+
+
+def assert_same_metrics(ours: dict, theirs: dict) -> None:
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert f"{ours[k]:.3g}" == f"{v:.3g}" and ours[k] == pytest.approx(v, abs=1e-9), (k, ours[k], v)
+
+
+def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
+    _, s = task_run("detect")
+    out = tmp_path / "metrics.json"
+    # batch=6 over 16 images: 3 batches, so the two workers get unequal shards (2 and 1)
+    proc = run_cli("val", "--cpu", "--num-workers", 2, "--storage-path", tmp_path, "--name", "v", "--output", out,
+                   f"model={s['last_checkpoint']}", f"data={s['data']}", "batch=6", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got == json.loads((tmp_path / "v" / "val.json").read_text())
+    assert got["workers"] == 2 and got["images"] == 16 and got["split"] == "val" and got["task"] == "detect"
+    theirs, m = ultralytics_val(s, batch=6)
+    assert_same_metrics(got["metrics"], theirs)
+    row = ("%22s" + "%11i" * 2 + "%11.3g" * 4) % ("all", 16, m.nt_per_class.sum(), *m.mean_results())
+    assert row in proc.stdout  # Ultralytics' own table, printed once by the driver
+
+
+@pytest.mark.parametrize("task", ["pose", "segment", "obb"])
+def test_val_library_call_equals_ultralytics_for_every_task(task_run, ray_local, task, tmp_path):
+    from raytrain_yolo.config import ScalingSpec
+    from raytrain_yolo.val import validate
+
+    _, s = task_run(task)
+    got = validate(s["last_checkpoint"], s["data"], scaling=ScalingSpec(num_workers=2, use_gpu=False),
+                   storage_path=str(tmp_path), name=task, batch=4)
+    assert got["task"] == task and got["images"] == 16
+    assert_same_metrics(got["metrics"], ultralytics_val(s, batch=4)[0])
+    if task == "pose":  # 2 epochs find no boxes yet, but some keypoints: the comparison is not only of zeros
+        assert got["metrics"]["metrics/mAP50(P)"] > 0
+
+
+def test_val_refuses_bad_input_in_one_line(task_run, tmp_path):
+    _, s = task_run("detect")
+    cases = [
+        ((f"model={s['last_checkpoint']}", f"data={s['data']}", "split=test"), "has no 'test:' entry"),
+        (("model=yolo26n.yaml", f"data={s['data']}"), "no trained weights"),
+        ((f"model={s['last_checkpoint']}",), "no data= given"),
+        ((f"model={s['last_checkpoint']}", f"data={s['data']}", "device=0"), "--gpu/--cpu"),
+    ]
+    for args, words in cases:
+        proc = run_cli("val", "--storage-path", tmp_path, *args, timeout=120)
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        assert proc.returncode == 2 and last.startswith("error: ") and words in last, (args, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr
