@@ -81,6 +81,8 @@ class TrackingSpec:
     experiment: str = "raytrain_yolo"
     register_model: str | None = None
     parent_run_id: str | None = None  # set for tune trials: each is a nested run under the sweep's run
+    run_key: str | None = None  # what identifies the run across restarts (default: <storage>/<name>); an hpo
+    # trial keeps one key over the Train runs PBT starts for it, so it stays one MLflow run
 
 
 @dataclass
@@ -102,6 +104,7 @@ class RunSpec:
     trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
     window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch
     max_windows: int = 0  # >0: a throughput trial stops after this many windows
+    resume_from: str = ""  # a Ray Train checkpoint to start from when the run has none of its own (PBT exploit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,6 +125,16 @@ class RunSpec:
     @property
     def run_dir(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SearchDim:
+    """One hyperparameter of an accuracy sweep: a range (uniform, or log-uniform), a list of choices, or fixed."""
+
+    kind: str  # "range", "choice" or "fixed"
+    values: tuple  # (min, max) | the choices | (value,)
+    log: bool = False
+    integer: bool = False  # the Ultralytics argument is a whole number (close_mosaic): sample integers
 
 
 def _build(typ, values: dict[str, Any], where: str):

@@ -56,3 +56,17 @@ def check_writable(run_dir: str) -> None:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot write to --storage-path {run_dir} ({first}): choose a writable path") from None
 
+
+
+def copy_file(src: str, dst: str) -> None:
+    """One file from a path or URI to another (a trial's best.pt next to the sweep's results)."""
+    fs, p = _fs(src)
+    with fs.open_input_stream(p) as f:
+        write_bytes(dst, f.read())
+
+
+def upload_dir(local: str, dst: str) -> None:
+    """A local folder's files to a path or URI (a checkpoint made on this node, for workers anywhere)."""
+    fs, p = _fs(dst)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -121,7 +121,7 @@ class RunTracker:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.spec.tracking.experiment, artifact_location=_artifact_location(self.uri)
         )
-        key = self.spec.run_dir
+        key = self.spec.tracking.run_key or self.spec.run_dir
         found = self.client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
         )
@@ -231,3 +231,17 @@ def _device_name(trainer) -> str:
     import torch
 
     return torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+
+
+def end_open_run(uri: str, experiment: str, key: str, status: str, tags: dict[str, str]) -> None:
+    """End the run with this key if it is still RUNNING: a tune trial that its scheduler stopped, or that
+    failed, was ended by Ray before its own driver code could end it."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"):
+        if run.info.status == "RUNNING":
+            for k, v in tags.items():
+                client.set_tag(run.info.run_id, k, str(v)[:5000])
+            client.set_terminated(run.info.run_id, status=status)

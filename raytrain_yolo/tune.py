@@ -1,6 +1,7 @@
 """`python -m raytrain_yolo.tune`: find the configuration that trains fastest here, in images/s.
 
     python -m raytrain_yolo.tune --batch 32,64,128 --workers 4,8 --amp fp16,bf16 --cache none,ram
+    python -m raytrain_yolo.tune --objective map --trials 20 --num-workers 2 epochs=30 data=...   # best mAP (hpo.py)
     python -m raytrain_yolo.tune --space experiments/tune-gpu.yaml data=/data/mydata/data.yaml
     python -m raytrain_yolo.fit --config runs/raytrain/<name>/best.yaml      # train with the winner
 """
@@ -29,6 +30,18 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m raytrain_yolo.tune", description=__doc__.splitlines()[0].split(": ", 1)[1],
                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="base Ultralytics arguments (data=, model=, ...)")
+    p.add_argument("--objective", choices=("throughput", "map"), default="throughput",
+                   help="throughput (default): the fastest configuration; map: the hyperparameters that give the "
+                   "best validation metric (each trial a full DDP training run of epochs=)")
+    m = p.add_argument_group("accuracy sweep (--objective map; --space: Ultralytics' `key: [min, max]` form, "
+                             "`key: {choices: [...]}`, fixed `key: value`; default: Ultralytics' own ranges)")
+    m.add_argument("--trials", type=int, help="trials to run (default 10)")
+    m.add_argument("--scheduler", choices=("asha", "pbt", "none"), help="asha (default): stop lagging trials; "
+                   "pbt: restart them from a better trial's checkpoint with mutated values; none: run all")
+    m.add_argument("--metric", help="what to maximise: fitness (default: Ultralytics' fitness, mAP50-95 for "
+                   "detection) or a validation metric, e.g. mAP50")
+    m.add_argument("--grace-epochs", type=int, help="ASHA: epochs every trial gets (default epochs/3, 1..10)")
+    m.add_argument("--perturbation-epochs", type=int, help="PBT: epochs between exploits (default epochs/4)")
     g = p.add_argument_group("search space (comma-separated values; default: chosen for the hardware found)")
     g.add_argument("--space", help="YAML file with any of the knobs below and the budget keys")
     g.add_argument("--batch", type=int_list, help="global batch sizes, e.g. 32,64,128")
@@ -109,6 +122,13 @@ def space_and_budget(ns):
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.objective == "map":
+        from raytrain_yolo import hpo
+
+        return run_main(lambda: hpo.main(ns), ns.debug)
+    for flag in ("trials", "scheduler", "metric", "grace_epochs", "perturbation_epochs"):
+        if getattr(ns, flag) is not None:
+            build_parser().error(f"--{flag.replace('_', '-')} belongs to the accuracy sweep: add --objective map")
 
     def body() -> int:
         from raytrain_yolo.tuning import format_table, run_sweep

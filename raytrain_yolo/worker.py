@@ -165,7 +165,7 @@ class Reporter:
                 for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
                     if src.is_file():
                         shutil.copy2(src, Path(tmp) / src.name)
-                state = {"epoch": metrics["epoch"], "history": self.history}
+                state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name}
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state, default=float))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
@@ -199,6 +199,8 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
     Rank 0 also puts back the checkpoint's `results.csv`, so it keeps one row per epoch.
     """
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and spec.resume_from:  # a new run seeded from another run's checkpoint (PBT exploit)
+        ckpt = ray.train.Checkpoint(spec.resume_from)
     if ckpt is None:
         return None
     local = Path(tempfile.mkdtemp(prefix="raytrain-yolo-resume-"))

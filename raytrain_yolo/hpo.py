@@ -1,0 +1,558 @@
+"""Accuracy tuning (`python -m raytrain_yolo.tune --objective map`): Ray Tune searches Ultralytics
+hyperparameters for the best validation metric; every trial is a real DDP training run through `launch()`.
+
+- Search: Optuna's TPE (`OptunaSearch`) over the space, `--trials` trials; PBT samples at random and then
+  exploits and explores on its own.
+- Scheduling: ASHA stops trials whose per-epoch metric lags at its rungs; PBT restarts a lagging trial from a
+  better trial's checkpoint with mutated hyperparameters (a new Ray Train run seeded from that checkpoint);
+  `none` runs every trial to the end.
+- Reporting: a Ray Train callback hands each epoch's metrics and checkpoint path from the Train controller to
+  the trial function, which reports them to Tune (with the checkpoint under PBT, which needs one to clone).
+- Resuming: the Tune experiment lives in `<storage>/<name>/`; the same command restores it with
+  `Tuner.restore`. Finished trials are kept; an unfinished one restarts its function, whose Ray Train run of
+  the same name resumes from its own last checkpoint.
+- Outputs: results.parquet (one row per trial), best.yaml (a `fit --config` file), best.pt, map.png, and one
+  MLflow parent run with a nested run per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.train.v2.api.callback import UserCallback
+
+from raytrain_yolo import storage
+from raytrain_yolo.config import RunSpec, SearchDim, default_name
+from raytrain_yolo.errors import UserError
+
+# Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
+# run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
+ULTRALYTICS_SPACE: dict[str, list[float]] = {
+    "lr0": [1e-5, 1e-2],
+    "lrf": [0.01, 1.0],
+    "momentum": [0.7, 0.98],
+    "weight_decay": [0.0, 0.001],
+    "warmup_epochs": [0.0, 5.0],
+    "warmup_momentum": [0.0, 0.95],
+    "box": [1.0, 20.0],
+    "cls": [0.1, 4.0],
+    "cls_pw": [0.0, 1.0],
+    "dfl": [0.4, 12.0],
+    "hsv_h": [0.0, 0.1],
+    "hsv_s": [0.0, 0.9],
+    "hsv_v": [0.0, 0.9],
+    "degrees": [0.0, 45.0],
+    "translate": [0.0, 0.9],
+    "scale": [0.0, 0.95],
+    "shear": [0.0, 10.0],
+    "perspective": [0.0, 0.001],
+    "flipud": [0.0, 1.0],
+    "fliplr": [0.0, 1.0],
+    "bgr": [0.0, 1.0],
+    "mosaic": [0.0, 1.0],
+    "mixup": [0.0, 1.0],
+    "cutmix": [0.0, 1.0],
+    "copy_paste": [0.0, 1.0],
+    "close_mosaic": [0, 10],
+}
+SCHEDULERS = ("asha", "pbt", "none")
+ASHA_REDUCTION = 3  # as Ultralytics' run_ray_tune
+MAP_KEY = "metrics/mAP50-95(B)"
+THROUGHPUT_ONLY = ("batch", "workers", "amp", "cache", "compile", "channels_last", "deterministic",
+                   "window_steps", "windows", "grace_windows")
+
+
+@dataclass
+class HpoPlan:
+    """A validated accuracy sweep: what to search, how long, and how to schedule it."""
+
+    space: dict[str, SearchDim]
+    epochs: int
+    trials: int = 10
+    scheduler: str = "asha"
+    metric: str = "fitness"
+    grace_epochs: int = 1
+    perturbation_epochs: int = 1
+    max_concurrent: int | None = None
+    seed: int = 0
+    space_source: str = "Ultralytics' default space"
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def searched(self) -> list[str]:
+        return [k for k, d in self.space.items() if d.kind != "fixed"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preflight: the one pass before Ray starts
+
+
+def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
+    """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
+    from raytrain_yolo.cli import spec_from_args
+    from raytrain_yolo.launch import validate
+    from raytrain_yolo.preflight import check_metric, check_space
+
+    for flag in THROUGHPUT_ONLY:
+        if getattr(ns, flag, None) not in (None, False):
+            opt = "--" + flag.replace("_", "-")
+            raise UserError(f"{opt} is a throughput-sweep knob: with --objective map put {flag} in --space "
+                            f"({flag}: {{choices: [...]}}) or pass {flag}=VALUE")
+    if ns.no_early_stop:
+        raise UserError("--no-early-stop is for the throughput sweep: with --objective map use --scheduler none")
+    workers = ns.num_workers
+    if workers and len(workers) != 1:
+        raise UserError(f"--num-workers {','.join(map(str, workers))}: with --objective map give one count "
+                        "(workers per trial), e.g. --num-workers 2")
+    loaders = ns.loader
+    if loaders and len(loaders) != 1:
+        raise UserError("--loader takes one value with --objective map: ultralytics or device")
+    spec = spec_from_args(ns, ns.overrides)
+    if workers:
+        spec.scaling.num_workers = workers[0]
+    if loaders:
+        spec.loader = loaders[0]
+    spec.name = spec.name or default_name("hpo")
+    if ns.space:
+        raw, source = _read_space(ns.space), ns.space
+    else:
+        raw, source = dict(ULTRALYTICS_SPACE), "Ultralytics' default space"
+    space = check_space(raw, source, spec.scaling.num_workers)
+    fixed = {k: d.values[0] for k, d in space.items() if d.kind == "fixed"}
+    spec.train.update(fixed)
+    if str(spec.train.get("optimizer", "auto")).lower() == "auto" and "optimizer" not in space:
+        spec.train["optimizer"] = "SGD"  # `auto` ignores lr0 and momentum, and picks by run length
+    spec, train_args, task = validate(spec)  # arguments, model, data, storage, tracking: as fit checks them
+    epochs = int(train_args["epochs"])
+    plan = HpoPlan(space=space, epochs=epochs, space_source=source, fixed=fixed,
+                   metric=check_metric(ns.metric or "fitness", task), seed=int(train_args.get("seed", 0) or 0))
+    if ns.trials is not None:
+        plan.trials = ns.trials
+    if plan.trials < 1:
+        raise UserError(f"--trials {plan.trials} must be at least 1")
+    plan.scheduler = ns.scheduler or "asha"
+    if plan.scheduler == "pbt" and plan.trials < 2:
+        raise UserError("--scheduler pbt needs a population: use --trials 2 or more")
+    if not plan.searched:
+        raise UserError(f"{source} fixes every value: give at least one range or list of choices to search")
+    plan.grace_epochs = ns.grace_epochs if ns.grace_epochs is not None else max(1, min(10, epochs // 3))
+    plan.perturbation_epochs = ns.perturbation_epochs if ns.perturbation_epochs is not None else max(1, epochs // 4)
+    for opt, v in (("--grace-epochs", plan.grace_epochs), ("--perturbation-epochs", plan.perturbation_epochs)):
+        if not 1 <= v < epochs:
+            raise UserError(f"{opt} {v} must be at least 1 and below epochs={epochs}: lower it or raise epochs=")
+    plan.max_concurrent = ns.max_concurrent
+    if plan.max_concurrent is not None and plan.max_concurrent < 1:
+        raise UserError(f"--max-concurrent {plan.max_concurrent} must be at least 1")
+    return spec, plan
+
+
+def _read_space(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError:
+        raise UserError(f"--space file '{path}' not found: pass an existing YAML file") from None
+    except yaml.YAMLError:
+        raise UserError(f"--space file '{path}' is not valid YAML: fix its syntax") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One trial
+
+
+def trial_config(base: RunSpec, hyp: dict[str, Any]) -> dict[str, Any]:
+    """What best.yaml holds for a trial: the base configuration with the trial's hyperparameters."""
+    out = {"train": {**base.train, **hyp}, "scaling": dataclasses.asdict(base.scaling), "loader": base.loader}
+    if base.is_synthetic:
+        out["synthetic"] = dataclasses.asdict(base.synthetic)
+    return out
+
+
+def trial_name(trial) -> str:
+    """Tune trial and folder name; also the name of the trial's Ray Train run (no '-': see run_trial)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+class TrialRelay(UserCallback):
+    """Ray Train callback (runs in the Train controller): hand rank 0's metrics and the checkpoint's path to
+    the trial function through a queue. Like Tune's own TuneReportCallback, which cannot carry a checkpoint."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+
+def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | None = None) -> None:
+    """Tune's function trainable: one DDP training run with this trial's hyperparameters."""
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from raytrain_yolo.launch import launch
+
+    hyp = {k: _plain(v) for k, v in config.items()}
+    name = tune.get_context().get_trial_name()
+    spec, exploited = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def train():
+        try:
+            outcome["summary"] = launch(spec, callbacks=[TrialRelay(queue)]).summary
+        except BaseException as e:  # noqa: BLE001 - handed to the trial's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train, name="hpo-trial-train", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            metrics, path = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        report = {k: _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float, str))}
+        report.update(checkpoint_path=path or "", train_run=spec.name, exploited=exploited)
+        ckpt = tune.Checkpoint(path) if path and sweep["scheduler"] == "pbt" else None
+        tune.report(report, checkpoint=ckpt)
+    if "error" in outcome:
+        raise outcome["error"]
+    if outcome.get("summary", {}).get("error"):
+        raise RuntimeError(outcome["summary"]["error"])
+
+
+def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> tuple[RunSpec, str]:
+    """The trial's RunSpec (exactly what best.yaml would run) and, after a PBT exploit, `donor@epoch`.
+
+    A trial's Ray Train runs are `<trial>` and, after each exploit, `<trial>-e<epoch>-from-<donor>`, seeded
+    from the donor's checkpoint. A Tune checkpoint of the trial's own run means: resume that run.
+    """
+    from ray import tune
+
+    spec = RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)})
+    trials_dir = f"{base.run_dir}/trials"
+    spec.storage_path, spec.name = trials_dir, name
+    spec.validate_untrained = False
+    spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
+    exploited = ""
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        local = Path(ckpt.to_directory())
+        state = json.loads((local / "raytrain_state.json").read_text())
+        run = state.get("run", name)
+        if run == name or run.startswith(name + "-"):
+            spec.name = run
+        else:
+            donor, epoch = run.split("-", 1)[0], int(state["epoch"])
+            spec.name = f"{name}-e{epoch}-from-{donor}"
+            spec.resume_from = f"{trials_dir}/{spec.name}-seed"
+            reseed_checkpoint(local, {k: v for k, v in hyp.items()}, spec.resume_from)
+            exploited = f"{donor}@{epoch}"
+    return spec, exploited
+
+
+def reseed_checkpoint(local: Path, hyp: dict[str, Any], dest: str) -> None:
+    """Turn a donor's checkpoint into the start of a new run with other hyperparameters.
+
+    Ultralytics' resume restores the arguments saved in last.pt (`train_args`) and the optimizer state (which
+    holds lr, momentum, weight decay); so the new values go into `train_args` and the optimizer starts fresh
+    from them. Weights, EMA, epoch and best fitness are the donor's.
+    """
+    import torch
+
+    path = local / "last.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["train_args"] = {**ckpt.get("train_args", {}), **hyp}
+    ckpt["optimizer"] = None
+    torch.save(ckpt, path)
+    storage.upload_dir(str(local), dest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class HpoResult:
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    paths: dict[str, str]
+
+
+def tune_domains(plan: HpoPlan) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for k, d in plan.space.items():
+        if d.kind == "choice":
+            out[k] = tune.choice(list(d.values))
+        elif d.kind == "range":
+            lo, hi = d.values
+            out[k] = (tune.randint(int(lo), int(hi) + 1) if d.integer
+                      else tune.loguniform(lo, hi) if d.log else tune.uniform(lo, hi))
+    return out
+
+
+def _clip(config: dict[str, Any], bounds: dict[str, tuple]) -> dict[str, Any]:
+    """PBT multiplies by 0.8 or 1.2 without looking at the range: keep each value inside it."""
+    for k, (lo, hi) in bounds.items():
+        if k in config:
+            config[k] = type(config[k])(min(max(config[k], lo), hi))
+    return config
+
+
+def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from raytrain_yolo.tuning import TRIAL_DRIVER_CPU
+
+    domains = tune_domains(plan)
+    sweep = {"scheduler": plan.scheduler}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.to_dict(), sweep=sweep),
+                                    {"CPU": TRIAL_DRIVER_CPU})
+    path = spec.run_dir
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the sweep in {path}", file=sys.stderr, flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if plan.scheduler == "pbt":
+        from ray.tune.search import BasicVariantGenerator
+
+        bounds = {k: d.values for k, d in plan.space.items() if d.kind == "range"}
+        mutations = {k: (list(d.values) if d.kind == "choice" else domains[k]) for k, d in plan.space.items()
+                     if d.kind != "fixed"}
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=plan.perturbation_epochs, hyperparam_mutations=mutations,
+            custom_explore_fn=functools.partial(_clip, bounds=bounds), quantile_fraction=0.5 if plan.trials < 4 else 0.25)
+        search = BasicVariantGenerator(random_state=plan.seed)
+    else:
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(sampler=TPESampler(seed=plan.seed))
+        # max_t one past the last epoch: a trial that keeps up ends on its own (summary, FINISHED MLflow run).
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=plan.epochs + 1, grace_period=plan.grace_epochs,
+                                   reduction_factor=ASHA_REDUCTION)
+                     if plan.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space=domains,
+        tune_config=tune.TuneConfig(metric=plan.metric, mode="max", search_alg=search, scheduler=scheduler,
+                                    num_samples=plan.trials, max_concurrent_trials=concurrent,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, verbose=1,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
+    """Workers per trial from the cluster, and how many trials fit side by side (each also runs a 0.1-CPU
+    trial driver: on a small CPU machine the workers get what is left, see tuning.py)."""
+    import ray
+
+    from raytrain_yolo.launch import resolve_scaling
+    from raytrain_yolo.tuning import TRIAL_DRIVER_CPU
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
+    s = spec.scaling
+    resolve_scaling(spec)
+    if not s.use_gpu:
+        s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / s.num_workers * 20) / 20)
+        if s.cpus_per_worker <= 0:
+            raise UserError(f"{s.num_workers} workers per trial leave no CPU on this {cpus:g}-CPU cluster: lower --num-workers")
+    fit = gpus // s.num_workers if s.use_gpu else int(cpus // (s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPU))
+    return max(1, min(plan.max_concurrent or fit, plan.trials))
+
+
+def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
+    """Run (or resume) the sweep; write results.parquet, best.yaml, best.pt and map.png under `<storage>/<name>/`."""
+    from raytrain_yolo.launch import connect_ray
+    from raytrain_yolo.tracking import RunTracker
+
+    connect_ray()
+    concurrent = fit_resources(spec, plan)
+    tracker = RunTracker(spec) if spec.tracking.enabled else None
+    if tracker:
+        tracker.start({"hpo/trials": plan.trials, "hpo/scheduler": plan.scheduler, "hpo/metric": plan.metric,
+                       "hpo/space": json.dumps({k: list(d.values) for k, d in plan.space.items()}),
+                       "hpo/space_source": plan.space_source, "hpo/epochs": plan.epochs,
+                       "ray/num_workers": spec.scaling.num_workers, "ray/use_gpu": spec.scaling.use_gpu,
+                       "hpo/max_concurrent": concurrent})
+        spec.tracking.parent_run_id = tracker.run_id
+    try:
+        results = build_tuner(spec, plan, concurrent).fit()
+        rows = [summarize_trial(r, plan) for r in results]
+        rows.sort(key=lambda r: (r["status"] != "finished", -_num(r["best"]), -_num(r["final"])))
+        best = next((r for r in rows if r["status"] == "finished"), None)
+        if tracker:
+            close_trial_runs(spec, rows)
+        paths = write_outputs(spec, plan, rows, best)
+    except BaseException as e:
+        if tracker:
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker:
+        for p in paths.values():
+            tracker.log_artifact(p)
+        tracker.finish("FINISHED")
+    return HpoResult(rows, best, paths)
+
+
+def _num(v) -> float:
+    return float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else -math.inf
+
+
+def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
+    """One row: hyperparameters (the last ones, under PBT), epochs reached, the metric's best and final."""
+    from raytrain_yolo.cli import root_cause
+
+    row: dict[str, Any] = {"trial": Path(result.path).name if result.path else None}
+    row.update({k: _plain(result.config.get(k)) for k in plan.searched})
+    df = result.metrics_dataframe
+    records = [] if df is None else [r for r in df.to_dict("records") if not _missing(r.get("epoch"))]
+    values = [float(r[plan.metric]) for r in records if not _missing(r.get(plan.metric))]
+    row["epochs"] = int(max((r["epoch"] for r in records), default=0))
+    row["epochs_trained"] = len(records)
+    row["metric"] = plan.metric
+    row["best"] = max(values) if values else None
+    row["final"] = values[-1] if values else None
+    row["map50_95_final"] = float(records[-1][MAP_KEY]) if records and not _missing(records[-1].get(MAP_KEY)) else None
+    row["history"] = [[int(r["epoch"]), float(r[plan.metric])] for r in records if not _missing(r.get(plan.metric))]
+    exploits = []
+    for r in records:
+        tag = r.get("exploited")
+        if isinstance(tag, str) and tag and tag not in exploits:
+            exploits.append(tag)
+    row["exploits"] = ", ".join(exploits)
+    row["checkpoint"] = next((r["checkpoint_path"] for r in reversed(records) if r.get("checkpoint_path")), None)
+    if result.error:
+        row["status"], row["reason"] = "failed", root_cause(result.error)[:300]
+    elif row["epochs"] >= plan.epochs:
+        row["status"], row["reason"] = "finished", None
+    else:
+        row["status"] = "stopped early"
+        row["reason"] = f"{plan.scheduler.upper()} stopped it after epoch {row['epochs']} of {plan.epochs}"
+    return row
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def close_trial_runs(spec: RunSpec, rows: list[dict]) -> None:
+    """Trials that Ray stopped or that failed could not end their own MLflow runs: end them with the reason."""
+    from raytrain_yolo.tracking import end_open_run, resolve_uri
+
+    uri = resolve_uri(spec)
+    for r in rows:
+        if r["status"] == "finished" or not r["trial"]:
+            continue
+        status = "FAILED" if r["status"] == "failed" else "FINISHED"
+        end_open_run(uri, spec.tracking.experiment, f"{spec.run_dir}/trials/{r['trial']}", status,
+                     {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r["reason"] or ""})
+
+
+def write_outputs(spec: RunSpec, plan: HpoPlan, rows: list[dict], best: dict | None) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = spec.run_dir
+    cols = ["trial", *plan.searched, "epochs", "epochs_trained", "metric", "best", "final", "map50_95_final",
+            "status", "reason", "exploits", "checkpoint"]
+    table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+    paths = {"results": f"{run_dir}/results.parquet", "plot": f"{run_dir}/map.png", "json": f"{run_dir}/sweep.json"}
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(paths["results"], buf.getvalue().to_pybytes())
+    if best:
+        cfg = trial_config(spec, {k: best[k] for k in plan.searched})
+        note = ("# PBT changed hyperparameters during training: these are the trial's last values, so a run from\n"
+                "# scratch with them is a good start, not a replay of the trial.\n") if plan.scheduler == "pbt" else ""
+        header = (f"# Best of {len(rows)} trials of `python -m raytrain_yolo.tune --objective map` ({spec.name}, "
+                  f"{time.strftime('%Y-%m-%d')}): {best['trial']}, {plan.metric} best {best['best']:.4f}, "
+                  f"final {best['final']:.4f}.\n{note}# Use it as is: python -m raytrain_yolo.fit --config best.yaml\n")
+        paths["best"] = f"{run_dir}/best.yaml"
+        storage.write_text(paths["best"], header + yaml.safe_dump(cfg, sort_keys=False))
+        if best.get("checkpoint"):
+            try:
+                storage.copy_file(f"{best['checkpoint']}/best.pt", f"{run_dir}/best.pt")
+                paths["weights"] = f"{run_dir}/best.pt"
+            except (OSError, FileNotFoundError):
+                pass
+    plot_trials(rows, plan, paths["plot"])
+    storage.write_text(paths["json"], json.dumps({"rows": rows, "best": best}, indent=2, default=str))
+    return paths
+
+
+def plot_trials(rows: list[dict], plan: HpoPlan, path: str) -> None:
+    """The metric per trial over epochs; x where a scheduler stopped a trial, o where PBT restarted one."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        pts = r.get("history") or []
+        if not pts:
+            continue
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["trial"], alpha=0.85)
+        if r["status"] == "stopped early":
+            ax.plot(pts[-1][0], pts[-1][1], marker="x", markersize=10, color=line.get_color())
+        for i in range(1, len(pts)):
+            if pts[i][0] <= pts[i - 1][0] or pts[i][0] > pts[i - 1][0] + 1:  # the epoch counter jumped: exploit
+                ax.plot(pts[i][0], pts[i][1], marker="o", markersize=9, fillstyle="none", color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(plan.metric)
+    ax.set_title(f"{plan.metric} per trial ({plan.scheduler}; x: stopped early, o: PBT exploit)")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def format_table(rows: list[dict], plan: HpoPlan) -> str:
+    keys = plan.searched[:6]
+    head = ["trial", *keys, "epochs", "best", "final", "status"]
+    fmt_v = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    body = [[str(r["trial"]), *(fmt_v(r.get(k)) for k in keys), str(r["epochs"]),
+             f"{r['best']:.4f}" if r["best"] is not None else "-", f"{r['final']:.4f}" if r["final"] is not None else "-",
+             r["status"] + (f" ({r['exploits']})" if r.get("exploits") else "")] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)])
+
+
+def main(ns) -> int:
+    """The body of `tune --objective map` (called by tune.main inside run_main)."""
+    from raytrain_yolo.cli import stop_ray
+
+    spec, plan = plan_from_args(ns)
+    result = run_search(spec, plan)
+    stop_ray()
+    print(format_table(result.rows, plan))
+    for what, path in result.paths.items():
+        print(f"{what:<8} {path}")
+    if result.best is None:
+        print("error: no trial finished its epochs; see the reasons above", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,136 @@
+"""Issue 16: accuracy tuning. Ray Tune searches Ultralytics hyperparameters for the best mAP; every trial is a
+real DDP training run (CPU workers here), tracked in MLflow, resumable, with ASHA or PBT scheduling."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import load_summary, mlflow_runs, run_cli
+
+EPOCHS = 3
+DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
+# lr0=0.5 wrecks a pretrained model within an epoch, 0.002 fine-tunes it: ASHA has something to stop.
+SPACE = {"lr0": {"choices": [0.002, 0.5]}, "fliplr": [0.0, 1.0], "warmup_epochs": 0}
+
+SEED_SCRIPT = """
+import shutil, sys
+from raytrain_yolo.config import SyntheticSpec
+from raytrain_yolo.data import ensure_synthetic
+from ultralytics import YOLO
+data = ensure_synthetic(SyntheticSpec(train=128, val=16, imgsz=64))
+YOLO("yolo26n.yaml").train(data=str(data), imgsz=64, epochs=14, batch=16, nbs=16, optimizer="SGD", lr0=0.02,
+    warmup_epochs=0, workers=0, device="cpu", plots=False, project=sys.argv[2], name="seed", exist_ok=True,
+    seed=0, amp=False, verbose=False)
+shutil.copy(sys.argv[2] + "/seed/weights/last.pt", sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="session")
+def seed_model(synthetic_cache, tmp_path_factory):
+    """A YOLO26n that already finds the shapes a little (mAP50-95 about 0.08), so one epoch tells trials apart:
+    from scratch, every trial scores 0 for the first epochs and ASHA or PBT cannot rank them. Plain
+    Ultralytics, 14 epochs at 64 px (about 40 s on 2 cores), cached with the synthetic data."""
+    path = synthetic_cache / "hpo-seed-yolo26n-64px.pt"
+    if not path.is_file():
+        work = tmp_path_factory.mktemp("seed")
+        proc = subprocess.run([sys.executable, "-c", SEED_SCRIPT, str(path), str(work)], capture_output=True,
+                              text=True, timeout=600, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return path
+
+
+def write_space(tmp_path, space=SPACE):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(space))
+    return p
+
+
+@pytest.fixture(scope="module")
+def asha(tmp_path_factory, seed_model):
+    storage = tmp_path_factory.mktemp("hpo")
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    proc = run_cli(
+        "tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1,
+        "--space", write_space(storage), *DATA, f"epochs={EPOCHS}", f"model={seed_model}",
+        "--storage-path", storage, "--name", "asha", "--tracking-uri", uri, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
+
+
+def test_default_space_is_ultralytics_own():
+    """The default ranges are read from the installed Ultralytics tuner, not remembered."""
+    from ultralytics.engine.tuner import Tuner
+
+    from raytrain_yolo.hpo import ULTRALYTICS_SPACE
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Tuner.__init__)))
+    space = next(n.value.values[-1] for n in ast.walk(tree)
+                 if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "self.space")
+    theirs = {k: list(v[:2]) for k, v in ast.literal_eval(space).items()}
+    assert ULTRALYTICS_SPACE == theirs
+
+
+@pytest.mark.parametrize("space, words", [
+    ({"lr0": [0.1, 0.01]}, ("lr0", "min < max")),
+    ({"lr00": [0.0, 0.1]}, ("lr00", "did you mean 'lr0'")),
+    ({"fliplr": [0.0, 2.0]}, ("fliplr", "between 0.0 and 1.0")),
+    ({"epochs": [1, 5]}, ("epochs", "epochs=N")),
+])
+def test_bad_space_is_one_line_before_ray_starts(tmp_path, space, words):
+    proc = run_cli("tune", "--objective", "map", "--space", write_space(tmp_path, space), "--storage-path", tmp_path,
+                   "--no-tracking", timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_asha_stops_a_lagging_trial_early(asha):
+    proc, storage, _, rows = asha
+    assert len(rows) == 3 and {r["metric"] for r in rows} == {"fitness"}
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["epochs"] < EPOCHS and "ASHA" in r["reason"] for r in stopped)
+    assert sum(r["epochs_trained"] for r in rows) < 3 * EPOCHS
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert finished and all(r["epochs"] == EPOCHS for r in finished)
+    assert all(r["lr0"] in (0.002, 0.5) and 0.0 <= r["fliplr"] <= 1.0 for r in rows)
+    best = max(finished, key=lambda r: r["best"])
+    assert best["lr0"] == 0.002 and best["best"] > 0 and rows[0]["trial"] == best["trial"]
+    assert (storage / "asha" / "map.png").stat().st_size > 1000
+    assert "stopped early" in proc.stdout
+
+
+def test_best_yaml_reproduces_the_best_trial(asha, tmp_path):
+    _, storage, _, rows = asha
+    best = rows[0]
+    cfg = yaml.safe_load((storage / "asha" / "best.yaml").read_text())
+    assert cfg["train"]["lr0"] == best["lr0"] and cfg["train"]["warmup_epochs"] == 0
+    assert (storage / "asha" / "best.pt").stat().st_size > 100_000
+    proc = run_cli("fit", "--config", storage / "asha" / "best.yaml", "--storage-path", tmp_path, "--name", "again",
+                   "--no-tracking")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = load_summary(tmp_path, "again")
+    assert round(s["metrics"]["metrics/mAP50-95(B)"], 3) == round(best["map50_95_final"], 3)
+
+
+def test_mlflow_parent_and_one_finished_nested_run_per_trial(asha):
+    _, _, uri, rows = asha
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["hpo/scheduler"] == "asha"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {r["trial"] for r in rows}
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    for r in rows:
+        if r["status"] == "stopped early":
+            assert children[r["trial"]].data.tags["raytrain_yolo.status"] == "stopped early"
