@@ -15,6 +15,9 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
   (every YOLO26 detect parameter gets a gradient each step; checked in tests/test_gpu_path.py); on GPUs
   Ultralytics' own wrap is redone the same way;
 - with `--trace-samples`, `preprocess_batch` notes the files of every batch the loop really trained on;
+- datasets (and their `labels/*.cache`) are built by global rank 0 first, then by the others, which read its
+  cache: Ultralytics' guard is per node (each node's local rank 0 writes), so on a dataset shared by several
+  nodes every node would write the same cache file at once;
 - `final_eval` is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on every
   node; the per-epoch validation (distributed across ranks) already gives the final metrics;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
@@ -26,11 +29,13 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.models import yolo
 from ultralytics.utils import RANK, WORLD_SIZE
+from ultralytics.utils.torch_utils import torch_distributed_zero_first
 
 # Ultralytics integrations that would duplicate what raytrain_yolo does itself.
 _DUPLICATE_CALLBACK_MODULES = ("ultralytics.utils.callbacks.mlflow", "ultralytics.utils.callbacks.raytune")
@@ -106,6 +111,13 @@ class RayTrainerMixin:
         if self.traced_files is not None:
             self.traced_files.extend(batch["im_file"])
         return super().preprocess_batch(batch)
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        """Global rank 0 builds the dataset (and writes its label cache) before any other rank on any node."""
+        if rank == -1 or not (dist.is_available() and dist.is_initialized()):
+            return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+        with torch_distributed_zero_first(RANK):  # RANK, not LOCAL_RANK: one writer per cluster
+            return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
     def final_eval(self):
         """Skipped under Ray: see the module docstring."""

@@ -46,6 +46,15 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     ray_g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
                        help="wait this long for an autoscaling cluster to have the workers' CPUs/GPUs "
                        "(default 0: a request the cluster cannot meet fails at once)")
+    ray_g.add_argument("--process-group-timeout", type=float, metavar="SECONDS",
+                       help="how long ranks wait for each other in a collective, e.g. while rank 0 builds the label "
+                       "cache of a large dataset (default 10800, Ultralytics' 3 hours)")
+    ray_g.add_argument("--resize-check", type=float, metavar="SECONDS",
+                       help="with --num-workers MIN-MAX: how often Ray Train checks whether more workers fit, to "
+                       "grow the worker group back from the latest checkpoint (default 60)")
+    ray_g.add_argument("--allow-node-local", action="store_true",
+                       help="on a multi-node cluster, skip the check that every node sees --storage-path, a "
+                       "file-based tracking store and data= (for paths that only look node-local)")
     ray_g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept: the best N by fitness plus the latest (default 2)")
 
     trk = p.add_argument_group("MLflow tracking")
@@ -96,6 +105,8 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         ("scaling", "num_workers"): ns.num_workers[1] if isinstance(ns.num_workers, tuple) else None,
         ("scaling", "use_gpu"): ns.use_gpu,
         ("scaling", "cpus_per_worker"): ns.cpus_per_worker,
+        ("scaling", "pg_timeout_s"): ns.process_group_timeout,
+        ("scaling", "resize_check_s"): ns.resize_check,
         ("tracking", "uri"): ns.tracking_uri,
         ("tracking", "experiment"): ns.experiment,
         ("tracking", "register_model"): ns.register_model,
@@ -117,6 +128,8 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         spec.tracking.enabled = False
     if ns.allow_bad_labels:
         spec.allow_bad_labels = True
+    if ns.allow_node_local:
+        spec.allow_node_local = True
     return spec
 
 

@@ -66,6 +66,10 @@ class ScalingSpec:
     min_workers: int | None = None  # elastic: keep training on as few as this many workers (Ray Train V2)
     use_gpu: bool | None = None
     cpus_per_worker: float = 1.0
+    # Ultralytics' own 3 h, not torch's 30 min: ranks wait in a barrier while rank 0 builds the label cache
+    # (or cache=ram) of a large dataset, which takes longer than 30 minutes on big datasets.
+    pg_timeout_s: float = 10800
+    resize_check_s: float = 60  # elastic: how often Ray Train looks for room to grow the worker group back
 
     @property
     def backend(self) -> str:
@@ -100,6 +104,7 @@ class RunSpec:
     keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
     resource_wait_s: float = 0  # >0: wait this long for an autoscaling cluster to have the resources
     allow_bad_labels: bool = False  # let Ultralytics skip images whose labels are malformed
+    allow_node_local: bool = False  # skip the check that every node sees --storage-path, the tracking store, data=
     validate_untrained: bool | None = None  # None: only for the synthetic dataset
     trace_samples: bool = False  # record each rank's sample indices per epoch (debugging, tests)
     window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytrain_yolo import preflight, storage
+from raytrain_yolo import datasync, preflight, storage
 from raytrain_yolo.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
 from raytrain_yolo.tracking import RunTracker, check_reachable, resolve_uri
 
 # Environment every worker gets (unless the user set it): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
-WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR")
+WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 LOCAL_CPU_WORKERS = 2
 
 
@@ -119,6 +119,10 @@ def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     spec.storage_path = storage.normalise(spec.storage_path)
     if spec.keep_checkpoints < 1:
         raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")
+    if spec.scaling.pg_timeout_s <= 0:
+        raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
+    if spec.scaling.resize_check_s < 0:
+        raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
     if spec.max_failures < -1:
         raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
     train_args = resolve_train_args(spec)
@@ -127,8 +131,12 @@ def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     task = preflight.check_model(train_args["model"], train_args.get("task"))
     check_loader(spec.loader, task, train_args)
     if not spec.is_synthetic:
-        train_args["data"] = str(Path(train_args["data"]).expanduser().resolve())
-        preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
+        data = str(train_args["data"])
+        if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy
+            preflight.check_data(datasync.localize(data), task, spec.allow_bad_labels)
+        else:
+            train_args["data"] = str(Path(data).expanduser().resolve())
+            preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
     if str(train_args["model"]).endswith(".pt"):
         train_args["model"] = str(Path(train_args["model"]).resolve())
     storage.check_writable(spec.run_dir)
@@ -143,7 +151,17 @@ def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     connect_ray()
     resolve_scaling(spec)
     check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
+    preflight.check_nodes(spec, data,
+                          resolve_uri(spec) if spec.tracking.enabled else None, worker_env())
     return spec, train_args, task
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: our defaults (unless the user set them) and a few of the driver's."""
+    env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
+    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
+    return env
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None):
@@ -153,14 +171,13 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
     from raytrain_yolo.worker import train_loop_per_worker
 
     s = spec.scaling
-    env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
-    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking},
-        torch_config=TorchConfig(backend=s.backend),
+        torch_config=TorchConfig(backend=s.backend, timeout_s=int(s.pg_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker},
         ),
@@ -174,7 +191,7 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
                 checkpoint_score_attribute="fitness" if train_args.get("val", True) else None,
                 checkpoint_score_order="max",
             ),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=callbacks,
         ),
     )
@@ -238,6 +255,8 @@ def untrained_metrics(spec: RunSpec, train_args: dict[str, Any], task: str = "de
     from raytrain_yolo.data import ensure_synthetic
 
     data = str(ensure_synthetic(spec.synthetic, task)) if spec.is_synthetic else train_args["data"]
+    if storage.is_uri(data):
+        data = datasync.localize(data)
     model = YOLO(train_args["model"])
     metrics = model.val(
         data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0
@@ -260,11 +279,11 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     ret = result.return_value or {}
     history = ret.get("history", [])
     final = history[-1] if history else {}
-    ckpt_dir = result.checkpoint.path if result.checkpoint else None
+    ckpt_dir = storage.as_uri(result.checkpoint.path, spec.storage_path) if result.checkpoint else None
 
     def pick(name: str) -> str | None:
         path = f"{ckpt_dir}/{name}" if ckpt_dir else None
-        return path if path and (storage.is_uri(path) or Path(path).is_file()) else None
+        return path if path and storage.is_file(path) else None
 
     summary = {
         "name": spec.name,
@@ -283,7 +302,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
         "images_per_second": ret.get("images_per_second"),
         "best_checkpoint": pick("best.pt"),
         "last_checkpoint": pick("last.pt"),
-        "ray_result_path": result.path,
+        "ray_result_path": storage.as_uri(result.path, spec.storage_path),
         "ultralytics_dir": ret.get("save_dir"),
         "train_args": train_args,
         "workers": ret.get("workers"),

@@ -259,3 +259,128 @@ def check_metric(name: str, task: str) -> str:
         if name in (full, full.removeprefix("metrics/"), full.removeprefix("metrics/").removesuffix("(B)")):
             return full
     raise UserError(f"--metric {name} is not a {task} validation metric: use one of {', '.join(names)}")
+
+
+# --- a cluster of several nodes: what every node must see ------------------------------------------------
+
+NODE_PROBE_TIMEOUT_S = 120  # a node starts a Ray worker process for the probe: seconds on a busy node
+
+
+def local_path_of_tracking(uri: str | None) -> str | None:
+    """The folder a file-based MLflow store lives in (sqlite:///x/mlflow.db, file:///x), else None."""
+    if not uri:
+        return None
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent)
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None
+
+
+def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: list[str], backend: str) -> dict:
+    """Runs on one node as a Ray task: which of the driver's files it sees, and whether it can use the run's
+    object-store paths."""
+    import os
+    import socket
+
+    import ray
+
+    from raytrain_yolo import storage
+
+    seen = {}
+    for what, path in probes.items():
+        try:
+            seen[what] = Path(path).read_text() == token
+        except OSError:
+            seen[what] = False
+    unwritable = None
+    for d in uri_dirs:
+        probe = f"{d}/.node-probe-{token}-{socket.gethostname()}"
+        try:
+            storage.write_text(probe, "ok")
+            storage.delete(probe)
+        except OSError as e:
+            unwritable = f"{d} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+    host = socket.gethostname()
+    try:
+        loopback = socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        loopback = True
+    return {
+        "ip": ray.util.get_node_ip_address(),
+        "host": host,
+        "seen": seen,
+        "data": data is None or Path(data).is_file(),
+        "unwritable": unwritable,
+        "gloo_loopback": backend == "gloo" and loopback and not os.environ.get("GLOO_SOCKET_IFNAME"),
+    }
+
+
+def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str, str] | None = None) -> list[dict]:
+    """On a cluster of more than one node, refuse before training what only one node's disk holds.
+
+    The driver writes a probe file into --storage-path and next to a file-based tracking store; a small Ray task
+    on every other node reads it back (and tries object-store paths, and looks for data=), in the environment
+    the training workers get (`env`). Returns what each node answered; [] on a single node.
+    `--allow-node-local` skips it.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytrain_yolo import storage
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others or spec.allow_node_local:
+        return []
+    token = uuid.uuid4().hex
+    probes, made = {}, []
+    places = {"storage": None if storage.is_uri(spec.storage_path) else spec.run_dir,
+              "tracking": local_path_of_tracking(tracking_uri)}
+    for what, folder in places.items():
+        if folder:
+            path = Path(folder) / f".node-probe-{token}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(token)
+            probes[what], made = str(path), [*made, path]
+    uri_dirs = [spec.run_dir] if storage.is_uri(spec.storage_path) else []
+    task = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env or {}})(probe_node)
+    refs = {n["NodeManagerAddress"]: task.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+    ).remote(probes, token, data, uri_dirs, spec.scaling.backend) for n in others}
+    try:
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=NODE_PROBE_TIMEOUT_S)
+        late = [ip for ip, ref in refs.items() if ref not in ready]
+        if late:
+            raise UserError(f"Ray node {late[0]} did not answer a {NODE_PROBE_TIMEOUT_S} s probe task: check that "
+                            "node (`ray status`), or pass --allow-node-local to skip the check")
+        answers = ray.get(list(refs.values()))
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+    skip = " (--allow-node-local skips this check)"
+    for a in answers:
+        node = f"node {a['ip']} ({a['host']})"
+        if "storage" in a["seen"] and not a["seen"]["storage"]:
+            raise UserError(
+                f"--storage-path {spec.storage_path} is not shared: {node} cannot see it. On a multi-node cluster "
+                "use an object store (--storage-path s3://bucket/prefix) or a filesystem every node mounts at "
+                f"the same path{skip}")
+        if "tracking" in a["seen"] and not a["seen"]["tracking"]:
+            raise UserError(
+                f"the MLflow store {tracking_uri} is a file that {node} cannot see, and rank 0 may run there: use a "
+                f"tracking server every node reaches (--tracking-uri http://HOST:5000) or --no-tracking{skip}")
+        if a["unwritable"]:
+            raise UserError(f"{node} cannot write to --storage-path {a['unwritable']}: give every node the same "
+                            f"credentials and endpoint (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...){skip}")
+        if not a["data"]:
+            raise UserError(f"data={data} is not on {node}: put the dataset on a filesystem every node mounts at "
+                            f"the same path{skip}")
+        if a["gloo_loopback"]:
+            raise UserError(
+                f"{node}: its host name {a['host']} resolves to a loopback address, so gloo would connect the "
+                "ranks to 127.0.0.1: set GLOO_SOCKET_IFNAME to the network interface of the node's IP on every "
+                f"node, or fix the host name's address{skip}")
+    return answers

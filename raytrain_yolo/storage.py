@@ -19,6 +19,21 @@ def normalise(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+def as_uri(path: str, storage_path: str) -> str:
+    """Ray reports paths inside its pyarrow filesystem (`bucket/runs/x` for `s3://bucket/runs`): put the scheme back."""
+    if is_uri(storage_path) and not is_uri(path):
+        return f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
+
+
+def is_file(path: str) -> bool:
+    fs, p = _fs(path)
+    try:
+        return fs.get_file_info(p).type == pafs.FileType.File
+    except OSError:
+        return False
+
+
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
@@ -70,3 +85,8 @@ def upload_dir(local: str, dst: str) -> None:
     fs, p = _fs(dst)
     fs.create_dir(p, recursive=True)
     pafs.copy_files(local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def delete(path: str) -> None:
+    fs, p = _fs(path)
+    fs.delete_file(p)

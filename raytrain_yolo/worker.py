@@ -19,6 +19,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import ray.util
 import torch
 import torch.distributed as dist
 
@@ -222,6 +223,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     args = dict(config["train_args"])
     if spec.is_synthetic:
         args["data"] = str(ensure_synthetic(spec.synthetic, config["task"]))
+    elif "://" in args["data"]:  # object storage: this node's local copy, made once per node
+        from raytrain_yolo.datasync import localize
+
+        args["data"] = localize(args["data"])
     elif not Path(args["data"]).is_file():
         raise FileNotFoundError(
             f"data={args['data']} exists on the driver but not on node {socket.gethostname()}: put the dataset "
@@ -266,6 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     facts = {
         "rank": rank,
         "host": socket.gethostname(),
+        "node_ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
         "device": str(trainer.device),
         "loss_scale": trainer.world_size,

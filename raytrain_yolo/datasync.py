@@ -1,0 +1,81 @@
+"""A dataset in object storage (`data=s3://bucket/prefix/data.yaml`), copied once to each node's local disk.
+
+Ultralytics reads images and labels from local files, many times per epoch. So each node copies the folder
+that holds `data.yaml` into its node-local cache (`$RAYTRAIN_YOLO_CACHE/datasets/`, else
+`~/.cache/raytrain_yolo/datasets/`) with pyarrow's filesystems (the ones Ray Train uses for checkpoints):
+- one copier per node: the first worker takes a file lock, the others on that node wait for it;
+- reused on the next run when nothing changed: the copy keeps the listing (paths, sizes, modification times)
+  it was made from, and a new listing that matches it means no download.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import yaml
+
+from raytrain_yolo.data import cache_root
+from raytrain_yolo.errors import UserError
+
+LISTING = ".raytrain-listing.json"
+
+
+def _listing(fs: pafs.FileSystem, root: str) -> dict[str, list]:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root):].lstrip("/"): [i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File}
+
+
+def localize(uri: str) -> str:
+    """The local path of `data.yaml` for a dataset URI, downloading it first if this node has no current copy."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        root = path.rsplit("/", 1)[0]
+        listing = _listing(fs, root)
+    except FileNotFoundError:
+        listing = {}
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"data={uri} cannot be listed ({first}): check the URI and the credentials "
+                        "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+    name = path.rsplit("/", 1)[1]
+    if name not in listing:
+        raise UserError(f"data={uri} not found: pass the URI of an existing YOLO data.yaml")
+    dest = cache_root() / "datasets" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one copier per node; the others wait here and then reuse its copy
+        try:
+            if _read_listing(dest) != listing:
+                _download(fs, root, dest, listing)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(dest / name)
+
+
+def _read_listing(dest: Path) -> dict | None:
+    try:
+        return json.loads((dest / LISTING).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _download(fs: pafs.FileSystem, root: str, dest: Path, listing: dict) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        for yml in [p for p in tmp.iterdir() if p.suffix in (".yaml", ".yml")]:
+            cfg = yaml.safe_load(yml.read_text())
+            if isinstance(cfg, dict) and "path" in cfg:  # point Ultralytics at the copy, not the bucket
+                cfg["path"] = str(dest)
+                yml.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (tmp / LISTING).write_text(json.dumps(listing))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Issue 13: data=s3://.../data.yaml is copied to the node's local disk once, reused while unchanged, and copied
+again when the bucket changes. A real S3 API (moto's standalone server on 127.0.0.1), no Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, wait_for
+from raytrain_yolo.config import SyntheticSpec
+from raytrain_yolo.data import ensure_synthetic
+
+MOTO = Path(sys.executable).parent / "moto_server"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    if not MOTO.exists():
+        pytest.skip("needs moto_server (pip install -e '.[test]')")
+    port = free_port()
+    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        import boto3
+
+        client = boto3.client("s3")
+
+        def bucket_made():
+            try:
+                client.create_bucket(Bucket="datasets")
+                return True
+            except Exception:  # noqa: BLE001 - the server is still starting
+                return False
+
+        wait_for(bucket_made, 60, what="moto_server")
+        yield client
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def upload(client, src: Path, prefix: str) -> None:
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix != ".cache":
+            client.upload_file(str(f), "datasets", f"{prefix}/{f.relative_to(src)}")
+
+
+def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
+    from raytrain_yolo.datasync import localize
+    from raytrain_yolo.preflight import check_data
+
+    monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
+    src = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)).parent
+    upload(s3, src, "shapes")
+    uri = "s3://datasets/shapes/data.yaml"
+
+    # Several workers of one node at once: one copies, the others wait for it, all get the same copy.
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(localize(uri))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1
+    local = Path(paths[0])
+    assert local.is_relative_to(tmp_path / "node-cache")
+    check_data(str(local), "detect")  # a complete YOLO dataset whose path: points at the copy
+    image = next((local.parent / "images" / "train").iterdir())
+    stamp = image.stat().st_mtime_ns
+
+    assert localize(uri) == str(local) and image.stat().st_mtime_ns == stamp, "unchanged: reused, not copied"
+
+    s3.put_object(Bucket="datasets", Key="shapes/labels/train/000000.txt", Body=b"0 0.5 0.5 0.2 0.2\n")
+    assert localize(uri) == str(local)
+    assert (local.parent / "labels" / "train" / "000000.txt").read_text() == "0 0.5 0.5 0.2 0.2\n", "refreshed"
+
+
+def test_missing_dataset_is_one_line(s3, tmp_path, monkeypatch):
+    from raytrain_yolo.datasync import localize
+    from raytrain_yolo.errors import UserError
+
+    monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
+    with pytest.raises(UserError, match="not found"):
+        localize("s3://datasets/nothing-here/data.yaml")
