@@ -212,6 +212,7 @@ def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
         untrained = untrained_metrics(spec, train_args, task) if _want_untrained(spec) else None
         trainer = build_trainer(spec, train_args, task, tracking, callbacks)
         result = trainer.fit()
+        drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
         if tracker:
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
@@ -224,6 +225,22 @@ def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
     if tracker:
         tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
     return LaunchResult(spec, summary, path)
+
+
+def drop_unregistered_checkpoints(run_dir: str) -> None:
+    """Delete checkpoint folders Ray never registered: uploads cut short when a worker or node died.
+
+    After that, the checkpoints under the run are exactly the ones Ray reports (its snapshot lists them)."""
+    text = storage.read_text(f"{run_dir}/checkpoint_manager_snapshot.json")
+    if not text:
+        return
+    state = json.loads(text)
+    kept = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results") or []}
+    if latest := state.get("latest_checkpoint_result"):
+        kept.add(latest["checkpoint_dir_name"])
+    for name in storage.list_dirs(run_dir, prefix="checkpoint_"):
+        if name not in kept:
+            storage.delete_dir(f"{run_dir}/{name}")
 
 
 def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str, Any]:

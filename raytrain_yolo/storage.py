@@ -90,3 +90,18 @@ def upload_dir(local: str, dst: str) -> None:
 def delete(path: str) -> None:
     fs, p = _fs(path)
     fs.delete_file(p)
+
+
+def list_dirs(path: str, prefix: str = "") -> list[str]:
+    """Names of the folders directly under `path` whose names start with `prefix`."""
+    fs, p = _fs(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    except OSError:
+        return []
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
+
+
+def delete_dir(path: str) -> None:
+    fs, p = _fs(path)
+    fs.delete_dir(p)

@@ -153,17 +153,14 @@ def registered_checkpoints(cluster, name: str) -> int:
     return len(snapshot.get("checkpoint_results") or [])
 
 
-def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(cluster):
-    """--num-workers 1-2 --max-failures 1: node 2 dies after the first checkpoint (every process in it is
-    killed), training goes on with one worker on node 1 and grows back to two when node 2 returns. Every epoch
-    is then in results.csv, the summary and MLflow exactly once, in one FINISHED run."""
-    name, epochs = "elastic", 6
-    log = cluster.dir / "elastic.log"
+def run_losing_node_2(cluster, name: str, epochs: int, *flags, wait_before_return: str | None = None) -> str:
+    """Start a fit, kill worker node 2 (every process in it) after the first checkpoint, bring it back (once
+    `wait_before_return` shows in the driver's log, if given) and wait for the fit; return the driver's log."""
+    log = cluster.dir / f"{name}.log"
     fit = cluster.start_on_head(
         sys.executable, "-m", "raytrain_yolo.fit", "--cpu", "--synthetic-train", 32, "--synthetic-val", 8,
-        f"epochs={epochs}", "imgsz=64", "--num-workers", "1-2", "--max-failures", 1, "--resize-check", 5,
-        "--storage-path", f"s3://{BUCKET}/runs", "--name", name, "--tracking-uri", cluster.tracking_uri,
-        log_path=log)
+        f"epochs={epochs}", "imgsz=64", *flags, "--storage-path", f"s3://{BUCKET}/runs", "--name", name,
+        "--tracking-uri", cluster.tracking_uri, log_path=log)
     try:
         wait_for(lambda: registered_checkpoints(cluster, name) >= 1 or fit.poll() is not None, 600,
                  what="the first checkpoint")
@@ -171,8 +168,9 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
         before = len(log.read_text())
         down = cluster.script("node-down", "2")
         assert down.returncode == 0, down.stderr
-        wait_for(lambda: ONE_WORKER in log.read_text()[before:] or fit.poll() is not None, 300,
-                 what="training to go on with one worker")
+        if wait_before_return:
+            wait_for(lambda: wait_before_return in log.read_text()[before:] or fit.poll() is not None, 300,
+                     what=wait_before_return)
         up = cluster.script("node-up", "2")
         assert up.returncode == 0, up.stderr[-2000:]
         rc = fit.wait(timeout=600)
@@ -181,20 +179,48 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
             os.killpg(fit.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 0, text[-4000:]
+    return text
+
+
+def check_every_epoch_once(cluster, name: str, epochs: int) -> dict:
+    """After a restart: each epoch once in the summary, results.csv and MLflow, one FINISHED run, and the
+    checkpoints in the object store are the ones Ray reports."""
     s = s3_summary(cluster, name)
-    assert s["epochs_completed"] == epochs
+    assert s["epochs_completed"] == epochs and not s["error"]
     assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
     assert s["resumed_from_epoch"] and s["resumed_from_epoch"] >= 1, "the restart resumed from a checkpoint"
-    rows = list(csv.DictReader(io.StringIO(cluster.s3_text(BUCKET, s["last_checkpoint"][len(f"s3://{BUCKET}/"):]
-                                                         .replace("last.pt", "results.csv")))))
+    last = s["last_checkpoint"][len(f"s3://{BUCKET}/"):]
+    rows = list(csv.DictReader(io.StringIO(cluster.s3_text(BUCKET, last.replace("last.pt", "results.csv")))))
     assert [int(float(r["epoch"])) for r in rows] == list(range(1, epochs + 1))
     client, runs = mlflow_runs(cluster.tracking_uri)
     mine = [r for r in runs if r.info.run_name == name]
-    assert len(mine) == 1 and mine[0].info.status == "FINISHED"
+    assert len(mine) == 1 and mine[0].info.status == "FINISHED" and mine[0].info.run_id == s["mlflow_run_id"]
     for key in ("lr/pg0", "metrics/mAP50B", "train/box_loss"):
         steps = [m.step for m in client.get_metric_history(mine[0].info.run_id, key)]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    snapshot = json.loads(cluster.s3_text(BUCKET, f"runs/{name}/checkpoint_manager_snapshot.json"))
+    reported = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    stored = {k.split("/")[2] for k in cluster.s3_keys(BUCKET, f"runs/{name}/checkpoint_")}
+    assert stored == reported and last.split("/")[2] in reported, (stored, reported)
+    return s
+
+
+def test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns(cluster):
+    """--num-workers 2 --max-failures 1: node 2 dies after the first checkpoint; Ray waits for two workers,
+    node 2 comes back, and the run resumes on both nodes from the checkpoint."""
+    run_losing_node_2(cluster, "fixed", 3, "--num-workers", 2, "--max-failures", 1)
+    check_two_nodes(cluster, check_every_epoch_once(cluster, "fixed", 3))
+
+
+def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(cluster):
+    """--num-workers 1-2 --max-failures 1: node 2 dies after the first checkpoint, training goes on with one
+    worker on node 1 (its batch doubles: the global batch stays 16), and grows back to two when node 2
+    returns (Ray looks every --resize-check seconds)."""
+    text = run_losing_node_2(cluster, "elastic", 6, "--num-workers", "1-2", "--max-failures", 1,
+                             "--resize-check", 5, wait_before_return=ONE_WORKER)
     assert ONE_WORKER in text, "training went on with one worker while node 2 was down"
+    s = check_every_epoch_once(cluster, "elastic", 6)
+    print(f"elastic run: final world size {s['world_size']}, resumed from epoch {s['resumed_from_epoch']}")
     if s["world_size"] == 2:  # node 2 came back before the last epoch: the group grew back
         check_two_nodes(cluster, s)
     else:
