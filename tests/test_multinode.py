@@ -109,6 +109,24 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "is not on node" in last, proc.stderr[-2000:]
 
+    # The shared folder passes, asked from every node: storage and an sqlite store there.
+    shared = cluster.shared
+    probe = cluster.on_head(sys.executable, "-c", f"""
+import json, ray
+from raytrain_yolo.config import RunSpec
+from raytrain_yolo.preflight import check_nodes
+ray.init(address="auto", logging_level="ERROR")
+spec = RunSpec(storage_path="{shared}/runs", name="probe")
+answers = check_nodes(spec, None, "sqlite:///{shared}/mlflow.db")
+spec.allow_node_local = True
+print(json.dumps([answers, check_nodes(spec, None, None)]))
+""", timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    answers, skipped = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert {a["ip"] for a in answers} == {cluster.node_ip(1), cluster.node_ip(2)}  # every node but the driver's
+    assert all(a["seen"] == {"storage": True, "tracking": True} for a in answers), answers
+    assert skipped == [], "--allow-node-local skips the check"
+
 
 def test_ray_job_submit_ships_the_code_data_on_the_shared_folder(cluster, tmp_path):
     """`ray job submit --working-dir .` from outside the cluster: Ray ships this checkout to the head and the
