@@ -72,7 +72,6 @@ def check_writable(run_dir: str) -> None:
         raise UserError(f"cannot write to --storage-path {run_dir} ({first}): choose a writable path") from None
 
 
-
 def copy_file(src: str, dst: str) -> None:
     """One file from a path or URI to another (a trial's best.pt next to the sweep's results)."""
     fs, p = _fs(src)
