@@ -207,7 +207,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
 
     hyp = {k: _plain(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
-    spec, exploited = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
+    spec, exploited, reported = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
 
@@ -217,6 +217,11 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
         except BaseException as e:  # noqa: BLE001 - handed to the trial's thread below
             outcome["error"] = e
 
+    def report(metrics: dict, path: str | None) -> None:
+        out = {k: _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float, str))}
+        out.update(checkpoint_path=path or "", train_run=spec.name, exploited=exploited)
+        tune.report(out, checkpoint=tune.Checkpoint(path) if path and sweep["scheduler"] == "pbt" else None)
+
     thread = threading.Thread(target=train, name="hpo-trial-train", daemon=True)
     thread.start()
     while thread.is_alive() or not queue.empty():
@@ -224,18 +229,28 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
             metrics, path = queue.get(timeout=1.0)
         except Empty:
             continue
-        report = {k: _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float, str))}
-        report.update(checkpoint_path=path or "", train_run=spec.name, exploited=exploited)
-        ckpt = tune.Checkpoint(path) if path and sweep["scheduler"] == "pbt" else None
-        tune.report(report, checkpoint=ckpt)
+        if reported is not None and path:  # epochs trained after Tune paused the trial: Tune never saw them
+            state = json.loads(storage.read_text(f"{path}/raytrain_state.json") or "{}")
+            for h in state.get("history", []):
+                if reported < h["epoch"] < metrics["epoch"]:
+                    report(h, None)
+        reported = None
+        report(metrics, path)
+    summary = outcome.get("summary") or {}
+    if reported is not None:  # the run had finished before Tune paused the trial: report what Tune missed
+        ckpt_dir = str(Path(summary["last_checkpoint"]).parent) if summary.get("last_checkpoint") else None
+        late = [h for h in summary.get("history", []) if h["epoch"] > reported]
+        for i, h in enumerate(late):
+            report(h, ckpt_dir if i == len(late) - 1 else None)
     if "error" in outcome:
         raise outcome["error"]
-    if outcome.get("summary", {}).get("error"):
+    if summary.get("error"):
         raise RuntimeError(outcome["summary"]["error"])
 
 
-def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> tuple[RunSpec, str]:
-    """The trial's RunSpec (exactly what best.yaml would run) and, after a PBT exploit, `donor@epoch`.
+def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> tuple[RunSpec, str, int | None]:
+    """The trial's RunSpec (exactly what best.yaml would run); after a PBT exploit, `donor@epoch`; when it
+    resumes its own run from a Tune checkpoint, the last epoch Tune has seen.
 
     A trial's Ray Train runs are `<trial>` and, after each exploit, `<trial>-e<epoch>-from-<donor>`, seeded
     from the donor's checkpoint. A Tune checkpoint of the trial's own run means: resume that run.
@@ -247,21 +262,21 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     spec.storage_path, spec.name = trials_dir, name
     spec.validate_untrained = False
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
-    exploited = ""
+    exploited, reported = "", None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         local = Path(ckpt.to_directory())
         state = json.loads((local / "raytrain_state.json").read_text())
         run = state.get("run", name)
         if run == name or run.startswith(name + "-"):
-            spec.name = run
+            spec.name, reported = run, int(state["epoch"])
         else:
             donor, epoch = run.split("-", 1)[0], int(state["epoch"])
             spec.name = f"{name}-e{epoch}-from-{donor}"
             spec.resume_from = f"{trials_dir}/{spec.name}-seed"
             reseed_checkpoint(local, {k: v for k, v in hyp.items()}, spec.resume_from)
             exploited = f"{donor}@{epoch}"
-    return spec, exploited
+    return spec, exploited, reported
 
 
 def reseed_checkpoint(local: Path, hyp: dict[str, Any], dest: str) -> None:
@@ -354,7 +369,8 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
                                     num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, verbose=1,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                  # PBT may clone any trial's checkpoint it saw at a perturbation: keep them all.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
 
 
@@ -422,8 +438,12 @@ def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
 
     row: dict[str, Any] = {"trial": Path(result.path).name if result.path else None}
     row.update({k: _plain(result.config.get(k)) for k in plan.searched})
-    df = result.metrics_dataframe
-    records = [] if df is None else [r for r in df.to_dict("records") if not _missing(r.get("epoch"))]
+    records, seen = [], set()
+    for r in _progress(result):  # an epoch of one Train run once, also if a restore reported it again
+        key = (r.get("epoch"), r.get("train_run"))
+        if not _missing(r.get("epoch")) and key not in seen:
+            seen.add(key)
+            records.append(r)
     values = [float(r[plan.metric]) for r in records if not _missing(r.get(plan.metric))]
     row["epochs"] = int(max((r["epoch"] for r in records), default=0))
     row["epochs_trained"] = len(records)
@@ -447,6 +467,28 @@ def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
         row["status"] = "stopped early"
         row["reason"] = f"{plan.scheduler.upper()} stopped it after epoch {row['epochs']} of {plan.epochs}"
     return row
+
+
+def _progress(result) -> list[dict[str, Any]]:
+    """Every result the trial reported, in order, from its progress.csv. (After PBT restored a trial from
+    a checkpoint, Tune's `metrics_dataframe` holds only the results since.)"""
+    import csv
+    import io
+
+    text = storage.read_text(f"{result.path}/progress.csv") if result.path else None
+    if not text:
+        df = result.metrics_dataframe
+        return [] if df is None else df.to_dict("records")
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        row: dict[str, Any] = {}
+        for k, v in raw.items():
+            try:
+                row[k] = float(v) if v != "" else None
+            except (TypeError, ValueError):
+                row[k] = v
+        rows.append(row)
+    return rows
 
 
 def _missing(v) -> bool:

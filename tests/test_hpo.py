@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import load_summary, mlflow_runs, run_cli
+from conftest import ROOT, load_summary, mlflow_runs, run_cli, start_cli, wait_for
+import test_cluster
+from test_faults import registered_checkpoint
+
+cluster_head = test_cluster.head  # a fixture: the Ray head with token authentication that test_cluster.py starts
 
 EPOCHS = 3
 DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
@@ -134,3 +141,116 @@ def test_mlflow_parent_and_one_finished_nested_run_per_trial(asha):
     for r in rows:
         if r["status"] == "stopped early":
             assert children[r["trial"]].data.tags["raytrain_yolo.status"] == "stopped early"
+
+
+def tune_statuses(run_dir) -> dict[str, str]:
+    """Trial name -> status, as Tune's last experiment snapshot on disk records it."""
+    out = {}
+    for f in run_dir.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for t in data.get("trial_data", []):
+            trial = json.loads(t[0])
+            out[f"trial_{trial['trial_id']}"] = trial["status"]
+    return out
+
+
+def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path):
+    """Two trials of 2-worker DDP runs, one after the other; the driver (and the local Ray it started) dies
+    while the second trains. The same command restores the Tune experiment: the first trial is not run
+    again, the second resumes from its Ray Train checkpoint, and MLflow has each epoch once."""
+    epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 2, "--trials", 2, "--max-concurrent", 1,
+           "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
+           "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
+    run_dir = tmp_path / "again"
+
+    def one_done_one_checkpointed():
+        status = tune_statuses(run_dir)
+        done = [t for t, s in status.items() if s == "TERMINATED"]
+        busy = [t for t, s in status.items() if s != "TERMINATED"
+                and registered_checkpoint(run_dir / "trials" / t)]
+        return (done[0], busy[0]) if done and busy else None
+
+    proc = start_cli(*cmd, log_path=tmp_path / "first.log")
+    try:
+        done, busy = wait_for(one_done_one_checkpointed, 600, what="one finished trial and one checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finished_summary = run_dir / "trials" / done / "summary.json"
+    before = finished_summary.stat().st_mtime_ns
+    assert not (run_dir / "results.parquet").exists()
+
+    again = run_cli(*cmd)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = {r["trial"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
+    assert set(rows) == {done, busy} and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows.values())
+    assert finished_summary.stat().st_mtime_ns == before, "a finished trial must not run again"
+    resumed = load_summary(run_dir / "trials", busy)
+    assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 2
+    client, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "lr/pg0")]
+        assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
+
+
+def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model):
+    """Two trials side by side (1 worker each); every epoch PBT compares them, and the lagging one continues
+    from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it."""
+    epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = {**SPACE, "hsv_h": [0.0, 0.1]}
+    proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
+                   "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
+                   write_space(tmp_path, space), *DATA, f"epochs={epochs}", f"model={seed_model}",
+                   "--storage-path", tmp_path, "--name", "pbt", "--tracking-uri", uri, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "pbt"
+    rows = pq.read_table(run_dir / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows)
+    exploited = [r for r in rows if r["exploits"]]
+    assert exploited, "PBT exploited no trial"
+    policy = [json.loads(line) for line in (run_dir / "pbt_global.txt").read_text().splitlines()]
+    for r in exploited:
+        donor, epoch = r["exploits"].split(", ")[-1].split("@")  # the last exploit ran to the end
+        runs = sorted((run_dir / "trials").glob(f"{r['trial']}-e{epoch}-from-{donor}"))
+        assert runs, list((run_dir / "trials").iterdir())
+        s = load_summary(run_dir / "trials", runs[0].name)
+        # The epoch count continues from the donor's checkpoint, to the end of the schedule.
+        assert s["resumed_from_epoch"] == int(epoch) and s["epochs_completed"] == epochs
+        assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1))
+        # Its hyperparameters are PBT's mutation of the donor's, not the donor's.
+        searched = ("lr0", "fliplr", "hsv_h")
+        trained = {k: s["train_args"][k] for k in searched}
+        match = [p for p in policy if all(abs(p[5][k] - trained[k]) < 1e-9 for k in searched)]
+        assert match and any(match[0][4][k] != trained[k] for k in searched), (trained, policy)
+    _, runs = mlflow_runs(uri)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
+
+
+def test_ray_job_submit_on_a_running_cluster_which_stays_up(cluster_head, tmp_path):
+    head = cluster_head
+    """`tune --objective map` as a `ray job submit` entrypoint joins the cluster it runs on, and leaves it up."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from test_cluster import _http_status, job_env_vars
+
+    client = JobSubmissionClient(head.url, headers=head.auth_headers)
+    cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", "1", "--trials", "1",
+           "--scheduler", "none", "--space", str(write_space(tmp_path)), *map(str, DATA), "epochs=2",
+           "--storage-path", str(tmp_path), "--name", "job", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    sid = client.submit_job(entrypoint=" ".join(cmd),
+                            runtime_env={"env_vars": {**job_env_vars(head), "PYTHONPATH": str(ROOT)}})
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = wait_for(lambda: (s := client.get_job_status(sid)) in done and s, timeout=600, interval=2, what=sid)
+    logs = client.get_job_logs(sid)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    rows = pq.read_table(tmp_path / "job" / "results.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "finished"
+    assert _http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"
