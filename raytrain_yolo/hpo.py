@@ -147,8 +147,9 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
         raise UserError(f"{source} fixes every value: give at least one range or list of choices to search")
     plan.grace_epochs = ns.grace_epochs if ns.grace_epochs is not None else max(1, min(10, epochs // 3))
     plan.perturbation_epochs = ns.perturbation_epochs if ns.perturbation_epochs is not None else max(1, epochs // 4)
-    for opt, v in (("--grace-epochs", plan.grace_epochs), ("--perturbation-epochs", plan.perturbation_epochs)):
-        if not 1 <= v < epochs:
+    checks = {"asha": ("--grace-epochs", plan.grace_epochs), "pbt": ("--perturbation-epochs", plan.perturbation_epochs)}
+    for scheduler, (opt, v) in checks.items():
+        if plan.scheduler == scheduler and not 1 <= v < epochs:
             raise UserError(f"{opt} {v} must be at least 1 and below epochs={epochs}: lower it or raise epochs=")
     plan.max_concurrent = ns.max_concurrent
     if plan.max_concurrent is not None and plan.max_concurrent < 1:
