@@ -22,11 +22,15 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
   node; the per-epoch validation (distributed across ranks) already gives the final metrics;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
   without touching the user's global Ultralytics settings.
+- `keep_offline()`: with YOLO_OFFLINE set, Ultralytics still asks GitHub (a HEAD request) whether `Arial.ttf`
+  exists, on every dataset check; offline, the font is taken from disk or not at all (plots fall back to
+  PIL's default font). The driver calls it too, before its untrained-baseline validation.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,7 +38,7 @@ from torch import nn
 
 from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.models import yolo
-from ultralytics.utils import RANK, WORLD_SIZE
+from ultralytics.utils import RANK, USER_CONFIG_DIR, WORLD_SIZE, env_bool
 from ultralytics.utils.torch_utils import torch_distributed_zero_first
 
 # Ultralytics integrations that would duplicate what raytrain_yolo does itself.
@@ -140,6 +144,28 @@ class DeviceLoaderMixin:
         """A resumed run goes on with the next epoch's order and draws, on one worker too."""
         super().resume_training(ckpt)
         self.train_loader.sampler.set_epoch(self.start_epoch)
+
+
+def _local_font(font: str = "Arial.ttf") -> Path | None:
+    """Ultralytics' `check_font` without its download: the settings folder, then matplotlib's known fonts."""
+    from matplotlib import font_manager
+
+    name = Path(font).name
+    if (USER_CONFIG_DIR / name).exists():
+        return USER_CONFIG_DIR / name
+    found = [f.fname for f in font_manager.fontManager.ttflist if font in f.fname and Path(f.fname).exists()]
+    return Path(found[0]) if found else None
+
+
+def keep_offline() -> None:
+    """With YOLO_OFFLINE set, no font look-up on the network (see the module docstring)."""
+    if not env_bool("YOLO_OFFLINE"):
+        return
+    import ultralytics.data.utils
+    import ultralytics.utils.plotting
+
+    for module in (ultralytics.data.utils, ultralytics.utils.plotting):
+        module.check_font = _local_font
 
 
 def trainer_class(task: str, loader: str = "ultralytics") -> type:

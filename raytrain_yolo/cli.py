@@ -73,6 +73,8 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="train even if some label lines are malformed (Ultralytics skips those images)")
     p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the full Ultralytics and Ray worker logs on the console too (they always go to the run's log file)")
 
 
 def worker_range(text: str) -> tuple[int | None, int]:
@@ -98,7 +100,10 @@ def str_list(text: str) -> list[str]:
 def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
     """Embedded defaults < --config file < flags and key=value pairs."""
     base: dict[str, Any] = load_config_file(ns.config) if ns.config else {}
-    spec = RunSpec.from_dict(base)
+    try:
+        spec = RunSpec.from_dict(base)
+    except UserError as e:
+        raise UserError(f"--config {ns.config}: {e}") from None
     spec.train.update(parse_key_values(pairs))
     flags = {
         ("scaling", "min_workers"): ns.num_workers[0] if isinstance(ns.num_workers, tuple) else None,
@@ -130,6 +135,10 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         spec.allow_bad_labels = True
     if ns.allow_node_local:
         spec.allow_node_local = True
+    if ns.verbose:
+        spec.verbose = True
+    else:  # MLflow's own INFO lines (creating the database tables, ...) are not for this console
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     return spec
 
 
@@ -159,6 +168,8 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
         stop_ray()
         if debug or os.environ.get("RAYTRAIN_YOLO_DEBUG"):
             traceback.print_exc()
+        elif any(c.__name__ == "TrainingFailedError" for c in type(e).__mro__):
+            print(str(e).rstrip(), file=sys.stderr)  # the workers' own tracebacks, in full (Ray Train gathers them)
         print(f"error: training failed: {root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import re
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,7 @@ class RunSpec:
     window_steps: int = 0  # >0: a throughput trial: report images/s every N steady steps instead of per epoch
     max_windows: int = 0  # >0: a throughput trial stops after this many windows
     resume_from: str = ""  # a Ray Train checkpoint to start from when the run has none of its own (PBT exploit)
+    verbose: bool = False  # full Ultralytics and Ray worker logs on the console too (they always go to run.log)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +154,46 @@ def _build(typ, values: dict[str, Any], where: str):
             f"unknown key '{unknown[0]}' in {where}"
             + (f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(sorted(names))}")
         )
+    hints = typing.get_type_hints(typ)
+    for key, value in values.items():
+        _check_type(value, hints[key], f"{where}.{key}" if where != "config" else key)
     return typ(**values)
+
+
+# What each type must look like in YAML, and how to write it.
+_TYPE_WORDS = {
+    int: ("a whole number", "e.g. {key}: 4, without quotes"),
+    float: ("a number", "e.g. {key}: 0.5, without quotes"),
+    bool: ("true or false", "write {key}: true or {key}: false, without quotes"),
+    str: ("a string", "e.g. {key}: \"text\""),
+    dict: ("a mapping", "indented key: value lines under {key}:"),
+}
+_TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "a boolean", list: "a list",
+               dict: "a mapping", type(None): "empty"}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """One line naming the key, what it holds and what it must hold: `num_workers: "4"` is refused when the
+    config is read, not as a TypeError deep inside a run."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        allowed = [typing.get_origin(a) or a for a in typing.get_args(hint)]
+    else:
+        allowed = [typing.get_origin(hint) or hint]
+    for a in allowed:
+        if a is Any or (a is type(None) and value is None) or (dataclasses.is_dataclass(a) and isinstance(value, a)):
+            return
+        if isinstance(value, bool):
+            if a is bool:
+                return
+        elif (a is float and isinstance(value, (int, float))) or (a in (int, str, dict, list) and isinstance(value, a)):
+            return
+    key = where.rsplit(".", 1)[-1]
+    main = next(a for a in allowed if a is not type(None))
+    must, how = _TYPE_WORDS.get(main, ("a section of key: value lines", "indented key: value lines under {key}:"))
+    if type(None) in allowed:
+        must += " (or null)"
+    held = _TYPE_NAMES.get(type(value), type(value).__name__)
+    raise UserError(f"{where}: {value!r} is {held}, it must be {must}: {how.format(key=key)}")
 
 
 def parse_key_values(pairs: list[str]) -> dict[str, Any]:

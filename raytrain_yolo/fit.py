@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.validate_untrained is not None:
             spec.validate_untrained = ns.validate_untrained
         spec.trace_samples = spec.trace_samples or ns.trace_samples
-        result = launch(spec)
+        result = launch(spec, show_epochs=True)
         stop_ray()
         print(format_summary(result.summary, result.summary_path), flush=True)
         if result.summary.get("error"):

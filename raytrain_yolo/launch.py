@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -13,15 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytrain_yolo import datasync, preflight, storage
+from raytrain_yolo import console, datasync, preflight, storage
 from raytrain_yolo.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
 from raytrain_yolo.errors import UserError
 from raytrain_yolo.tracking import RunTracker, check_reachable, resolve_uri
 
-# Environment every worker gets (unless the user set it): no network calls from Ultralytics.
+# Environment every worker gets (the user's value when set): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
 WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 LOCAL_CPU_WORKERS = 2
+# Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
+# before training makes this a last resort, for resources taken between the check and the start.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+MIN_START_TIMEOUT_S = 60.0
+_USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_ENV)
+EPS = 1e-6  # Ray reports fractional CPUs as floats (1.9000000000000001)
 
 
 @dataclass
@@ -31,20 +38,26 @@ class LaunchResult:
     summary_path: str
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray."""
+def connect_ray(verbose: bool = False) -> None:
+    """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray.
+
+    Worker output reaches this console only with `verbose` (Ray's `log_to_driver`); it is in run.log anyway.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
         _check_answers(address)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline: a local Ray reports nothing home
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **quiet)
         else:
-            ray.init(log_to_driver=True)
+            ray.init(**quiet)
     except ConnectionError as e:
         raise UserError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({str(e).splitlines()[0]}): "
@@ -67,10 +80,13 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def resolve_scaling(spec: RunSpec) -> RunSpec:
-    """Fill in GPU/CPU and worker count from the cluster; refuse requests it can never satisfy.
+def resolve_scaling(spec: RunSpec, extra_cpus: float = 0.0) -> RunSpec:
+    """Fill in GPU/CPU and worker count from the cluster; refuse what its free resources cannot hold now.
 
-    A cluster that is still scaling up is waited for only when asked (`--wait-for-resources SECONDS`).
+    Ray would otherwise wait for the workers without end. `extra_cpus`: CPUs the job needs besides its
+    workers (a tune trial's driver). A cluster that is busy or still scaling up is waited for only when asked
+    (`--wait-for-resources SECONDS`). Inside a Ray Tune trial, the free resources already exclude what the
+    trial itself holds.
     """
     import ray
 
@@ -80,24 +96,27 @@ def resolve_scaling(spec: RunSpec) -> RunSpec:
     deadline = time.monotonic() + spec.resource_wait_s
     while True:
         try:
-            return _fit_scaling(spec, ray.cluster_resources())
+            return _fit_scaling(spec, ray.cluster_resources(), ray.available_resources(), extra_cpus)
         except UserError as e:
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 if spec.resource_wait_s:
                     raise UserError(f"waited {spec.resource_wait_s:g} s for resources that did not come: {e}") from None
                 raise
-            time.sleep(2)
+            time.sleep(min(1.0, left))
 
 
-def _fit_scaling(spec: RunSpec, total: dict[str, float]) -> RunSpec:
+def _fit_scaling(spec: RunSpec, total: dict[str, float], free: dict[str, float], extra_cpus: float = 0.0) -> RunSpec:
     gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
+    free_gpus, free_cpus = int(free.get("GPU", 0) + EPS), float(free.get("CPU", 0))
     s = spec.scaling
     use_gpu = gpus > 0 if s.use_gpu is None else s.use_gpu
     if use_gpu and gpus == 0:
         raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
     n = s.num_workers
-    if n is None:
-        n = gpus if use_gpu else max(1, min(LOCAL_CPU_WORKERS, int(cpus // s.cpus_per_worker)))
+    if n is None:  # what fits now: one worker per free GPU, else up to 2 CPU workers
+        fits = int((free_cpus - extra_cpus) / s.cpus_per_worker + EPS)
+        n = (free_gpus or gpus) if use_gpu else max(1, min(LOCAL_CPU_WORKERS, fits))
     if n < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= n):
         raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{n} must be "
                         "at least 1 (and MIN <= MAX for MIN-MAX)")
@@ -105,10 +124,18 @@ def _fit_scaling(spec: RunSpec, total: dict[str, float]) -> RunSpec:
     if use_gpu and least > gpus:
         raise UserError(f"{least} GPU workers need {least} GPUs but the cluster has {gpus}: "
                         f"use --num-workers {gpus} or add GPU nodes")
-    need = least * s.cpus_per_worker
-    if need > cpus:
-        raise UserError(f"{least} workers x {s.cpus_per_worker:g} CPUs need {need:g} CPUs but the cluster has "
-                        f"{cpus:g}: lower --num-workers or --cpus-per-worker")
+    need = least * s.cpus_per_worker + extra_cpus
+    what = f"{least} workers x {s.cpus_per_worker:g} CPUs" + (f" + {extra_cpus:g} for the trial" if extra_cpus else "")
+    if need > cpus + EPS:
+        raise UserError(f"{what} need {need:g} CPUs but the cluster has {cpus:g}: "
+                        "lower --num-workers or --cpus-per-worker")
+    later = "wait for them with --wait-for-resources SECONDS, or stop the jobs that hold them"
+    if use_gpu and least > free_gpus:
+        raise UserError(f"{least} GPU workers need {least} GPUs but only {free_gpus} of the cluster's {gpus} are "
+                        f"free now: use --num-workers {max(free_gpus, 1)}, {later}")
+    if need > free_cpus + EPS:
+        raise UserError(f"{what} need {need:g} CPUs but only {free_cpus:g} of the cluster's {cpus:g} are free now: "
+                        f"lower --num-workers or --cpus-per-worker, {later}")
     s.use_gpu, s.num_workers = use_gpu, n
     return spec
 
@@ -148,7 +175,7 @@ def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
 def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     """Validate, then join Ray and fit the request to the cluster."""
     spec, train_args, task = validate(spec)
-    connect_ray()
+    connect_ray(spec.verbose)
     resolve_scaling(spec)
     check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
     data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
@@ -158,22 +185,28 @@ def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment every worker gets: our defaults (unless the user set them) and a few of the driver's."""
-    env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
+    """Environment every worker gets: our defaults (the user's value when set) and a few of the driver's."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
     return env
 
 
-def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None):
+def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None,
+                  progress=None):
+    """`progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for the driver's console."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrain_yolo.worker import train_loop_per_worker
 
     s = spec.scaling
+    if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
+        os.environ[START_TIMEOUT_ENV] = f"{max(MIN_START_TIMEOUT_S, spec.resource_wait_s):g}"
+    config = {"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking,
+              "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking},
+        train_loop_config=config,
         torch_config=TorchConfig(backend=s.backend, timeout_s=int(s.pg_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
@@ -184,7 +217,10 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
         run_config=RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            # A worker group that cannot start within the timeout above fails the run instead of being retried
+            # forever. Elastic runs keep Ray's default: they start with what is there and grow.
+            failure_config=FailureConfig(max_failures=spec.max_failures,
+                                         controller_failure_limit=-1 if s.min_workers else 0),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints,
                 # Ray keeps the latest checkpoint whatever its score; with validation off there is no fitness.
@@ -197,23 +233,38 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
     )
 
 
-def launch(spec: RunSpec, callbacks=None) -> LaunchResult:
+def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchResult:
     """Run one training job end to end and write `<storage>/<name>/summary.json`.
 
     `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
+    `show_epochs`: print one line per epoch here (the `fit` command line).
     """
+    started = time.monotonic()
     spec, train_args, task = prepare(spec)
+    log_file = console.log_path(spec.storage_path, spec.name)
+    if show_epochs:
+        print(f"run {spec.name}: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'} workers; "
+              f"full log: {log_file}", flush=True)
     tracker = RunTracker(spec) if spec.tracking.enabled else None
     tracking = None
     if tracker:
         run_id = tracker.start(run_params(spec, train_args, task))
         tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
     try:
-        untrained = untrained_metrics(spec, train_args, task) if _want_untrained(spec) else None
-        trainer = build_trainer(spec, train_args, task, tracking, callbacks)
-        result = trainer.fit()
+        untrained = None
+        if _want_untrained(spec):
+            with console.output_to(None if spec.verbose else log_file):
+                untrained = untrained_metrics(spec, train_args, task)
+        progress = _progress_queue() if show_epochs else None
+        trainer = build_trainer(spec, train_args, task, tracking, callbacks, progress)
+        if progress is not None:
+            with console.EpochPrinter(progress, train_args["epochs"]):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
         drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
+        summary.update(wall_seconds=round(time.monotonic() - started, 1), log_file=log_file)
         if tracker:
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
         path = f"{spec.run_dir}/summary.json"
@@ -243,6 +294,12 @@ def drop_unregistered_checkpoints(run_dir: str) -> None:
             storage.delete_dir(f"{run_dir}/{name}")
 
 
+def _progress_queue():
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
 def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str, Any]:
     """What only the driver knows: Ray scaling and the run's place; rank 0 adds Ultralytics' full arguments."""
     s = spec.scaling
@@ -269,7 +326,10 @@ def untrained_metrics(spec: RunSpec, train_args: dict[str, Any], task: str = "de
     """Validate the model before any training step, on the driver, so the summary can show what training bought."""
     from ultralytics import YOLO
 
+    from raytrain_yolo.adapter import keep_offline
     from raytrain_yolo.data import ensure_synthetic
+
+    keep_offline()
 
     data = str(ensure_synthetic(spec.synthetic, task)) if spec.is_synthetic else train_args["data"]
     if storage.is_uri(data):
@@ -350,6 +410,9 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
             rows.append((key, f"{m[key]:.3f}{was}"))
     ips = summary.get("images_per_second")
     rows.append(("images/s (steady, global)", f"{ips:.1f}" if ips else "n/a"))
+    if summary.get("wall_seconds"):
+        minutes, seconds = divmod(int(summary["wall_seconds"]), 60)
+        rows.append(("wall time", f"{minutes} min {seconds} s (Ray start-up included)"))
     rows += [
         ("best checkpoint", summary["best_checkpoint"] or "none"),
         ("last checkpoint", summary["last_checkpoint"] or "none"),
@@ -358,6 +421,8 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
     for key in ("tracking_uri", "mlflow_run_id"):
         if summary.get(key):
             rows.append((key.replace("_", " "), summary[key]))
+    if summary.get("log_file"):
+        rows.append(("log", summary["log_file"]))
     rows.append(("summary", path))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(str(v)) for _, v in rows))

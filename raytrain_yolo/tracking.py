@@ -27,12 +27,16 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 
 
 def resolve_uri(spec: RunSpec) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working directory."""
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working directory.
+
+    Local stores come back absolute: a tune trial runs in a folder of its own and must find the same store."""
     uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if "://" not in uri and ":" not in uri[1:2]:  # a bare folder: MLflow's file store, made absolute
         return Path(uri).expanduser().resolve().as_uri()
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):  # relative to this folder
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
 
 

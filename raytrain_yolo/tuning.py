@@ -26,6 +26,7 @@ from raytrain_yolo.worker import IPS_KEY
 TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "deterministic")
 KNOBS = TRAIN_KNOBS + ("num_workers", "loader")
 TRIAL_DRIVER_CPU = 0.1  # the trial function only waits on its TorchTrainer; its workers get the rest
+TRIAL_RESOURCE_GRACE_S = 30.0  # a trial waits at most this long for the resources a finished trial still holds
 
 
 @dataclass
@@ -100,6 +101,8 @@ def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: Sw
     spec.name = trial_name
     spec.window_steps, spec.max_windows = budget.window_steps, budget.windows
     spec.validate_untrained = False
+    # The trial before this one may still be handing its workers' CPUs back to Ray.
+    spec.resource_wait_s = max(spec.resource_wait_s, TRIAL_RESOURCE_GRACE_S)
     return spec
 
 
@@ -183,26 +186,36 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raytrain_yolo.launch import connect_ray, resolve_scaling
-    from raytrain_yolo.tracking import RunTracker
+    from raytrain_yolo.launch import LOCAL_CPU_WORKERS, connect_ray, resolve_scaling
+    from raytrain_yolo.tracking import RunTracker, resolve_uri
 
-    connect_ray()
+    connect_ray(base.verbose)
     base.name = check_name(base.name or default_name("tune"))
     base.storage_path = storage.normalise(base.storage_path)
+    if base.tracking.enabled:  # trials run in folders of their own: give them this sweep's store, resolved here
+        base.tracking.uri = resolve_uri(base)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_node_cpus = int(max((n["Resources"].get("CPU", 0) for n in nodes), default=1))
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
-    # Leave room for the trial driver next to its workers (seen: a 1-CPU driver starves 2 x 1-CPU workers).
     s = base.scaling
     if s.use_gpu is None:
         s.use_gpu = gpus > 0
-    most_workers = max(space.num_workers or [s.num_workers or (gpus if s.use_gpu else 1)])
+    if s.num_workers is None and not space.num_workers:
+        s.num_workers = max(gpus, 1) if s.use_gpu else LOCAL_CPU_WORKERS
+    most_workers = max(space.num_workers or [s.num_workers])
+    # Leave room for the trial driver next to its workers (seen: a 1-CPU driver starves 2 x 1-CPU workers).
     if not s.use_gpu:
         s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / most_workers * 20) / 20)
-    resolve_scaling(base)
+        if s.cpus_per_worker <= 0:
+            raise UserError(f"{most_workers} workers per trial do not fit the cluster's {cpus:g} CPUs next to the "
+                            "trial itself: lower --num-workers")
+    # The largest trial must fit the free resources now, beside the trial itself; each trial checks again.
+    widest = RunSpec.from_dict(base.to_dict())
+    widest.scaling.num_workers = most_workers
+    resolve_scaling(widest, extra_cpus=TRIAL_DRIVER_CPU)
     resolve_train_args(base)  # validate the base configuration once, before any trial
-    grid = space.grid() or dataclasses.asdict(default_space(s.use_gpu, s.num_workers, max_node_cpus, _gpu_mem_gb()))
+    grid = space.grid() or dataclasses.asdict(default_space(s.use_gpu, most_workers, max_node_cpus, _gpu_mem_gb()))
     if budget.max_concurrent is None:
         per_trial = most_workers
         budget.max_concurrent = max(1, gpus // per_trial if s.use_gpu else int(cpus // (per_trial * s.cpus_per_worker + TRIAL_DRIVER_CPU)))

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain_yolo.config import RunSpec
+from raytrain_yolo.console import capture_process_output
 from raytrain_yolo.data import ensure_synthetic
 
 IPS_KEY = "throughput/images_per_second"
@@ -214,11 +215,26 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
     return state
 
 
+def _to_console(queue):
+    """Rank 0's epoch metrics to the driver's console line; a lost line never stops training."""
+
+    def put(metrics: dict[str, Any], trainer) -> None:
+        try:
+            queue.put_nowait({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        except Exception:  # noqa: BLE001
+            pass
+
+    return put
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Train on this worker; rank 0 returns every rank's facts (device, host, parameter digest) to the driver."""
     spec = RunSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("log_file"):  # everything this worker prints, Ultralytics and Ray alike
+        capture_process_output(config["log_file"], spec.verbose,
+                               f"rank {rank} of {world_size}, {socket.gethostname()} pid {os.getpid()}")
     device = ray.train.torch.get_device()
     args = dict(config["train_args"])
     if spec.is_synthetic:
@@ -238,7 +254,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
                 "save_dir": str(save_dir), "device_name": None, "data": args["data"]} if rank == 0 else None
 
-    from raytrain_yolo.adapter import trainer_class, unwrap  # first Ultralytics import in this process
+    from raytrain_yolo.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
+
+    keep_offline()
 
     Trainer = trainer_class(config["task"], spec.loader)
     overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
@@ -260,6 +278,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             logger.sync_history(state["history"])
         trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
         reporter.on_metrics.append(logger.log_epoch)
+    if rank == 0 and config.get("progress") is not None:
+        reporter.on_metrics.append(_to_console(config["progress"]))
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
     trainer.add_callback("on_train_batch_end", reporter.on_train_batch_end)
     trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)

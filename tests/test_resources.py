@@ -1,0 +1,90 @@
+"""Issue 14: never wait forever. A request the cluster's *free* resources cannot hold now is refused before
+training, or waited for only as long as --wait-for-resources allows; the default sweep fits the machine.
+
+The sweep runs first, before this module starts its own Ray. The busy cluster is real: a local Ray of 2 CPUs where another job's actor holds one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import yaml
+
+from conftest import load_summary, mlflow_runs, run_cli
+from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
+from raytrain_yolo.errors import UserError
+from raytrain_yolo.launch import prepare
+
+
+def test_default_tune_without_num_workers_completes(tmp_path):
+    """A sweep as the README shows it, minus the size: no --num-workers, no --tracking-uri, from a fresh folder.
+    Each trial's workers and the trial itself must fit the machine together (they did not: it hung)."""
+    proc = run_cli("tune", "--cpu", "--batch", 8, "--window-steps", 2, "--windows", 1, "--synthetic-train", 32,
+                   "--synthetic-val", 8, "imgsz=64", "--name", "default", timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = tmp_path / "runs" / "raytrain" / "default"
+    best = yaml.safe_load((sweep / "best.yaml").read_text())
+    assert best["scaling"]["num_workers"] == 2, best["scaling"]  # the fit default, with CPUs shared out
+    trial = next((sweep / "trials").iterdir()).name
+    summary = load_summary(sweep / "trials", trial)
+    assert summary["world_size"] == 2
+    # One store for the sweep, in the folder the command ran from, with the trial nested under the sweep's run.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert summary["tracking_uri"] == uri
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert [c.info.run_id for c in children] == [summary["mlflow_run_id"]]
+    assert not list(tmp_path.glob("runs/raytrain/default/trials/*/mlflow.db"))
+
+
+@pytest.fixture(scope="module")
+def busy_cluster():
+    """2 CPUs, one held by another job's actor for as long as the holder lives."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+
+    @ray.remote(num_cpus=1)
+    class OtherJob:
+        def ping(self) -> bool:
+            return True
+
+    holder = OtherJob.remote()
+    ray.get(holder.ping.remote())
+    yield ray, holder
+    ray.shutdown()
+
+
+def spec_for(tmp_path, workers: int | None, wait: float = 0) -> RunSpec:
+    return RunSpec(scaling=ScalingSpec(num_workers=workers, use_gpu=False), synthetic=SyntheticSpec(train=8, val=4),
+                   tracking=TrackingSpec(enabled=False), storage_path=str(tmp_path), name="busy",
+                   resource_wait_s=wait)
+
+
+def test_request_beyond_the_free_cpus_is_refused_at_once(busy_cluster, tmp_path):
+    with pytest.raises(UserError) as e:
+        prepare(spec_for(tmp_path, 2))
+    msg = str(e.value)
+    assert "need 2 CPUs but only 1 of the cluster's 2 are free now" in msg, msg
+    assert "--wait-for-resources" in msg and "--num-workers" in msg and "\n" not in msg
+
+
+def test_the_wait_is_bounded_by_wait_for_resources(busy_cluster, tmp_path):
+    with pytest.raises(UserError, match=r"waited 2 s for resources that did not come: .*only 1 of"):
+        prepare(spec_for(tmp_path, 2, wait=2))
+
+
+def test_the_default_worker_count_fits_what_is_free(busy_cluster, tmp_path):
+    spec, _, _ = prepare(spec_for(tmp_path, None))
+    assert spec.scaling.num_workers == 1 and spec.scaling.use_gpu is False
+
+
+def test_a_wait_ends_when_the_other_job_leaves(busy_cluster, tmp_path):
+    ray, holder = busy_cluster
+    threading.Timer(2.0, lambda: ray.kill(holder)).start()
+    spec, _, _ = prepare(spec_for(tmp_path, 2, wait=120))
+    assert spec.scaling.num_workers == 2
