@@ -292,12 +292,76 @@ def test_runtime_env_yaml_is_a_valid_runtime_env():
     assert all(isinstance(v, str) for v in rt["env_vars"].values())
 
 
-def test_local_scripts_parse():
-    for script in ("local-up.sh", "local-down.sh"):
-        path = CLUSTER / script
-        assert os.access(path, os.X_OK), f"{script} is not executable"
-        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+def test_rayjob_entrypoint_is_a_valid_fit_command():
+    """The RayJob's entrypoint, read by the real `fit` parser and checked as `fit` checks it (no cluster needed)."""
+    from raytrain_yolo import fit
+    from raytrain_yolo.cli import spec_from_args
+    from raytrain_yolo.config import check_batch, resolve_train_args
+
+    job = next(d for d in yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()) if d and d.get("kind") == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "raytrain_yolo.fit"], argv
+    ns = fit.build_parser().parse_args(argv[3:])
+    spec = spec_from_args(ns, [o for o in ns.overrides if not o.startswith("data=")])
+    args = resolve_train_args(spec)
+    check_batch(args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    import ray
+
+    assert job["spec"]["rayClusterSpec"]["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
+
+
+def test_local_up_starts_a_token_cluster_that_local_down_stops(tmp_path):
+    """cluster/local-up.sh as the README runs it, on free ports and with its token in a temporary HOME:
+    `ray job submit` reaches the head with the token (and not without), then local-down.sh stops it all."""
+    import psutil
+
+    home, temp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="rtyu-", dir="/tmp"))
+    home.mkdir()
+    ports = set()
+    while len(ports) < 7:
+        ports.add(free_port())
+    gcs, dash, agent, agent_grpc, runtime_env, metrics, client = ports
+    env = {**_clean_env(), "HOME": str(home), "RAY": RAY, "RAY_PORT": str(gcs), "RAY_DASHBOARD_PORT": str(dash),
+           "RAY_TEMP_DIR": str(temp), "RAY_NUM_CPUS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    extra = ["--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+             "--ray-client-server-port", str(client)]
+    pid_file = temp / "local-up.pid"
+    try:
+        up = subprocess.run([str(CLUSTER / "local-up.sh"), *extra], env=env, capture_output=True, text=True,
+                            timeout=240)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        assert "token authentication ON" in up.stdout
+        head_pid = int(pid_file.read_text())
+        url = f"http://127.0.0.1:{dash}"
+        job = [RAY, "job", "submit", "--address", url, "--", "python", "-c",
+               "import ray; ray.init(); print('cpus', ray.cluster_resources()['CPU'])"]
+        anonymous = subprocess.run(job, env=env, capture_output=True, text=True, timeout=120)
+        assert anonymous.returncode != 0 and "Authentication required" in anonymous.stdout + anonymous.stderr, \
+            anonymous.stdout[-2000:] + anonymous.stderr[-2000:]
+        with_token = subprocess.run(job, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                                    timeout=180)
+        assert with_token.returncode == 0, with_token.stdout[-2000:] + with_token.stderr[-2000:]
+        assert "cpus 1.0" in with_token.stdout and "succeeded" in with_token.stdout + with_token.stderr
+    finally:
+        down = subprocess.run([str(CLUSTER / "local-down.sh")], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not pid_file.exists()
+    left = [p for p in psutil.process_iter() if _in_group(p, head_pid)]
+    assert not left, f"processes of the local cluster survived local-down.sh: {left}"
+    with pytest.raises(OSError):
+        _http_status(f"{url}/api/jobs/")
+
+
+def _in_group(p, pgid: int) -> bool:
+    import psutil
+
+    try:
+        return os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False
 
 
 # --- a real cluster ----------------------------------------------------------------------------------------
