@@ -140,7 +140,12 @@ def test_two_gloo_ranks_give_the_one_rank_gradient(ddp_run, tmp_path):
 
         overrides = {**config["args"], "project": config["out"], "name": f"w{world}-r{rank}", "exist_ok": True}
         trainer = Probe(overrides=overrides, device=ray.train.torch.get_device(), world_size=world)
-        trainer.add_callback("on_pretrain_routine_end", lambda t: setattr(unwrap(t.model), "criterion", known_loss))
+        def use_known_loss(trainer):  # the trained model and its EMA copy (which the epoch's validation uses)
+            for model in (unwrap(trainer.model), trainer.ema.ema if trainer.ema else None):
+                if model is not None:
+                    model.criterion = known_loss
+
+        trainer.add_callback("on_pretrain_routine_end", use_known_loss)
         trainer.add_callback("on_train_batch_start", eval_batchnorm)
         trainer.train()
 
