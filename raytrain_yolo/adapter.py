@@ -290,3 +290,89 @@ def sharded_validator(model: str, args: dict, shard: tuple[int, int] | None, sha
     cls = type(f"Sharded{base.__name__}", (ShardValidatorMixin, base), {"shard": shard,
                                                                        "shard_results": shard_results or []})
     return yolo, cls(args=args, _callbacks=yolo.callbacks)
+
+
+# --- Batch prediction (predict.py) -------------------------------------------------------------------------------
+# Ultralytics' predictor letterboxes, runs and post-processes in one process. Here CPU workers letterbox (the
+# predictor's own LetterBox and parameters) and model actors run the predictor's preprocess (with its letterbox
+# step skipped), inference and postprocess, so each image gets what `YOLO(model).predict(image)` gives it.
+
+
+def predict_args(model: str, overrides: dict) -> dict:
+    """The arguments `YOLO(model).predict(**overrides)` predicts with, and how it letterboxes images."""
+    from ultralytics import YOLO
+    from ultralytics.utils.checks import check_imgsz
+
+    yolo = YOLO(model)
+    args = {**yolo.overrides, "conf": 0.25, "batch": 1, "save": False, "mode": "predict", "rect": True,
+            "verbose": False, **overrides}
+    stride = max(int(yolo.model.stride.max()), 32)  # AutoBackend's stride for a .pt model
+    letterbox = {"new_shape": check_imgsz(args.get("imgsz", 640), stride=stride, min_dim=2),
+                 "auto": bool(args["rect"]), "stride": stride}  # one image per Ultralytics batch: same shapes
+    return {"args": args, "letterbox": letterbox, "task": yolo.task}
+
+
+def letterbox(images: list, new_shape, auto: bool, stride: int) -> list:
+    """Ultralytics' LetterBox, as its predictor applies it to one BGR image at a time."""
+    from ultralytics.data.augment import LetterBox
+
+    lb = LetterBox(new_shape, auto=auto, stride=stride)
+    return [lb(image=im) for im in images]
+
+
+class _Letterboxed:
+    """Images arrive letterboxed by the CPU workers: the predictor's own letterbox step is skipped."""
+
+    def pre_transform(self, im):
+        return im
+
+
+class BatchPredictor:
+    """The task's Ultralytics predictor on letterboxed BGR images: `__call__` returns its `Results`."""
+
+    def __init__(self, model: str, args: dict):
+        from ultralytics import YOLO
+
+        yolo = YOLO(model)
+        base = yolo._smart_load("predictor")
+        self.predictor = type(f"Letterboxed{base.__name__}", (_Letterboxed, base), {})(
+            overrides=args, _callbacks=yolo.callbacks)
+        self.predictor.setup_model(yolo.model, verbose=False)
+        from ultralytics.data.loaders import SourceTypes
+
+        self.predictor.source_type = SourceTypes()  # image files, as `predict(source=folder)` sees them
+
+    def __call__(self, images: list, paths: list[str], orig_shapes: list[tuple[int, int]]) -> list:
+        """Images of one shape (a group), their paths and original (h, w)."""
+        import numpy as np
+
+        p = self.predictor
+        # Results only read the original image's shape: a zero-strided view stands in for it.
+        origs = [np.broadcast_to(np.zeros(1, np.uint8), (h, w, 3)) for h, w in orig_shapes]
+        p.batch = (list(paths), origs, [""] * len(paths))
+        with torch.inference_mode():
+            im = p.preprocess(list(images))
+            return p.postprocess(p.inference(im), im, origs)
+
+
+def result_rows(r) -> list[dict]:
+    """One row per object of an Ultralytics `Results`: class, confidence, box (xyxy, original pixels), and the
+    task's extra: keypoints (K x [x, y, conf]), polygon (N x [x, y]), or obb (xywhr) and its corners."""
+    rows = []
+    objs = r.obb if r.obb is not None else r.boxes
+    if objs is None:
+        return rows
+    cls, conf, xyxy = objs.cls.tolist(), objs.conf.tolist(), objs.xyxy.tolist()
+    kpts = r.keypoints.data.tolist() if r.keypoints is not None else None
+    polys = [p.tolist() for p in r.masks.xy] if r.masks is not None else None
+    for i in range(len(cls)):
+        row = {"class": int(cls[i]), "name": r.names[int(cls[i])], "confidence": conf[i], "box": xyxy[i]}
+        if kpts is not None:
+            row["keypoints"] = kpts[i]
+        if polys is not None:
+            row["polygon"] = polys[i]
+        if r.obb is not None:
+            row["obb"] = objs.xywhr[i].tolist()
+            row["corners"] = objs.xyxyxyxy[i].tolist()
+        rows.append(row)
+    return rows

@@ -1,0 +1,216 @@
+"""`python -m raytrain_yolo.predict`: batch prediction with Ray Data, results as Parquet.
+
+    python -m raytrain_yolo.predict model=best.pt source=/data/images --output /data/preds
+    python -m raytrain_yolo.predict --gpu --num-workers 8 model=models:/shapes/3 source=s3://bucket/images --output s3://bucket/preds
+
+The pipeline: list the images (a folder, one image, a .txt list of paths, or an object-storage prefix), read their
+bytes and letterbox them on CPU tasks (Ultralytics' own LetterBox), run Ultralytics' predictor on a pool of model
+actors (one GPU each with --gpu), and write one Parquet row per object with pyarrow. Ray Data streams the
+stages and shows their progress. From Python: `predict(model, source, output, ...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from raytrain_yolo import storage
+from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
+from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
+from raytrain_yolo.errors import UserError
+from raytrain_yolo.jobs import plan
+from raytrain_yolo.preflight import IMAGE_SUFFIXES
+
+LIGHT_CPUS = 0.1  # per read, letterbox and write task: light work that must fit beside the model actors
+LIGHT_RESERVE = 0.5  # CPUs a CPU-only cluster keeps free of model actors, for those tasks
+DEFAULT_BATCH = 16  # images per model call (Ultralytics' predict default is 1: one image per call)
+
+
+def schema(task: str):
+    import pyarrow as pa
+
+    f32 = pa.list_(pa.float32())
+    fields = [("image", pa.string()), ("class", pa.int32()), ("name", pa.string()), ("confidence", pa.float32()),
+              ("box", f32)]
+    fields += {"pose": [("keypoints", pa.list_(f32))], "segment": [("polygon", pa.list_(f32))],
+               "obb": [("obb", f32), ("corners", pa.list_(f32))]}.get(task, [])
+    return pa.schema(fields)
+
+
+def list_images(source: str | list[str]) -> tuple[list[str], Any, str]:
+    """(paths as the filesystem sees them, the pyarrow filesystem, the prefix that makes them user paths)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(source, (list, tuple)):
+        paths = [str(p) for p in source]
+        if not paths:
+            raise UserError("source= is an empty list: give image paths")
+        return [storage.normalise(p) for p in paths], pafs.LocalFileSystem(), ""
+    src = str(source)
+    if storage.is_uri(src):
+        fs, root = pafs.FileSystem.from_uri(src)
+        prefix = src.split("://", 1)[0] + "://"
+    else:
+        fs, root, prefix = pafs.LocalFileSystem(), storage.normalise(src), ""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = sorted(f.path for f in found if f.type == pafs.FileType.File and _is_image(f.path))
+        if not paths:
+            raise UserError(f"source={src} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point it at a folder of images")
+        return paths, fs, prefix
+    if info.type == pafs.FileType.File and root.lower().endswith(".txt"):
+        with fs.open_input_stream(root) as f:
+            lines = [x.strip() for x in f.read().decode().splitlines() if x.strip()]
+        if not lines:
+            raise UserError(f"source={src} lists no images: put one image path per line")
+        return list_images(lines) if not storage.is_uri(lines[0]) else _uri_list(lines)
+    if info.type == pafs.FileType.File and _is_image(root):
+        return [root], fs, prefix
+    if info.type == pafs.FileType.File:
+        raise UserError(f"source={src} is neither an image, a folder nor a .txt list of images")
+    raise UserError(f"source={src} not found: pass a folder of images, an image, a .txt list or an s3:// prefix")
+
+
+def _uri_list(uris: list[str]):
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(uris[0])
+    prefix = uris[0].split("://", 1)[0] + "://"
+    return [u[len(prefix):] for u in uris], fs, prefix
+
+
+def _is_image(path: str) -> bool:
+    return "." in path.rsplit("/", 1)[-1] and "." + path.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES
+
+
+def decode_letterbox(batch: dict[str, np.ndarray], letterbox: dict, prefix: str) -> dict[str, Any]:
+    """CPU stage: JPEG/PNG bytes -> BGR (as Ultralytics reads files) -> Ultralytics' letterbox."""
+    import cv2
+
+    from raytrain_yolo.adapter import letterbox as apply_letterbox
+
+    images, shapes = [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if im is None:
+            raise UserError(f"cannot decode {prefix}{path} as an image: remove it from source= or fix the file")
+        images.append(im)
+        shapes.append(im.shape[:2])
+    boxed = apply_letterbox(images, **letterbox)
+    out = np.empty(len(boxed), dtype=object)
+    out[:] = boxed
+    return {"path": np.array([prefix + p for p in batch["path"]]), "orig_hw": np.array(shapes, np.int64),
+            "image": out if len({b.shape for b in boxed}) > 1 else np.stack(boxed)}
+
+
+class ModelActor:
+    """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
+
+    def __init__(self, model: str, args: dict, task: str):
+        from raytrain_yolo.adapter import BatchPredictor
+
+        self.predict, self.schema = BatchPredictor(model, args), schema(task)
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
+        from raytrain_yolo.adapter import result_rows
+
+        images, paths, hw = batch["image"], batch["path"], batch["orig_hw"]
+        groups: dict[tuple, list[int]] = {}
+        for i in range(len(paths)):
+            groups.setdefault(tuple(images[i].shape), []).append(i)
+        rows = []
+        for idx in groups.values():
+            results = self.predict([images[i] for i in idx], [str(paths[i]) for i in idx], [tuple(hw[i]) for i in idx])
+            for r in results:
+                rows += [{"image": r.path, **row} for row in result_rows(r)]
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def predict(model: str, source: str | list[str], output: str | None = None, scaling: ScalingSpec | None = None,
+            storage_path: str = "runs/raytrain", name: str | None = None, tracking_uri: str | None = None,
+            wait_s: float = 0, **overrides: Any) -> dict[str, Any]:
+    """Predict every image of `source` with Ray Data; Parquet files under `output`. Returns a summary dict."""
+    import ray
+
+    if source is None:
+        raise UserError("no source= given: pass a folder of images, an image, a .txt list or an s3:// prefix")
+    overrides = validate_train_args(dict(overrides))
+    batch = int(overrides.pop("batch", DEFAULT_BATCH))
+    job = plan(model, scaling or ScalingSpec(), storage_path, name, "predict", tracking_uri, wait_s)
+    out = output or f"{job.out_dir}/predictions"
+    out = out if storage.is_uri(out) else storage.normalise(out)
+    storage.check_writable(out)
+    paths, fs, prefix = list_images(source)
+
+    from raytrain_yolo.adapter import predict_args
+
+    p = predict_args(job.model, {**overrides, "device": job.device})
+    opts = job.remote_options()
+    if not job.use_gpu:  # leave room for the letterbox tasks beside the model actors
+        total = ray.cluster_resources().get("CPU", 0)
+        opts["num_cpus"] = min(job.cpus_per_worker, max(0.1, (total - LIGHT_RESERVE) / job.num_workers))
+    start = time.perf_counter()
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=LIGHT_CPUS)
+    ds = ds.map_batches(decode_letterbox, fn_kwargs={"letterbox": p["letterbox"], "prefix": prefix},
+                        batch_size=batch, num_cpus=LIGHT_CPUS, runtime_env=opts["runtime_env"])
+    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"model": job.model, "args": p["args"], "task": job.task},
+                        batch_size=batch, concurrency=job.num_workers, num_cpus=opts["num_cpus"],
+                        num_gpus=opts["num_gpus"], runtime_env=opts["runtime_env"])
+    ds.write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})
+    seconds = time.perf_counter() - start
+    summary = {"model": job.model, "task": job.task, "source": source if isinstance(source, str) else f"{len(paths)} paths",
+               "images": len(paths), "output": out, "workers": job.num_workers,
+               "device": "cuda" if job.use_gpu else "cpu", "batch": batch, "seconds": seconds,
+               "images_per_second": len(paths) / seconds}
+    storage.write_text(f"{out}/_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+EPILOG = """\
+Ultralytics prediction arguments go after the flags in key=value form, as for `yolo predict`:
+  model=PATH.pt|models:/NAME/VERSION source=DIR|IMAGE|LIST.txt|s3://bucket/prefix conf=0.25 iou=0.7 imgsz=640
+  batch=16 (images per model call) max_det=300 classes=0,2
+Rows: image, class, name, confidence, box (x1 y1 x2 y2 in the image's pixels), and keypoints (pose: [x, y, conf]
+per keypoint), polygon (segment: the mask outline's [x, y] points) or obb and corners (obb: x y w h angle, and
+the 4 corners). Images without objects have no rows. The Parquet files go to --output DIR (default
+<storage-path>/<name>/predictions), with _summary.json beside them.
+"""
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m raytrain_yolo.predict", epilog=EPILOG,
+                      description="Run a YOLO model over many images with Ray Data; write the objects as Parquet.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model=, source= and Ultralytics arguments")
+    add_job_flags(p, "predict")
+    p.add_argument("--output", metavar="DIR", help="folder or URI for the Parquet files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+
+    def body() -> int:
+        kv = parse_key_values(ns.overrides)
+        source = kv.pop("source", None)
+        scaling = ScalingSpec(num_workers=ns.num_workers, use_gpu=ns.use_gpu, cpus_per_worker=ns.cpus_per_worker)
+        s = predict(kv.pop("model", None), str(source) if source is not None else None, ns.output, scaling,
+                    ns.storage_path, ns.name, ns.tracking_uri, ns.wait_for_resources, **kv)
+        stop_ray()
+        print(f"predicted  {s['images']} images on {s['workers']} x {s['device']} in {s['seconds']:.1f} s "
+              f"({s['images_per_second']:.1f} images/s)\nparquet    {s['output']}", flush=True)
+        return 0
+
+    return run_main(body, ns.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
