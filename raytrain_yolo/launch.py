@@ -365,6 +365,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
     summary = {
         "name": spec.name,
         "task": task,
+        "data": ret.get("data") or train_args.get("data"),  # the data.yaml trained on (the generated one if embedded)
         "loader": spec.loader,
         "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
         "resumed_from_epoch": ret.get("resumed_from"),
