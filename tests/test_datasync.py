@@ -93,3 +93,23 @@ def test_missing_dataset_is_one_line(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
     with pytest.raises(UserError, match="not found"):
         localize("s3://datasets/nothing-here/data.yaml")
+
+
+def test_a_shared_filesystem_dataset_is_copied_once_with_a_file_uri(tmp_path, monkeypatch):
+    """`data=file:///shared/.../data.yaml`: the same copy-once path as object storage, for an NFS-style mount."""
+    import shutil
+
+    from raytrain_yolo.datasync import localize
+
+    shared = tmp_path / "shared" / "shapes"
+    shutil.copytree(ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)).parent, shared)
+    monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-local"))
+    first = Path(localize(f"file://{shared}/data.yaml"))
+    assert first.is_file() and (tmp_path / "node-local") in first.parents
+    assert len(list((first.parent / "images" / "train").iterdir())) == 8
+    copied_at = first.stat().st_mtime_ns
+    assert localize(f"file://{shared}/data.yaml") == str(first) and first.stat().st_mtime_ns == copied_at
+    shutil.copy(shared / "images" / "train" / sorted(p.name for p in (shared / "images" / "train").iterdir())[0],
+                shared / "images" / "train" / "extra.jpg")
+    again = Path(localize(f"file://{shared}/data.yaml"))
+    assert (again.parent / "images" / "train" / "extra.jpg").is_file(), "a changed folder is copied again"
