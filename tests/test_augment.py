@@ -243,7 +243,8 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
                    "--name", "dev", "--trace-samples", "--no-tracking", "--synthetic-train", n_train,
                    "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96", "close_mosaic=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Closing dataloader mosaic" in proc.stdout + proc.stderr  # Ultralytics' own close_mosaic call
+    worker_log = (tmp_path / "dev" / "run.log").read_text()  # the workers' full output (issue 14's console)
+    assert "Closing dataloader mosaic" in worker_log  # Ultralytics' own close_mosaic call
     s = load_summary(tmp_path, "dev")
     assert s["epochs_completed"] == epochs and s["world_size"] == 2
     losses = [total_train_loss(h) for h in s["history"]]
