@@ -234,8 +234,9 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
     """--num-workers 1-2 --max-failures 1: node 2 dies after the first checkpoint, training goes on with one
     worker on node 1 (its batch doubles: the global batch stays 16), and grows back to two when node 2
     returns (Ray looks every --resize-check seconds)."""
+    # --verbose: Ray's own log lines (the controller's) reach the driver's console, as before issue 14's console
     text = run_losing_node_2(cluster, "elastic", 6, "--num-workers", "1-2", "--max-failures", 1,
-                             "--resize-check", 5, wait_before_return=ONE_WORKER)
+                             "--resize-check", 5, "--verbose", wait_before_return=ONE_WORKER)
     assert ONE_WORKER in text, "training went on with one worker while node 2 was down"
     s = check_every_epoch_once(cluster, "elastic", 6)
     print(f"elastic run: final world size {s['world_size']}, resumed from epoch {s['resumed_from_epoch']}")
