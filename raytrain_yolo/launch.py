@@ -367,7 +367,8 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
         "task": task,
         "data": ret.get("data") or train_args.get("data"),  # the data.yaml trained on (the generated one if embedded)
         "loader": spec.loader,
-        "world_size": len(ret["workers"]) if ret.get("workers") else spec.scaling.num_workers,
+        # the group that trained the last epoch (an elastic run may end at another size than it started)
+        "world_size": int(final.get("system/world_size") or len(ret.get("workers") or []) or spec.scaling.num_workers),
         "resumed_from_epoch": ret.get("resumed_from"),
         "device": "cuda" if spec.scaling.use_gpu else "cpu",
         "device_name": ret.get("device_name"),

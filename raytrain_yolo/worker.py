@@ -147,6 +147,7 @@ class Reporter:
             m[IPS_KEY] = self.meter.epoch_ips
         if trainer.epoch_time is not None:
             m["throughput/epoch_seconds"] = float(trainer.epoch_time)
+        m["system/world_size"] = trainer.world_size  # elastic runs: which epochs trained at which size
         if trainer.device.type == "cuda":
             m["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
         return m
@@ -251,6 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     save_dir = Path(local_save_project(spec)) / "train"
     state = restore(spec, save_dir, rank)
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
+        # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
                 "save_dir": str(save_dir), "device_name": None, "data": args["data"]} if rank == 0 else None
 

@@ -239,8 +239,14 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
                              "--resize-check", 5, "--verbose", wait_before_return=ONE_WORKER)
     assert ONE_WORKER in text, "training went on with one worker while node 2 was down"
     s = check_every_epoch_once(cluster, "elastic", 6)
-    print(f"elastic run: final world size {s['world_size']}, resumed from epoch {s['resumed_from_epoch']}")
-    if s["world_size"] == 2:  # node 2 came back before the last epoch: the group grew back
+    sizes = [int(h["system/world_size"]) for h in s["history"]]  # the group size that trained each epoch
+    print(f"elastic run: world size per epoch {sizes}, resumed from epoch {s['resumed_from_epoch']}")
+    assert 1 in sizes, "an epoch trained with one worker while node 2 was down"
+    assert s["world_size"] == sizes[-1], "the summary names the group that trained the last epoch"
+    if not s["workers"]:  # node 2 came back after the last epoch: the regrown group had nothing left to train
+        assert s["resumed_from_epoch"] == 6
+    elif s["world_size"] == 2:  # node 2 came back before the last epoch: the group grew back
+        assert sizes.index(1) < len(sizes) - 1 - sizes[::-1].index(2), "grew back to two after running on one"
         check_two_nodes(cluster, s)
     else:
         assert [w["node_ip"] for w in s["workers"]] == [cluster.node_ip(1)]
