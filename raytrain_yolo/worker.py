@@ -147,7 +147,8 @@ class Reporter:
             m[IPS_KEY] = self.meter.epoch_ips
         if trainer.epoch_time is not None:
             m["throughput/epoch_seconds"] = float(trainer.epoch_time)
-        m["system/world_size"] = trainer.world_size  # elastic runs: which epochs trained at which size
+        # elastic runs: which epochs trained at which size (Ultralytics' own world_size is 0 for one CPU worker)
+        m["system/world_size"] = ray.train.get_context().get_world_size()
         if trainer.device.type == "cuda":
             m["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
         return m
