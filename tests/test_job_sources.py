@@ -1,5 +1,7 @@
-"""Issue 17, part 4: a model `fit --register-model NAME` registered in a real MLflow store (sqlite) is named
-`models:/NAME/1` by val and predict, and gives what its checkpoint file gives when named by path."""
+"""Issue 17, part 4: where val and predict take their model and images from. A model `fit --register-model NAME`
+registered in a real MLflow store (sqlite) is named `models:/NAME/1` and gives what its checkpoint file gives; images
+under an s3:// prefix (moto's S3 server) give the Parquet rows the same images give from a local folder, and the
+rows can go to s3:// too. One 1-epoch checkpoint and one local Ray serve the module."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import pytest
 
 from conftest import load_summary, run_cli
 from raytrain_yolo.config import ScalingSpec
+from test_datasync import s3, upload  # noqa: F401 - the moto server fixture
+
+pytestmark = pytest.mark.usefixtures("s3")  # first: the local Ray's workers inherit its endpoint and keys
 
 NAME = "shapes-jobs"
 CONF = 0.001  # a 1-epoch model is unsure of everything: a low threshold keeps objects to compare
@@ -57,3 +62,32 @@ def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path)
         assert summary["images"] == len(images)
         rows[label] = sorted(pq.read_table(out).to_pylist(), key=lambda r: (r["image"], -r["confidence"], r["box"]))
     assert rows["name"] and rows["name"] == rows["path"]
+
+
+def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ray_local, s3, tmp_path):  # noqa: F811
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    from raytrain_yolo.predict import predict
+
+    _, s, _ = registered
+    folder = Path(s["data"]).parent / "images" / "val"
+    upload(s3, folder, "jobs/images")
+    one = ScalingSpec(num_workers=1, use_gpu=False)
+    remote = predict(s["best_checkpoint"], "s3://datasets/jobs/images", "s3://datasets/jobs/preds", one,
+                     conf=CONF, batch=4)
+    local = predict(s["best_checkpoint"], str(folder), str(tmp_path / "preds"), one, conf=CONF, batch=4)
+    assert remote["images"] == local["images"] == len(list(folder.glob("*.jpg"))) > 0
+    assert remote["output"] == "s3://datasets/jobs/preds"
+
+    s3fs, root = pafs.FileSystem.from_uri("s3://datasets/jobs/preds")
+    assert s3fs.get_file_info(f"{root}/_summary.json").type == pafs.FileType.File
+
+    def rows(table, prefix: str) -> list[dict]:
+        out = [{**r, "image": r["image"].removeprefix(prefix)} for r in table.to_pylist()]
+        assert all(r["image"].count("/") == 0 for r in out), out[:1]  # every row named an image under the prefix
+        return sorted(out, key=lambda r: (r["image"], -r["confidence"], r["box"]))
+
+    theirs = rows(pq.read_table(root, filesystem=s3fs), "s3://datasets/jobs/images/")
+    ours = rows(pq.read_table(tmp_path / "preds"), f"{folder.resolve()}/")
+    assert ours and theirs == ours
