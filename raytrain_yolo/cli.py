@@ -201,6 +201,9 @@ def add_job_flags(p: argparse.ArgumentParser, default_name: str) -> None:
     ray_g.add_argument("--name", help=f"run name, the folder under --storage-path (default {default_name}-<timestamp>)")
     ray_g.add_argument("--wait-for-resources", type=float, default=0, metavar="SECONDS",
                        help="wait this long for the cluster to have the workers' CPUs/GPUs (default 0)")
+    ray_g.add_argument("--allow-node-local", action="store_true",
+                       help="on a multi-node cluster, skip the check that every node sees model=, data=/source= "
+                       "and the output folder (for paths that only look node-local)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI, for model=models:/NAME/VERSION "
                    "(default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")

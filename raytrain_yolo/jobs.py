@@ -7,6 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from raytrain_yolo import preflight
 from raytrain_yolo.config import RunSpec, ScalingSpec, check_name, default_name
@@ -66,17 +67,27 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
 
 
 def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, prefix: str,
-         tracking_uri: str | None = None, wait_s: float = 0) -> JobPlan:
-    """Check the model, then join Ray and fit the workers to the cluster (the same rules and messages as fit)."""
+         tracking_uri: str | None = None, wait_s: float = 0,
+         check: Callable[[str, str], tuple[dict[str, str], str]] | None = None,
+         allow_node_local: bool = False) -> JobPlan:
+    """The one preflight pass of val and predict, in fit's order: the model; then `check(task, out_dir)`, the
+    job's own checks on the driver, which returns what its workers read (argument -> path) and the folder they
+    write to ('' for none); then join Ray, fit the workers to the cluster (fit's rules and messages), and make
+    sure every node sees those paths, the model and that folder (preflight.check_nodes, as for fit)."""
     from raytrain_yolo import storage
-    from raytrain_yolo.launch import connect_ray, resolve_scaling
+    from raytrain_yolo.launch import connect_ray, resolve_scaling, worker_env
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
     weights = resolve_model(model, tracking_uri)
     task = preflight.check_weights(weights)
-    out_dir = f"{storage.normalise(storage_path).rstrip('/')}/{check_name(name or default_name(prefix))}"
+    spec = RunSpec(scaling=scaling, storage_path=storage.normalise(storage_path),
+                   name=check_name(name or default_name(prefix)), resource_wait_s=wait_s,
+                   allow_node_local=allow_node_local)
+    reads, writes = check(task, spec.run_dir) if check else ({}, "")
     connect_ray()
-    spec = resolve_scaling(RunSpec(scaling=scaling, resource_wait_s=wait_s))
+    resolve_scaling(spec)
+    local = {k: v for k, v in {"model": weights, **reads}.items() if v and not storage.is_uri(v)}
+    preflight.check_nodes(spec, None, None, worker_env(), inputs=local, writes=writes, gloo=False)
     s = spec.scaling
-    return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, out_dir)
+    return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, spec.run_dir)

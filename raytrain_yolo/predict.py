@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -136,7 +137,7 @@ class ModelActor:
 
 def predict(model: str, source: str | list[str], output: str | None = None, scaling: ScalingSpec | None = None,
             storage_path: str = "runs/raytrain", name: str | None = None, tracking_uri: str | None = None,
-            wait_s: float = 0, **overrides: Any) -> dict[str, Any]:
+            wait_s: float = 0, allow_node_local: bool = False, **overrides: Any) -> dict[str, Any]:
     """Predict every image of `source` with Ray Data; Parquet files under `output`. Returns a summary dict."""
     import ray
 
@@ -144,11 +145,19 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
         raise UserError("no source= given: pass a folder of images, an image, a .txt list or an s3:// prefix")
     overrides = validate_train_args(dict(overrides))
     batch = int(overrides.pop("batch", DEFAULT_BATCH))
-    job = plan(model, scaling or ScalingSpec(), storage_path, name, "predict", tracking_uri, wait_s)
-    out = output or f"{job.out_dir}/predictions"
-    out = out if storage.is_uri(out) else storage.normalise(out)
-    storage.check_writable(out)
-    paths, fs, prefix = list_images(source)
+    found: dict[str, Any] = {}
+
+    def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:
+        out = output or f"{out_dir}/predictions"
+        found["out"] = out = out if storage.is_uri(out) else storage.normalise(out)
+        storage.check_writable(out)
+        found["images"] = paths, _, prefix = list_images(source)
+        local = {"source": os.path.commonpath(paths) if len(paths) > 1 else paths[0]} if not prefix else {}
+        return local, out  # the read and write tasks run on any node
+
+    job = plan(model, scaling or ScalingSpec(), storage_path, name, "predict", tracking_uri, wait_s, check,
+               allow_node_local=allow_node_local)
+    out, (paths, fs, prefix) = found["out"], found["images"]
 
     from raytrain_yolo.adapter import predict_args
 
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         source = kv.pop("source", None)
         scaling = ScalingSpec(num_workers=ns.num_workers, use_gpu=ns.use_gpu, cpus_per_worker=ns.cpus_per_worker)
         s = predict(kv.pop("model", None), str(source) if source is not None else None, ns.output, scaling,
-                    ns.storage_path, ns.name, ns.tracking_uri, ns.wait_for_resources, **kv)
+                    ns.storage_path, ns.name, ns.tracking_uri, ns.wait_for_resources, ns.allow_node_local, **kv)
         stop_ray()
         print(f"predicted  {s['images']} images on {s['workers']} x {s['device']} in {s['seconds']:.1f} s "
               f"({s['images_per_second']:.1f} images/s)\nparquet    {s['output']}", flush=True)

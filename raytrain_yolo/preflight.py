@@ -277,9 +277,10 @@ def local_path_of_tracking(uri: str | None) -> str | None:
     return None
 
 
-def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: list[str], backend: str) -> dict:
-    """Runs on one node as a Ray task: which of the driver's files it sees, and whether it can use the run's
-    object-store paths."""
+def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: list[str], backend: str,
+               inputs: dict[str, str] | None = None) -> dict:
+    """Runs on one node as a Ray task: which of the driver's files it sees, whether it can use the run's
+    object-store paths, and the first of the job's `inputs` (argument -> local path) it lacks."""
     import os
     import socket
 
@@ -311,18 +312,22 @@ def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: l
         "host": host,
         "seen": seen,
         "data": data is None or Path(data).is_file(),
+        "missing": next((k for k, path in (inputs or {}).items() if not Path(path).exists()), None),
         "unwritable": unwritable,
         "gloo_loopback": backend == "gloo" and loopback and not os.environ.get("GLOO_SOCKET_IFNAME"),
     }
 
 
-def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str, str] | None = None) -> list[dict]:
+def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str, str] | None = None,
+                inputs: dict[str, str] | None = None, writes: str | None = None, gloo: bool = True) -> list[dict]:
     """On a cluster of more than one node, refuse before training what only one node's disk holds.
 
     The driver writes a probe file into --storage-path and next to a file-based tracking store; a small Ray task
-    on every other node reads it back (and tries object-store paths, and looks for data=), in the environment
-    the training workers get (`env`). Returns what each node answered; [] on a single node.
-    `--allow-node-local` skips it.
+    on every other node reads it back (and tries object-store paths, and looks for data= and the job's other
+    local `inputs`, e.g. val's and predict's model= and source=), in the environment the workers get (`env`).
+    Returns what each node answered; [] on a single node. `--allow-node-local` skips it. val and predict pass
+    `writes`, the folder their workers write to instead of the run's (predict's --output; '' for none: val's
+    driver writes its metrics itself), and `gloo=False`: their workers do not form a process group.
     """
     import uuid
 
@@ -337,7 +342,9 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
         return []
     token = uuid.uuid4().hex
     probes, made = {}, []
-    places = {"storage": None if storage.is_uri(spec.storage_path) else spec.run_dir,
+    out = spec.run_dir if writes is None else writes
+    flag = f"--storage-path {spec.storage_path}" if writes is None else f"--output {writes}"
+    places = {"storage": None if not out or storage.is_uri(out) else out,
               "tracking": local_path_of_tracking(tracking_uri)}
     for what, folder in places.items():
         if folder:
@@ -345,11 +352,11 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(token)
             probes[what], made = str(path), [*made, path]
-    uri_dirs = [spec.run_dir] if storage.is_uri(spec.storage_path) else []
+    uri_dirs = [out] if out and storage.is_uri(out) else []
     task = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env or {}})(probe_node)
     refs = {n["NodeManagerAddress"]: task.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-    ).remote(probes, token, data, uri_dirs, spec.scaling.backend) for n in others}
+    ).remote(probes, token, data, uri_dirs, spec.scaling.backend if gloo else "", inputs) for n in others}
     try:
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=NODE_PROBE_TIMEOUT_S)
         late = [ip for ip, ref in refs.items() if ref not in ready]
@@ -365,19 +372,23 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
         node = f"node {a['ip']} ({a['host']})"
         if "storage" in a["seen"] and not a["seen"]["storage"]:
             raise UserError(
-                f"--storage-path {spec.storage_path} is not shared: {node} cannot see it. On a multi-node cluster "
-                "use an object store (--storage-path s3://bucket/prefix) or a filesystem every node mounts at "
+                f"{flag} is not shared: {node} cannot see it. On a multi-node cluster use an object store "
+                f"({flag.split()[0]} s3://bucket/prefix) or a filesystem every node mounts at "
                 f"the same path{skip}")
         if "tracking" in a["seen"] and not a["seen"]["tracking"]:
             raise UserError(
                 f"the MLflow store {tracking_uri} is a file that {node} cannot see, and rank 0 may run there: use a "
                 f"tracking server every node reaches (--tracking-uri http://HOST:5000) or --no-tracking{skip}")
         if a["unwritable"]:
-            raise UserError(f"{node} cannot write to --storage-path {a['unwritable']}: give every node the same "
+            raise UserError(f"{node} cannot write to {flag.split()[0]} {a['unwritable']}: give every node the same "
                             f"credentials and endpoint (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...){skip}")
         if not a["data"]:
             raise UserError(f"data={data} is not on {node}: put the dataset on a filesystem every node mounts at "
                             f"the same path{skip}")
+        if a.get("missing"):
+            key = a["missing"]
+            raise UserError(f"{key}={inputs[key]} is not on {node}: put it on a filesystem every node mounts at "
+                            f"the same path, or use object storage (s3://){skip}")
         if a["gloo_loopback"]:
             raise UserError(
                 f"{node}: its host name {a['host']} resolves to a loopback address, so gloo would connect the "

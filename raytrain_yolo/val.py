@@ -26,16 +26,21 @@ VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True w
 
 def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | None = None,
              storage_path: str = "runs/raytrain", name: str | None = None, tracking_uri: str | None = None,
-             wait_s: float = 0, **overrides: Any) -> dict[str, Any]:
+             wait_s: float = 0, allow_node_local: bool = False, **overrides: Any) -> dict[str, Any]:
     """Validate `model` on `split` of `data` over Ray workers; returns (and writes) the metrics as a dict."""
     import ray
 
     if data is None:
         raise UserError("no data= given: pass the data.yaml of the dataset to validate on")
     overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
-    job = plan(model, scaling or ScalingSpec(), storage_path, name, "val", tracking_uri, wait_s)
     data = str(storage.normalise(data)) if not storage.is_uri(data) else data
-    preflight.check_data(data, job.task, splits=(split,))
+
+    def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:
+        preflight.check_data(data, task, splits=(split,))
+        return {"data": data}, ""  # only the driver writes: the metrics
+
+    job = plan(model, scaling or ScalingSpec(), storage_path, name, "val", tracking_uri, wait_s, check,
+               allow_node_local=allow_node_local)
 
     from raytrain_yolo.adapter import sharded_validator, val_args
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         kv = parse_key_values(ns.overrides)
         scaling = ScalingSpec(num_workers=ns.num_workers, use_gpu=ns.use_gpu, cpus_per_worker=ns.cpus_per_worker)
         out = validate(kv.pop("model", None), kv.pop("data", None), kv.pop("split", "val"), scaling, ns.storage_path,
-                       ns.name, ns.tracking_uri, ns.wait_for_resources, **kv)
+                       ns.name, ns.tracking_uri, ns.wait_for_resources, ns.allow_node_local, **kv)
         stop_ray()
         text = json.dumps(out, indent=2, default=float)
         if ns.output:

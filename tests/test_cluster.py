@@ -435,3 +435,36 @@ def test_job_submission_sdk_without_working_dir(head, tmp_path):
     logs = client.get_job_logs(sid)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     check_finished_run(logs, storage, name, db)
+
+
+def test_predict_as_a_job(head, task_run, tmp_path):
+    """`predict` submitted through the Jobs API joins the job's cluster (RAY_ADDRESS) and writes its Parquet rows:
+    those Ultralytics gives the same images."""
+    import pyarrow.parquet as pq
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from raytrain_yolo.config import SyntheticSpec
+    from raytrain_yolo.data import ensure_synthetic
+    from test_predict import CONF, assert_same_objects, by_image, ultralytics_objects
+
+    _, s = task_run("detect")
+    images = ensure_synthetic(SyntheticSpec(train=8, val=16, imgsz=64)).parent / "images" / "val"
+    out = tmp_path / "preds"
+    client = JobSubmissionClient(head.url, headers=head.auth_headers)
+    sid = client.submit_job(
+        entrypoint=shlex.join(["python", "-m", "raytrain_yolo.predict", "--cpu", "--num-workers", "1",
+                               "--storage-path", str(tmp_path), "--output", str(out), f"model={s['last_checkpoint']}",
+                               f"source={images}", f"conf={CONF}", "batch=4"]),
+        runtime_env={"env_vars": job_env_vars(head)},
+        submission_id=f"raytrain-yolo-predict-{uuid.uuid4().hex[:8]}",
+    )
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=JOB_TIMEOUT, interval=2,
+                      what=f"job {sid}")
+    logs = client.get_job_logs(sid)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert re.search(rf"^parquet\s+{re.escape(str(out))}\s*$", logs, re.M), logs[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["images"] == 16 and summary["workers"] == 1
+    ours = by_image(pq.read_table(out).to_pylist())
+    assert assert_same_objects(ours, ultralytics_objects(s["last_checkpoint"], str(images))) > 0

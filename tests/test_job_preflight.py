@@ -1,0 +1,28 @@
+"""Issue 17, part 4: val and predict go through fit's node check (preflight.check_nodes) for what their workers
+read: model=, data= or source=. A single node cannot lack a driver's file, so this checks the probe each other
+node runs (a plain function here, a Ray task there) and the flags; tests/multinode.py has the real nodes."""
+
+from __future__ import annotations
+
+import uuid
+
+from raytrain_yolo import preflight
+
+
+def test_probe_names_the_first_input_a_node_lacks(tmp_path):
+    model = tmp_path / "best.pt"
+    model.write_bytes(b"x")
+    inputs = {"model": str(model), "source": str(tmp_path / "only-on-the-driver"), "data": str(tmp_path / "nope")}
+    answer = preflight.probe_node({}, uuid.uuid4().hex, None, [], "", inputs)
+    assert answer["missing"] == "source" and not answer["gloo_loopback"]
+    assert preflight.probe_node({}, "t", None, [], "", {"model": str(model)})["missing"] is None
+    assert preflight.probe_node({}, "t", None, [], "gloo")["missing"] is None  # fit's call: no inputs
+
+
+def test_val_and_predict_take_allow_node_local():
+    from raytrain_yolo import predict, val
+
+    for module in (val, predict):
+        ns = module.build_parser().parse_args(["--allow-node-local", "model=m.pt"])
+        assert ns.allow_node_local is True
+        assert module.build_parser().parse_args(["model=m.pt"]).allow_node_local is False
