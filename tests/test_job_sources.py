@@ -64,7 +64,8 @@ def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path)
     assert rows["name"] and rows["name"] == rows["path"]
 
 
-def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ray_local, s3, tmp_path):  # noqa: F811
+def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ray_local, tmp_path):
+    import boto3
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
@@ -72,7 +73,7 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
 
     _, s, _ = registered
     folder = Path(s["data"]).parent / "images" / "val"
-    upload(s3, folder, "jobs/images")
+    upload(boto3.client("s3"), folder, "jobs/images")  # the moto server the module's s3 fixture started
     one = ScalingSpec(num_workers=1, use_gpu=False)
     remote = predict(s["best_checkpoint"], "s3://datasets/jobs/images", "s3://datasets/jobs/preds", one,
                      conf=CONF, batch=4)
