@@ -87,6 +87,7 @@ class HpoPlan:
     seed: int = 0
     space_source: str = "Ultralytics' default space"
     fixed: dict[str, Any] = field(default_factory=dict)
+    definition: dict[str, Any] = field(default_factory=dict)  # what a rerun with the same --name must repeat
 
     @property
     def searched(self) -> list[str]:
@@ -154,7 +155,36 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     plan.max_concurrent = ns.max_concurrent
     if plan.max_concurrent is not None and plan.max_concurrent < 1:
         raise UserError(f"--max-concurrent {plan.max_concurrent} must be at least 1")
+    plan.definition = sweep_definition(spec, plan)
+    check_same_sweep(spec, plan)
     return spec, plan
+
+
+DEFINITION_FILE = "sweep_definition.json"
+
+
+def sweep_definition(spec: RunSpec, plan: HpoPlan) -> dict[str, Any]:
+    """What makes a sweep this sweep: Tune restores its experiment as it was started, so a rerun with the same
+    --name must ask for the same."""
+    space = {k: {"kind": d.kind, "values": list(d.values), "log": d.log} for k, d in plan.space.items()}
+    out = {"space": space, "train": spec.train, "synthetic": dataclasses.asdict(spec.synthetic) if spec.is_synthetic else None,
+           "num_workers": spec.scaling.num_workers, "loader": spec.loader, "trials": plan.trials,
+           "scheduler": plan.scheduler, "metric": plan.metric}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def check_same_sweep(spec: RunSpec, plan: HpoPlan) -> None:
+    """Refuse to continue a sweep of the same --name that was started with another space or other arguments
+    (Tune would silently run the old one)."""
+    text = storage.read_text(f"{spec.run_dir}/{DEFINITION_FILE}")
+    if not text:
+        return
+    old = json.loads(text)
+    changed = [k for k in sorted(set(old) | set(plan.definition)) if old.get(k) != plan.definition.get(k)]
+    if changed:
+        what = ", ".join("--space" if k == "space" else "key=value arguments" if k == "train" else k for k in changed)
+        raise UserError(f"sweep '{spec.name}' in {spec.run_dir} was started with other {what}: pass the same ones "
+                        f"to continue it, or use a new --name for a new sweep")
 
 
 def _read_space(path: str) -> Any:
@@ -258,10 +288,16 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     """
     from ray import tune
 
+    from raytrain_yolo.tuning import TRIAL_RESOURCE_GRACE_S
+
     spec = RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)})
     trials_dir = f"{base.run_dir}/trials"
     spec.storage_path, spec.name = trials_dir, name
     spec.validate_untrained = False
+    # A trial that Tune just stopped or paused still holds its workers' CPUs for a moment: its Train controller
+    # dies with the trial, and Ray Train's PlacementGroupCleaner removes the workers' placement group about a
+    # second later. Wait for them, up to a bound, instead of refusing.
+    spec.resource_wait_s = max(spec.resource_wait_s, TRIAL_RESOURCE_GRACE_S)
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
     exploited, reported = "", None
     ckpt = tune.get_checkpoint()
@@ -402,6 +438,8 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
 
     connect_ray()
     concurrent = fit_resources(spec, plan)
+    if not storage.read_text(f"{spec.run_dir}/{DEFINITION_FILE}"):
+        storage.write_text(f"{spec.run_dir}/{DEFINITION_FILE}", json.dumps(plan.definition, indent=2))
     tracker = RunTracker(spec) if spec.tracking.enabled else None
     if tracker:
         tracker.start({"hpo/trials": plan.trials, "hpo/scheduler": plan.scheduler, "hpo/metric": plan.metric,

@@ -86,19 +86,61 @@ def test_default_space_is_ultralytics_own():
     assert ULTRALYTICS_SPACE == theirs
 
 
+def plan(tmp_path, *args):
+    """The sweep's whole preflight, in-process: what the command line checks before Ray starts."""
+    from raytrain_yolo.hpo import plan_from_args
+    from raytrain_yolo.tune import build_parser
+
+    return plan_from_args(build_parser().parse_args(["--objective", "map", "--storage-path", str(tmp_path),
+                                                     "--no-tracking", *map(str, args)]))
+
+
 @pytest.mark.parametrize("space, words", [
     ({"lr0": [0.1, 0.01]}, ("lr0", "min < max")),
     ({"lr00": [0.0, 0.1]}, ("lr00", "did you mean 'lr0'")),
     ({"fliplr": [0.0, 2.0]}, ("fliplr", "between 0.0 and 1.0")),
     ({"epochs": [1, 5]}, ("epochs", "epochs=N")),
 ])
-def test_bad_space_is_one_line_before_ray_starts(tmp_path, space, words):
-    proc = run_cli("tune", "--objective", "map", "--space", write_space(tmp_path, space), "--storage-path", tmp_path,
-                   "--no-tracking", timeout=120)
+def test_bad_space_is_one_line(tmp_path, space, words):
+    from raytrain_yolo.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        plan(tmp_path, "--space", write_space(tmp_path, space))
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), e.value
+
+
+def test_bad_metric_is_one_line(tmp_path):
+    from raytrain_yolo.errors import UserError
+
+    with pytest.raises(UserError, match=r"--metric mAP75 is not a detect validation metric: use one of fitness, "):
+        plan(tmp_path, "--space", write_space(tmp_path), "--metric", "mAP75")
+    assert plan(tmp_path, "--space", write_space(tmp_path), "--metric", "mAP50")[1].metric == "metrics/mAP50(B)"
+
+
+def test_a_user_error_ends_the_command_before_ray_starts(tmp_path):
+    """The command line's shape of every error above: exit 2, one line on stderr, no Ray."""
+    proc = run_cli("tune", "--objective", "map", "--space", write_space(tmp_path, {"lr00": [0.0, 0.1]}),
+                   "--storage-path", tmp_path, "--no-tracking", timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: lr00"), proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_same_name_with_another_space_is_refused(asha, seed_model, tmp_path):
+    """Tune restores a sweep as it was started: a rerun of --name asha that asks for something else must say
+    so in its preflight, before any training, instead of silently continuing the old sweep."""
+    from raytrain_yolo.errors import UserError
+
+    storage = asha[1]
+    same = ("--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1, *DATA, f"epochs={EPOCHS}",
+            f"model={seed_model}", "--name", "asha")
+    assert plan(storage, "--space", write_space(tmp_path), *same)[1].trials == 3  # the same sweep: it continues
+    with pytest.raises(UserError, match=r"sweep 'asha' in .* was started with other --space: pass the same ones to "
+                                        r"continue it, or use a new --name"):
+        plan(storage, "--space", write_space(tmp_path, {**SPACE, "fliplr": [0.0, 0.5]}), *same)
+    with pytest.raises(UserError, match=r"other key=value arguments"):
+        plan(storage, "--space", write_space(tmp_path), *same[:-4], f"epochs={EPOCHS + 1}", *same[-3:])
 
 
 def test_asha_stops_a_lagging_trial_early(asha):
@@ -129,7 +171,6 @@ def test_best_yaml_reproduces_the_best_trial(asha, tmp_path):
     assert round(s["metrics"]["metrics/mAP50-95(B)"], 3) == round(best["map50_95_final"], 3)
 
 
-@pytest.mark.xfail(reason="known regression (issue 16 stays open): since issue 14 refuses a trial when free CPUs are short, a trial after an ASHA-stopped or PBT-paused one finds 1 CPU still held (0.9 of 2 free) and fails; waiting does not free it", strict=False)
 def test_mlflow_parent_and_one_finished_nested_run_per_trial(asha):
     _, _, uri, rows = asha
     _, runs = mlflow_runs(uri)
@@ -162,7 +203,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     """Two trials of 2-worker DDP runs, one after the other; the driver (and the local Ray it started) dies
     while the second trains. The same command restores the Tune experiment: the first trial is not run
     again, the second resumes from its Ray Train checkpoint, and MLflow has each epoch once."""
-    epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 2, "--trials", 2, "--max-concurrent", 1,
            "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
            "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
@@ -202,11 +243,10 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
         assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
 
 
-@pytest.mark.xfail(reason="known regression (issue 16 stays open): since issue 14 refuses a trial when free CPUs are short, a trial after an ASHA-stopped or PBT-paused one finds 1 CPU still held (0.9 of 2 free) and fails; waiting does not free it", strict=False)
 def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model):
     """Two trials side by side (1 worker each); every epoch PBT compares them, and the lagging one continues
     from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it."""
-    epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
@@ -237,15 +277,16 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
 
 
 def test_ray_job_submit_on_a_running_cluster_which_stays_up(cluster_head, tmp_path):
+    """`tune --objective map` as a `ray job submit` entrypoint joins the cluster it runs on, and leaves it up;
+    --metric picks what the sweep follows."""
     head = cluster_head
-    """`tune --objective map` as a `ray job submit` entrypoint joins the cluster it runs on, and leaves it up."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from test_cluster import _http_status, job_env_vars
 
     client = JobSubmissionClient(head.url, headers=head.auth_headers)
     cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", "1", "--trials", "1",
-           "--scheduler", "none", "--space", str(write_space(tmp_path)), *map(str, DATA), "epochs=2",
+           "--scheduler", "none", "--metric", "mAP50", "--space", str(write_space(tmp_path)), *map(str, DATA), "epochs=2",
            "--storage-path", str(tmp_path), "--name", "job", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     sid = client.submit_job(entrypoint=" ".join(cmd),
                             runtime_env={"env_vars": {**job_env_vars(head), "PYTHONPATH": str(ROOT)}})
@@ -255,4 +296,9 @@ def test_ray_job_submit_on_a_running_cluster_which_stays_up(cluster_head, tmp_pa
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     rows = pq.read_table(tmp_path / "job" / "results.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "finished"
+    # --metric: the row's best and final are that metric's, as the trial's own run recorded it each epoch.
+    history = load_summary(tmp_path / "job" / "trials", rows[0]["trial"])["history"]
+    assert rows[0]["metric"] == "metrics/mAP50(B)" and len(history) == 2
+    assert rows[0]["final"] == pytest.approx(history[-1]["metrics/mAP50(B)"], abs=1e-9)
+    assert rows[0]["best"] == pytest.approx(max(h["metrics/mAP50(B)"] for h in history), abs=1e-9)
     assert _http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"
