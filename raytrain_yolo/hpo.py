@@ -535,7 +535,9 @@ def _missing(v) -> bool:
 
 
 def close_trial_runs(spec: RunSpec, rows: list[dict]) -> None:
-    """Trials that Ray stopped or that failed could not end their own MLflow runs: end them with the reason."""
+    """Trials that Ray stopped or that failed could not end their own MLflow runs: end them with the reason.
+    A trial that the scheduler stopped may have ended its run FAILED on the way out (its Train controller died
+    with it): that run is FINISHED too, tagged `stopped early`."""
     from raytrain_yolo.tracking import end_open_run, resolve_uri
 
     uri = resolve_uri(spec)
@@ -544,7 +546,8 @@ def close_trial_runs(spec: RunSpec, rows: list[dict]) -> None:
             continue
         status = "FAILED" if r["status"] == "failed" else "FINISHED"
         end_open_run(uri, spec.tracking.experiment, f"{spec.run_dir}/trials/{r['trial']}", status,
-                     {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r["reason"] or ""})
+                     {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r["reason"] or ""},
+                     ended=("RUNNING", "FAILED") if r["status"] == "stopped early" else ("RUNNING",))
 
 
 def write_outputs(spec: RunSpec, plan: HpoPlan, rows: list[dict], best: dict | None) -> dict[str, str]:

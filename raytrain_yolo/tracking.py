@@ -237,15 +237,16 @@ def _device_name(trainer) -> str:
     return torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
 
 
-def end_open_run(uri: str, experiment: str, key: str, status: str, tags: dict[str, str]) -> None:
-    """End the run with this key if it is still RUNNING: a tune trial that its scheduler stopped, or that
-    failed, was ended by Ray before its own driver code could end it."""
+def end_open_run(uri: str, experiment: str, key: str, status: str, tags: dict[str, str],
+                 ended: tuple[str, ...] = ("RUNNING",)) -> None:
+    """End the run with this key if it is still RUNNING (or in one of the `ended` states): a tune trial that
+    its scheduler stopped, or that failed, was ended by Ray before its own driver code could end it."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
     for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"):
-        if run.info.status == "RUNNING":
+        if run.info.status in ended:
             for k, v in tags.items():
                 client.set_tag(run.info.run_id, k, str(v)[:5000])
             client.set_terminated(run.info.run_id, status=status)
