@@ -246,7 +246,8 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
 def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model):
     """Two trials side by side (1 worker each); every epoch PBT compares them, and the lagging one continues
     from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it."""
-    epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # 4 epochs: with 3, PBT (which compares trials only once both have reported) exploited no trial in one run.
+    epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
