@@ -255,6 +255,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
 
     thread = threading.Thread(target=train, name="hpo-trial-train", daemon=True)
     thread.start()
+    trained = False
     while thread.is_alive() or not queue.empty():
         try:
             metrics, path = queue.get(timeout=1.0)
@@ -265,9 +266,13 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
             for h in state.get("history", []):
                 if reported < h["epoch"] < metrics["epoch"]:
                     report(h, None)
-        reported = None
+        reported, trained = None, True
         report(metrics, path)
     summary = outcome.get("summary") or {}
+    if exploited and not trained and summary.get("history"):
+        # The donor's checkpoint was its last epoch: nothing was left to train, and this trial now is the donor's
+        # final model. Report it, so that Tune and results.parquet see the trial reach its last epoch.
+        reported = summary["history"][-1]["epoch"] - 1
     if reported is not None:  # the run had finished before Tune paused the trial: report what Tune missed
         ckpt_dir = str(Path(summary["last_checkpoint"]).parent) if summary.get("last_checkpoint") else None
         late = [h for h in summary.get("history", []) if h["epoch"] > reported]
