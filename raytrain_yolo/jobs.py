@@ -87,7 +87,9 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     reads, writes = check(task, spec.run_dir) if check else ({}, "")
     connect_ray()
     resolve_scaling(spec)
-    local = {k: v for k, v in {"model": weights, **reads}.items() if v and not storage.is_uri(v)}
+    label = (f"model={model} (downloaded to {weights} on the driver)" if str(model).startswith("models:/")
+             else f"model={weights}")
+    local = {label: weights, **{f"{k}={v}": v for k, v in reads.items() if v and not storage.is_uri(v)}}
     preflight.check_nodes(spec, None, None, worker_env(), inputs=local, writes=writes, gloo=False)
     s = spec.scaling
     return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, spec.run_dir)

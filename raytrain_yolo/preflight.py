@@ -280,7 +280,7 @@ def local_path_of_tracking(uri: str | None) -> str | None:
 def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: list[str], backend: str,
                inputs: dict[str, str] | None = None) -> dict:
     """Runs on one node as a Ray task: which of the driver's files it sees, whether it can use the run's
-    object-store paths, and the first of the job's `inputs` (argument -> local path) it lacks."""
+    object-store paths, and the first of the job's `inputs` (what to call it -> local path) it lacks."""
     import os
     import socket
 
@@ -324,7 +324,7 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
 
     The driver writes a probe file into --storage-path and next to a file-based tracking store; a small Ray task
     on every other node reads it back (and tries object-store paths, and looks for data= and the job's other
-    local `inputs`, e.g. val's and predict's model= and source=), in the environment the workers get (`env`).
+    local `inputs`, e.g. {"model=/x/best.pt": "/x/best.pt"}), in the environment the workers get (`env`).
     Returns what each node answered; [] on a single node. `--allow-node-local` skips it. val and predict pass
     `writes`, the folder their workers write to instead of the run's (predict's --output; '' for none: val's
     driver writes its metrics itself), and `gloo=False`: their workers do not form a process group.
@@ -386,9 +386,8 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
             raise UserError(f"data={data} is not on {node}: put the dataset on a filesystem every node mounts at "
                             f"the same path{skip}")
         if a.get("missing"):
-            key = a["missing"]
-            raise UserError(f"{key}={inputs[key]} is not on {node}: put it on a filesystem every node mounts at "
-                            f"the same path, or use object storage (s3://){skip}")
+            raise UserError(f"{a['missing']} is not on {node}: put it on a filesystem every node mounts at the "
+                            f"same path{skip}")
         if a["gloo_loopback"]:
             raise UserError(
                 f"{node}: its host name {a['host']} resolves to a loopback address, so gloo would connect the "

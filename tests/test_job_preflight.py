@@ -12,10 +12,11 @@ from raytrain_yolo import preflight
 def test_probe_names_the_first_input_a_node_lacks(tmp_path):
     model = tmp_path / "best.pt"
     model.write_bytes(b"x")
-    inputs = {"model": str(model), "source": str(tmp_path / "only-on-the-driver"), "data": str(tmp_path / "nope")}
+    inputs = {f"model={model}": str(model), "source=/only-on-the-driver": str(tmp_path / "only-on-the-driver"),
+              "data=/nope": str(tmp_path / "nope")}
     answer = preflight.probe_node({}, uuid.uuid4().hex, None, [], "", inputs)
-    assert answer["missing"] == "source" and not answer["gloo_loopback"]
-    assert preflight.probe_node({}, "t", None, [], "", {"model": str(model)})["missing"] is None
+    assert answer["missing"] == "source=/only-on-the-driver" and not answer["gloo_loopback"]
+    assert preflight.probe_node({}, "t", None, [], "", {f"model={model}": str(model)})["missing"] is None
     assert preflight.probe_node({}, "t", None, [], "gloo")["missing"] is None  # fit's call: no inputs
 
 
