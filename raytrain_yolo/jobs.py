@@ -1,11 +1,16 @@
 """What the val and predict jobs share: the model they run (a .pt or models:/NAME/VERSION), their workers fitted to
-the cluster with fit's rules, and the environment their Ray workers get."""
+the cluster with fit's rules, and the environment their Ray workers get.
+
+The weights travel through Ray's object store: the driver puts the file's bytes there once and each node writes
+its own copy, so `model=` (a registry download included) needs to exist only where the job is started.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +19,41 @@ from raytrain_yolo.config import RunSpec, ScalingSpec, check_name, default_name
 from raytrain_yolo.errors import UserError
 
 
+@dataclass(frozen=True)
+class Weights:
+    """The job's weights as a worker on any node gets them: from Ray's object store, written once per node.
+
+    `ref` sits in a list so that Ray hands the reference itself to a task or actor, which fetches it only here.
+    """
+
+    name: str
+    digest: str
+    ref: list = field(hash=False)
+
+    @classmethod
+    def put(cls, path: str) -> "Weights":
+        import ray
+
+        data = Path(path).read_bytes()
+        return cls(Path(path).name, hashlib.sha256(data).hexdigest()[:16], [ray.put(data)])
+
+    def local(self) -> str:
+        """This node's copy (the driver's own file is not assumed to be here)."""
+        import ray
+
+        dest = Path(tempfile.gettempdir()) / "raytrain-yolo-weights" / self.digest / self.name
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_suffix(f".{os.getpid()}.part")
+            part.write_bytes(ray.get(self.ref[0]))
+            os.replace(part, dest)  # atomic: actors on one node may write at once
+        return str(dest)
+
+
 @dataclass
 class JobPlan:
-    """A checked val/predict job: local weights, their task, and the workers to run on."""
+    """A checked val/predict job: the driver's local weights (`model`, shipped to the workers as `weights`),
+    their task, and the workers to run on."""
 
     model: str
     task: str
@@ -24,6 +61,7 @@ class JobPlan:
     use_gpu: bool
     cpus_per_worker: float
     out_dir: str
+    weights: Weights | None = None
 
     def remote_options(self) -> dict:
         """Ray options for one worker (task or actor)."""
@@ -73,7 +111,8 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     """The one preflight pass of val and predict, in fit's order: the model; then `check(task, out_dir)`, the
     job's own checks on the driver, which returns what its workers read (argument -> path) and the folder they
     write to ('' for none); then join Ray, fit the workers to the cluster (fit's rules and messages), and make
-    sure every node sees those paths, the model and that folder (preflight.check_nodes, as for fit)."""
+    sure every node sees those paths and that folder (preflight.check_nodes, as for fit). The model is not
+    among them: it reaches the workers through the object store (`Weights`)."""
     from raytrain_yolo import storage
     from raytrain_yolo.launch import connect_ray, resolve_scaling, worker_env
 
@@ -87,9 +126,7 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     reads, writes = check(task, spec.run_dir) if check else ({}, "")
     connect_ray()
     resolve_scaling(spec)
-    label = (f"model={model} (downloaded to {weights} on the driver)" if str(model).startswith("models:/")
-             else f"model={weights}")
-    local = {label: weights, **{f"{k}={v}": v for k, v in reads.items() if v and not storage.is_uri(v)}}
+    local = {f"{k}={v}": v for k, v in reads.items() if v and not storage.is_uri(v)}
     preflight.check_nodes(spec, None, None, worker_env(), inputs=local, writes=writes, gloo=False)
     s = spec.scaling
-    return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, spec.run_dir)
+    return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, spec.run_dir, Weights.put(weights))

@@ -24,7 +24,7 @@ from raytrain_yolo import storage
 from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
 from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.errors import UserError
-from raytrain_yolo.jobs import plan
+from raytrain_yolo.jobs import Weights, plan
 from raytrain_yolo.preflight import IMAGE_SUFFIXES
 
 LIGHT_CPUS = 0.1  # per read, letterbox and write task: light work that must fit beside the model actors
@@ -113,10 +113,10 @@ def decode_letterbox(batch: dict[str, np.ndarray], letterbox: dict, prefix: str)
 class ModelActor:
     """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
 
-    def __init__(self, model: str, args: dict, task: str):
+    def __init__(self, weights: Weights, args: dict, task: str):
         from raytrain_yolo.adapter import BatchPredictor
 
-        self.predict, self.schema = BatchPredictor(model, args), schema(task)
+        self.predict, self.schema = BatchPredictor(weights.local(), args), schema(task)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -170,7 +170,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(decode_letterbox, fn_kwargs={"letterbox": p["letterbox"], "prefix": prefix},
                         batch_size=batch, num_cpus=LIGHT_CPUS, runtime_env=opts["runtime_env"])
-    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"model": job.model, "args": p["args"], "task": job.task},
+    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"weights": job.weights, "args": p["args"], "task": job.task},
                         batch_size=batch, concurrency=job.num_workers, num_cpus=opts["num_cpus"],
                         num_gpus=opts["num_gpus"], runtime_env=opts["runtime_env"])
     ds.write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})

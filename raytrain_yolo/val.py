@@ -19,7 +19,7 @@ from raytrain_yolo import preflight, storage
 from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
 from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.errors import UserError
-from raytrain_yolo.jobs import JobPlan, plan
+from raytrain_yolo.jobs import JobPlan, Weights, plan
 
 VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
 
@@ -47,7 +47,7 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     args = val_args(job.model, {**overrides, "data": data, "project": job.out_dir, "name": "ultralytics",
                                 "exist_ok": True})
     shard_fn = ray.remote(_validate_shard).options(**job.remote_options())
-    refs = [shard_fn.remote(job.model, {**args, "device": job.device}, (i, job.num_workers))
+    refs = [shard_fn.remote(job.weights, {**args, "device": job.device}, (i, job.num_workers))
             for i in range(job.num_workers)]
     results = ray.get(refs)
     yolo, merger = sharded_validator(job.model, {**args, "device": "cpu"}, None, results)
@@ -57,11 +57,11 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     return out
 
 
-def _validate_shard(model: str, args: dict, shard: tuple[int, int]) -> dict:
+def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int]) -> dict:
     """One Ray worker: Ultralytics' validator over this shard's batches; returns the raw statistics."""
     from raytrain_yolo.adapter import sharded_validator
 
-    yolo, validator = sharded_validator(model, args, shard)
+    yolo, validator = sharded_validator(weights.local(), args, shard)
     validator(model=yolo.model)
     return validator.shard_result
 

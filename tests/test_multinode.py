@@ -65,7 +65,7 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
             s3.upload_file(str(f), BUCKET, f"datasets/shapes/{f.relative_to(src)}")
     proc = cluster.fit("--cpu", "--num-workers", 2, f"data=s3://{BUCKET}/datasets/shapes/data.yaml",
                        f"epochs={EPOCHS}", "imgsz=64", "batch=16", "--storage-path", f"s3://{BUCKET}/runs",
-                       "--name", "place", "--tracking-uri", cluster.tracking_uri)
+                       "--name", "place", "--tracking-uri", cluster.tracking_uri, "--register-model", "shapes-mn")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = s3_summary(cluster, "place")
     assert s["world_size"] == 2 and s["epochs_completed"] == EPOCHS and not s["error"]
@@ -86,6 +86,16 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
     assert [m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0")] == list(range(1, EPOCHS + 1))
     stored = cluster.s3_keys("mlflow", "artifacts/")
     assert any(k.endswith(f"{run.info.run_id}/artifacts/weights/best.pt") for k in stored), stored[:20]
+    # The registered model predicts on the two worker nodes: the driver's download from the registry (in the
+    # head's own /tmp, which they cannot see) reaches them through Ray's object store.
+    pred = cluster.on_head(sys.executable, "-m", "raytrain_yolo.predict", "--cpu", "--num-workers", 2,
+                           "model=models:/shapes-mn/1", f"source=s3://{BUCKET}/datasets/shapes/images/val", "conf=0.001",
+                           "--output", f"s3://{BUCKET}/preds", "--storage-path", f"s3://{BUCKET}/runs", "--name", "preds",
+                           "--tracking-uri", cluster.tracking_uri)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    ps = json.loads(cluster.s3_text(BUCKET, "preds/_summary.json"))
+    assert ps["images"] == 8 and ps["workers"] == 2 and ps["model"].startswith("/tmp/"), ps
+    assert any(k.endswith(".parquet") for k in cluster.s3_keys(BUCKET, "preds/"))
 
 
 def test_preflight_refuses_what_only_one_node_sees(cluster):
