@@ -28,7 +28,7 @@ fi
 python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), sys.version)" >> "$OUT/gpu.txt"
 
 # The 4096-image set is made while the GPU tests run (the tests use their own tiny sets).
-python -c "from raytrain_yolo.config import SyntheticSpec as S; from raytrain_yolo.data import ensure_synthetic as e; \
+python -c "from raytrain_yolo.core.config import SyntheticSpec as S; from raytrain_yolo.data.synthetic import ensure_synthetic as e; \
 print(e(S(train=$IMAGES, val=256, imgsz=$IMGSZ, seed=0)))" > "$OUT/data.txt" 2>&1 &
 data_pid=$!
 

@@ -3,7 +3,7 @@
 # usage: experiments/predict-bench.sh CHECKPOINT.pt [IMAGES] [SIZE]   (prints one line per worker count)
 set -euo pipefail
 CK=$1; N=${2:-480}; SIZE=${3:-160}
-DIR=$(python -c "from raytrain_yolo.config import SyntheticSpec; from raytrain_yolo.data import ensure_synthetic; \
+DIR=$(python -c "from raytrain_yolo.core.config import SyntheticSpec; from raytrain_yolo.data.synthetic import ensure_synthetic; \
 print(ensure_synthetic(SyntheticSpec(train=$N, val=8, imgsz=$SIZE)).parent / 'images' / 'train')")
 OUT=$(mktemp -d)
 for W in 1 2; do

@@ -11,8 +11,8 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 
-from raytrain_yolo.augment import AugmentHyp
-from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+from raytrain_yolo.train.augment import AugmentHyp
+from raytrain_yolo.train.loader import DeviceDataset, DeviceLoader
 
 data_yaml, batch = sys.argv[1], int(sys.argv[2])
 imgsz = int(sys.argv[3]) if len(sys.argv) > 3 else 640

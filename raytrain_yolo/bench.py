@@ -29,9 +29,9 @@ from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec  # noqa: E402
-from raytrain_yolo.data import ensure_synthetic  # noqa: E402
-from raytrain_yolo.worker import IPS_KEY, ThroughputMeter  # noqa: E402
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec  # noqa: E402
+from raytrain_yolo.data.synthetic import ensure_synthetic  # noqa: E402
+from raytrain_yolo.train.worker import IPS_KEY, ThroughputMeter  # noqa: E402
 
 MODEL = "yolo26n.yaml"
 DEFAULTS = {"batch": 16, "workers": 8}  # Ultralytics' own defaults
@@ -86,7 +86,7 @@ class Bench:
     # 3. the same configurations through raytrain_yolo (Ray Train, one worker)
     def raytrain(self, label: str, batch: int, workers: int, extra: dict | None = None,
                  loader: str = "ultralytics") -> None:
-        from raytrain_yolo.launch import launch
+        from raytrain_yolo.train.launch import launch
 
         spec = RunSpec(
             train={**self.common, "batch": batch, "workers": workers, **(extra or {})},
@@ -119,7 +119,7 @@ class Bench:
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         model = trainer.model
         if ddp:
-            from raytrain_yolo.adapter import ddp_wrap
+            from raytrain_yolo.train.adapter import ddp_wrap
 
             _one_process_group(cuda)
             model = ddp_wrap(model, trainer.device.index, find_unused=ddp == "unused", static_graph=False)
@@ -154,8 +154,8 @@ class Bench:
         from ultralytics.data import build_yolo_dataset
         from ultralytics.data.utils import check_det_dataset
 
-        from raytrain_yolo.augment import AugmentHyp
-        from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+        from raytrain_yolo.train.augment import AugmentHyp
+        from raytrain_yolo.train.loader import DeviceDataset, DeviceLoader
 
         device = torch.device("cpu" if self.ns.cpu else "cuda", 0)
         cfg = get_cfg(overrides={**self.common, "batch": batch, "fraction": min(1.0, 2 * batch / self.ns.images)})
@@ -187,7 +187,7 @@ class Bench:
 
     # 5. what the tuner picks when given a few minutes
     def tuned(self) -> None:
-        from raytrain_yolo.tuning import SweepBudget, SweepSpace, run_sweep
+        from raytrain_yolo.sweep.throughput import SweepBudget, SweepSpace, run_sweep
 
         base = RunSpec(train={"data": self.data, "model": MODEL, "imgsz": self.ns.imgsz, "optimizer": "SGD"},
                        scaling=self._one_worker(),
@@ -207,7 +207,7 @@ class Bench:
 
     # 6. validation mAP after the same short training with each loader: same data, seed, epochs, batch
     def accuracy(self, loader: str) -> None:
-        from raytrain_yolo.launch import launch
+        from raytrain_yolo.train.launch import launch
 
         epochs = self.ns.map_epochs
         train = {**self.common, "batch": self.ns.big_batch, "workers": self.ns.max_workers, "epochs": epochs,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raytrain_yolo.cli import OneLineParser, add_run_flags, run_main, spec_from_args, stop_ray
+from raytrain_yolo.core.cli import OneLineParser, add_run_flags, run_main, spec_from_args, stop_ray
 
 EPILOG = """\
 Ultralytics training arguments go after the flags in Ultralytics' own key=value form, e.g.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
 
     def body() -> int:
-        from raytrain_yolo.launch import format_summary, launch
+        from raytrain_yolo.train.launch import format_summary, launch
 
         spec = spec_from_args(ns, ns.overrides)
         if ns.validate_untrained is not None:

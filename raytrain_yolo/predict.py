@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from raytrain_yolo import storage
-from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
-from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
-from raytrain_yolo.errors import UserError
-from raytrain_yolo.jobs import Weights, plan
-from raytrain_yolo.preflight import IMAGE_SUFFIXES
+from raytrain_yolo.core import storage
+from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
+from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.jobs import Weights, plan
+from raytrain_yolo.core.preflight import IMAGE_SUFFIXES
 
 LIGHT_CPUS = 0.1  # per read, letterbox and write task: light work that must fit beside the model actors
 LIGHT_RESERVE = 0.5  # CPUs a CPU-only cluster keeps free of model actors, for those tasks
@@ -94,7 +94,7 @@ def decode_letterbox(batch: dict[str, np.ndarray], letterbox: dict, prefix: str)
     """CPU stage: JPEG/PNG bytes -> BGR (as Ultralytics reads files) -> Ultralytics' letterbox."""
     import cv2
 
-    from raytrain_yolo.adapter import letterbox as apply_letterbox
+    from raytrain_yolo.train.adapter import letterbox as apply_letterbox
 
     images, shapes = [], []
     for data, path in zip(batch["bytes"], batch["path"]):
@@ -114,14 +114,14 @@ class ModelActor:
     """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
 
     def __init__(self, weights: Weights, args: dict, task: str):
-        from raytrain_yolo.adapter import BatchPredictor
+        from raytrain_yolo.train.adapter import BatchPredictor
 
         self.predict, self.schema = BatchPredictor(weights.local(), args), schema(task)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        from raytrain_yolo.adapter import result_rows
+        from raytrain_yolo.train.adapter import result_rows
 
         images, paths, hw = batch["image"], batch["path"], batch["orig_hw"]
         groups: dict[tuple, list[int]] = {}
@@ -159,7 +159,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
                allow_node_local=allow_node_local)
     out, (paths, fs, prefix) = found["out"], found["images"]
 
-    from raytrain_yolo.adapter import predict_args
+    from raytrain_yolo.train.adapter import predict_args
 
     p = predict_args(job.model, {**overrides, "device": job.device})
     opts = job.remote_options()

@@ -14,8 +14,8 @@ import sys
 
 import yaml
 
-from raytrain_yolo.cli import OneLineParser, add_run_flags, int_list, run_main, spec_from_args, stop_ray, str_list
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.cli import OneLineParser, add_run_flags, int_list, run_main, spec_from_args, stop_ray, str_list
+from raytrain_yolo.core.errors import UserError
 
 EPILOG = """\
 Each trial is a short real training run (same code path as fit) on your data (default: the embedded synthetic
@@ -75,7 +75,7 @@ def _bools(values):
 
 
 def space_and_budget(ns):
-    from raytrain_yolo.tuning import SweepBudget, SweepSpace
+    from raytrain_yolo.sweep.throughput import SweepBudget, SweepSpace
 
     raw = {}
     if ns.space:
@@ -107,7 +107,7 @@ def space_and_budget(ns):
     for amp in space.amp:
         if amp not in ("fp16", "bf16", "fp32"):
             raise UserError(f"--amp value '{amp}' is not one of fp16, bf16, fp32")
-    from raytrain_yolo.config import LOADERS
+    from raytrain_yolo.core.config import LOADERS
 
     for loader in space.loader:
         if loader not in LOADERS:
@@ -123,15 +123,15 @@ def space_and_budget(ns):
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.objective == "map":
-        from raytrain_yolo import hpo
+        from raytrain_yolo.sweep import accuracy
 
-        return run_main(lambda: hpo.main(ns), ns.debug)
+        return run_main(lambda: accuracy.main(ns), ns.debug)
     for flag in ("trials", "scheduler", "metric", "grace_epochs", "perturbation_epochs"):
         if getattr(ns, flag) is not None:
             build_parser().error(f"--{flag.replace('_', '-')} belongs to the accuracy sweep: add --objective map")
 
     def body() -> int:
-        from raytrain_yolo.tuning import format_table, run_sweep
+        from raytrain_yolo.sweep.throughput import format_table, run_sweep
 
         spec = spec_from_args(ns, ns.overrides)
         space, budget = space_and_budget(ns)

@@ -15,11 +15,11 @@ import json
 import sys
 from typing import Any
 
-from raytrain_yolo import preflight, storage
-from raytrain_yolo.cli import OneLineParser, add_job_flags, run_main, stop_ray
-from raytrain_yolo.config import ScalingSpec, parse_key_values, validate_train_args
-from raytrain_yolo.errors import UserError
-from raytrain_yolo.jobs import JobPlan, Weights, plan
+from raytrain_yolo.core import preflight, storage
+from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
+from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.jobs import JobPlan, Weights, plan
 
 VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
 
@@ -42,7 +42,7 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     job = plan(model, scaling or ScalingSpec(), storage_path, name, "val", tracking_uri, wait_s, check,
                allow_node_local=allow_node_local)
 
-    from raytrain_yolo.adapter import sharded_validator, val_args
+    from raytrain_yolo.train.adapter import sharded_validator, val_args
 
     args = val_args(job.model, {**overrides, "data": data, "project": job.out_dir, "name": "ultralytics",
                                 "exist_ok": True})
@@ -59,7 +59,7 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
 
 def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int]) -> dict:
     """One Ray worker: Ultralytics' validator over this shard's batches; returns the raw statistics."""
-    from raytrain_yolo.adapter import sharded_validator
+    from raytrain_yolo.train.adapter import sharded_validator
 
     yolo, validator = sharded_validator(weights.local(), args, shard)
     validator(model=yolo.model)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from ultralytics.utils.ops import xywh2xyxy
 
-from raytrain_yolo.augment import AugmentHyp, Draws, augment, hsv_jitter, layout, perspective_matrix, transform_labels, warp
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
-from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
+from raytrain_yolo.train.augment import AugmentHyp, Draws, augment, hsv_jitter, layout, perspective_matrix, transform_labels, warp
+from raytrain_yolo.train.loader import DeviceDataset, DeviceLoader
 
 S = 96  # imgsz
 
@@ -258,7 +258,7 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
 
 
 def test_a_dataset_too_big_for_device_memory_is_refused_with_the_fix():
-    from raytrain_yolo.loader import check_fits
+    from raytrain_yolo.train.loader import check_fits
 
     check_fits(16, 96, torch.device("cpu"))
     with pytest.raises(MemoryError, match="--loader ultralytics"):
@@ -267,7 +267,7 @@ def test_a_dataset_too_big_for_device_memory_is_refused_with_the_fix():
 
 def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
     """Images of several aspect ratios (so gray padding must be reset per chunk), loaded 3 at a time."""
-    import raytrain_yolo.loader as loader_mod
+    import raytrain_yolo.train.loader as loader_mod
 
     whole = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
     monkeypatch.setattr(loader_mod, "LOAD_CHUNK", 3)  # 8 images: chunks of 3, 3 and 2
@@ -281,7 +281,7 @@ def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
 
 
 def test_chunked_warp_gives_the_same_batch(rects_yaml, monkeypatch):
-    import raytrain_yolo.augment as aug
+    import raytrain_yolo.train.augment as aug
 
     ds = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
     idx = torch.arange(20) % len(ds)

@@ -295,8 +295,8 @@ def test_runtime_env_yaml_is_a_valid_runtime_env():
 def test_rayjob_entrypoint_is_a_valid_fit_command():
     """The RayJob's entrypoint, read by the real `fit` parser and checked as `fit` checks it (no cluster needed)."""
     from raytrain_yolo import fit
-    from raytrain_yolo.cli import spec_from_args
-    from raytrain_yolo.config import check_batch, resolve_train_args
+    from raytrain_yolo.core.cli import spec_from_args
+    from raytrain_yolo.core.config import check_batch, resolve_train_args
 
     job = next(d for d in yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()) if d and d.get("kind") == "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -443,8 +443,8 @@ def test_predict_as_a_job(head, task_run, tmp_path):
     import pyarrow.parquet as pq
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from raytrain_yolo.config import SyntheticSpec
-    from raytrain_yolo.data import ensure_synthetic
+    from raytrain_yolo.core.config import SyntheticSpec
+    from raytrain_yolo.data.synthetic import ensure_synthetic
     from test_predict import CONF, assert_same_objects, by_image, ultralytics_objects
 
     _, s = task_run("detect")

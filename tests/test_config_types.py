@@ -8,8 +8,8 @@ import typing
 import pytest
 
 from conftest import run_cli
-from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
+from raytrain_yolo.core.errors import UserError
 
 
 def test_a_quoted_number_ends_at_once_with_one_line(tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import load_summary, run_cli, total_train_loss
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 N_TRAIN = 99  # odd on purpose: the DistributedSampler pads one index to split it over 2 ranks
 EPOCHS = 4
@@ -105,7 +105,7 @@ def test_two_gloo_ranks_give_the_one_rank_gradient(ddp_run, tmp_path):
         import ray.train
         import ray.train.torch
 
-        from raytrain_yolo.adapter import trainer_class, unwrap
+        from raytrain_yolo.train.adapter import trainer_class, unwrap
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_for
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 MOTO = Path(sys.executable).parent / "moto_server"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
@@ -57,8 +57,8 @@ def upload(client, src: Path, prefix: str) -> None:
 
 
 def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
-    from raytrain_yolo.datasync import localize
-    from raytrain_yolo.preflight import check_data
+    from raytrain_yolo.core.preflight import check_data
+    from raytrain_yolo.data.sync import localize
 
     monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
     src = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)).parent
@@ -87,8 +87,8 @@ def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
 
 
 def test_missing_dataset_is_one_line(s3, tmp_path, monkeypatch):
-    from raytrain_yolo.datasync import localize
-    from raytrain_yolo.errors import UserError
+    from raytrain_yolo.core.errors import UserError
+    from raytrain_yolo.data.sync import localize
 
     monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
     with pytest.raises(UserError, match="not found"):
@@ -99,7 +99,7 @@ def test_a_shared_filesystem_dataset_is_copied_once_with_a_file_uri(tmp_path, mo
     """`data=file:///shared/.../data.yaml`: the same copy-once path as object storage, for an NFS-style mount."""
     import shutil
 
-    from raytrain_yolo.datasync import localize
+    from raytrain_yolo.data.sync import localize
 
     shared = tmp_path / "shared" / "shapes"
     shutil.copytree(ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)).parent, shared)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from raytrain_yolo.cli import spec_from_args
-from raytrain_yolo.config import RunSpec, ScalingSpec
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.cli import spec_from_args
+from raytrain_yolo.core.config import RunSpec, ScalingSpec
+from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.fit import build_parser
-from raytrain_yolo.launch import build_trainer, validate
+from raytrain_yolo.train.launch import build_trainer, validate
 
 ARGS = {"batch": 16, "epochs": 1, "model": "yolo26n.yaml"}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import free_port, mlflow_runs, run_cli
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 HANG = 90  # seconds: a case still running by then is a hang (a failure), not a slow success
 

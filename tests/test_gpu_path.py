@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from conftest import load_summary, run_cli, total_train_loss
-from raytrain_yolo.augment import AugmentHyp, augment
-from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
-from raytrain_yolo.data import ensure_synthetic
-from raytrain_yolo.loader import DeviceDataset, DeviceLoader
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
+from raytrain_yolo.train.augment import AugmentHyp, augment
+from raytrain_yolo.train.loader import DeviceDataset, DeviceLoader
 
 S = 64
 N = 24
@@ -82,7 +82,7 @@ def test_set_epoch_still_names_the_epoch(device_dataset):
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("loader", ["device", "ultralytics"])
 def test_one_worker_fit_traces_the_orders_it_really_trained_on(tmp_path, loader):
-    from raytrain_yolo.launch import launch
+    from raytrain_yolo.train.launch import launch
 
     epochs, n = 2, 32
     spec = RunSpec(train={"epochs": epochs, "batch": 8, "imgsz": S, "close_mosaic": 0},
@@ -105,7 +105,7 @@ def test_one_worker_fit_traces_the_orders_it_really_trained_on(tmp_path, loader)
 def test_an_ultralytics_without_the_adapted_methods_is_refused(monkeypatch):
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    import raytrain_yolo.adapter as adapter
+    import raytrain_yolo.train.adapter as adapter
 
     renamed = type("RenamedTrainer", (DetectionTrainer,), {"_build_train_pipeline": None})
     monkeypatch.setitem(adapter.TASK_TRAINERS, "detect", renamed)
@@ -136,7 +136,7 @@ def test_ddp_wrap_gives_the_gradient_of_the_plain_module():
     import torch.distributed as dist
 
     from conftest import free_port
-    from raytrain_yolo.adapter import ddp_wrap
+    from raytrain_yolo.train.adapter import ddp_wrap
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

@@ -29,8 +29,8 @@ SPACE = {"lr0": {"choices": [0.002, 0.5]}, "fliplr": [0.0, 1.0], "warmup_epochs"
 
 SEED_SCRIPT = """
 import shutil, sys
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 from ultralytics import YOLO
 data = ensure_synthetic(SyntheticSpec(train=128, val=16, imgsz=64))
 YOLO("yolo26n.yaml").train(data=str(data), imgsz=64, epochs=14, batch=16, nbs=16, optimizer="SGD", lr0=0.02,
@@ -77,7 +77,7 @@ def test_default_space_is_ultralytics_own():
     """The default ranges are read from the installed Ultralytics tuner, not remembered."""
     from ultralytics.engine.tuner import Tuner
 
-    from raytrain_yolo.hpo import ULTRALYTICS_SPACE
+    from raytrain_yolo.sweep.accuracy import ULTRALYTICS_SPACE
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(Tuner.__init__)))
     space = next(n.value.values[-1] for n in ast.walk(tree)
@@ -88,7 +88,7 @@ def test_default_space_is_ultralytics_own():
 
 def plan(tmp_path, *args):
     """The sweep's whole preflight, in-process: what the command line checks before Ray starts."""
-    from raytrain_yolo.hpo import plan_from_args
+    from raytrain_yolo.sweep.accuracy import plan_from_args
     from raytrain_yolo.tune import build_parser
 
     return plan_from_args(build_parser().parse_args(["--objective", "map", "--storage-path", str(tmp_path),
@@ -102,7 +102,7 @@ def plan(tmp_path, *args):
     ({"epochs": [1, 5]}, ("epochs", "epochs=N")),
 ])
 def test_bad_space_is_one_line(tmp_path, space, words):
-    from raytrain_yolo.errors import UserError
+    from raytrain_yolo.core.errors import UserError
 
     with pytest.raises(UserError) as e:
         plan(tmp_path, "--space", write_space(tmp_path, space))
@@ -110,7 +110,7 @@ def test_bad_space_is_one_line(tmp_path, space, words):
 
 
 def test_bad_metric_is_one_line(tmp_path):
-    from raytrain_yolo.errors import UserError
+    from raytrain_yolo.core.errors import UserError
 
     with pytest.raises(UserError, match=r"--metric mAP75 is not a detect validation metric: use one of fitness, "):
         plan(tmp_path, "--space", write_space(tmp_path), "--metric", "mAP75")
@@ -130,7 +130,7 @@ def test_a_user_error_ends_the_command_before_ray_starts(tmp_path):
 def test_same_name_with_another_space_is_refused(asha, seed_model, tmp_path):
     """Tune restores a sweep as it was started: a rerun of --name asha that asks for something else must say
     so in its preflight, before any training, instead of silently continuing the old sweep."""
-    from raytrain_yolo.errors import UserError
+    from raytrain_yolo.core.errors import UserError
 
     storage = asha[1]
     same = ("--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1, *DATA, f"epochs={EPOCHS}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from raytrain_yolo import preflight
+from raytrain_yolo.core import preflight
 
 
 def test_probe_names_the_first_input_a_node_lacks(tmp_path):

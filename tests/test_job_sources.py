@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_summary, run_cli
-from raytrain_yolo.config import ScalingSpec
+from raytrain_yolo.core.config import ScalingSpec
 from test_datasync import s3, upload  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.usefixtures("s3")  # first: the local Ray's workers inherit its endpoint and keys

@@ -23,8 +23,8 @@ import yaml
 
 from conftest import mlflow_runs, wait_for
 from multinode import BIN, ROOT, start_cluster, stop_cluster, why_not_supported
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 pytestmark = pytest.mark.skipif(why_not_supported() is not None, reason=str(why_not_supported()))
 
@@ -108,8 +108,8 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "tracking server" in last and "--allow-node-local" in last, proc.stderr[-2000:]
     # A dataset that exists on the head's disk only.
-    make = cluster.on_head(sys.executable, "-c", "from raytrain_yolo.config import SyntheticSpec; "
-                           "from raytrain_yolo.data import ensure_synthetic; "
+    make = cluster.on_head(sys.executable, "-c", "from raytrain_yolo.core.config import SyntheticSpec; "
+                           "from raytrain_yolo.data.synthetic import ensure_synthetic; "
                            "print(ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)))",
                            env={"RAYTRAIN_YOLO_CACHE": "/tmp/head-only"})
     assert make.returncode == 0, make.stderr[-2000:]
@@ -123,8 +123,8 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     shared = cluster.shared
     probe = cluster.on_head(sys.executable, "-c", f"""
 import json, ray
-from raytrain_yolo.config import RunSpec
-from raytrain_yolo.preflight import check_nodes
+from raytrain_yolo.core.config import RunSpec
+from raytrain_yolo.core.preflight import check_nodes
 ray.init(address="auto", logging_level="ERROR")
 spec = RunSpec(storage_path="{shared}/runs", name="probe")
 answers = check_nodes(spec, None, "sqlite:///{shared}/mlflow.db")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 N_IMAGES = 240
 CONF = 0.001  # low: a 2-epoch model is unsure of everything, and the comparison needs objects
@@ -20,7 +20,7 @@ SLACK = 1e-4  # objects this close to CONF may fall on either side of it in one 
 def ultralytics_objects(model: str, source, **kw) -> dict[str, list[dict]]:
     from ultralytics import YOLO
 
-    from raytrain_yolo.adapter import result_rows
+    from raytrain_yolo.train.adapter import result_rows
 
     out = {}
     for r in YOLO(model).predict(source=source, conf=CONF, device="cpu", verbose=False, stream=True, **kw):
@@ -82,7 +82,7 @@ def test_predict_cli_on_two_workers_equals_ultralytics(task_run, images, tmp_pat
 def test_predict_library_call_for_every_task(task_run, ray_local, task, keys, tmp_path):
     import pyarrow.parquet as pq
 
-    from raytrain_yolo.config import ScalingSpec
+    from raytrain_yolo.core.config import ScalingSpec
     from raytrain_yolo.predict import predict
 
     _, s = task_run(task)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import total_train_loss
-from raytrain_yolo.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
-from raytrain_yolo.launch import launch
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
+from raytrain_yolo.train.launch import launch
 
 
 def small_spec(storage, name: str, workers: int) -> RunSpec:

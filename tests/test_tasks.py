@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from conftest import run_cli, total_train_loss
-from raytrain_yolo import preflight
-from raytrain_yolo.config import SyntheticSpec
-from raytrain_yolo.data import ensure_synthetic
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core import preflight
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 TASK_KEYS = {
     "pose": ("metrics/mAP50(P)", "metrics/mAP50-95(P)", "train/pose_loss"),

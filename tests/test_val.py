@@ -40,7 +40,7 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
 
 @pytest.mark.parametrize("task", ["pose", "segment", "obb"])
 def test_val_library_call_equals_ultralytics_for_every_task(task_run, ray_local, task, tmp_path):
-    from raytrain_yolo.config import ScalingSpec
+    from raytrain_yolo.core.config import ScalingSpec
     from raytrain_yolo.val import validate
 
     _, s = task_run(task)

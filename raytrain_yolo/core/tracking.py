@@ -17,9 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from raytrain_yolo.config import RunSpec
-from raytrain_yolo.errors import UserError
-from raytrain_yolo.storage import is_uri as storage_is_uri
+from raytrain_yolo.core.config import RunSpec
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.storage import is_uri as storage_is_uri
 
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
 SENTINEL_METRIC = "lr/pg0"  # logged every epoch: its steps tell which epochs MLflow has

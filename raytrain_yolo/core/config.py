@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.errors import UserError
 
 SYNTHETIC = "synthetic"  # the `data=` value that selects the embedded synthetic dataset
 
@@ -307,7 +307,7 @@ def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> None:
     if loader == "device":
         if task != "detect":
             raise UserError(f"--loader device augments detection boxes only, not task={task}: use --loader ultralytics")
-        from raytrain_yolo.augment import unsupported
+        from raytrain_yolo.train.augment import unsupported
 
         bad = unsupported(train_args)
         if bad:

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from raytrain_yolo.config import SearchDim
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.config import SearchDim
+from raytrain_yolo.core.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_LABEL_FILES = 50_000  # label scan bound: enough for the datasets people start with, seconds of I/O
@@ -194,7 +194,7 @@ def check_space(raw: Any, where: str, num_workers: int | None) -> dict[str, Sear
     Each bound and choice must pass Ultralytics' own argument checks."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    from raytrain_yolo.config import check_batch, validate_train_args
+    from raytrain_yolo.core.config import check_batch, validate_train_args
 
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{where} must map Ultralytics arguments to ranges, e.g. lr0: [1.0e-5, 1.0e-2]")
@@ -286,7 +286,7 @@ def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: l
 
     import ray
 
-    from raytrain_yolo import storage
+    from raytrain_yolo.core import storage
 
     seen = {}
     for what, path in probes.items():
@@ -334,7 +334,7 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raytrain_yolo import storage
+    from raytrain_yolo.core import storage
 
     here = ray.get_runtime_context().get_node_id()
     others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]

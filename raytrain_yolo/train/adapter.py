@@ -74,7 +74,7 @@ class RayTrainerMixin:
         if world_size != max(WORLD_SIZE, 1) or (world_size > 1 and expected < 0):
             raise RuntimeError(
                 f"Ultralytics was imported before Ray set WORLD_SIZE (sees {WORLD_SIZE}, Ray has {world_size}); "
-                "import raytrain_yolo.adapter only inside the training function"
+                "import raytrain_yolo.train.adapter only inside the training function"
             )
         overrides = dict(overrides)
         overrides["device"] = "cpu" if device.type == "cpu" else f"{device.type}:{device.index}"
@@ -136,7 +136,7 @@ class DeviceLoaderMixin:
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         if mode != "train":
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
-        from raytrain_yolo.loader import build
+        from raytrain_yolo.train.loader import build
 
         return build(self, dataset_path, batch_size)
 

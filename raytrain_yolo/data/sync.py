@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import yaml
 
-from raytrain_yolo.data import cache_root
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.data.synthetic import cache_root
 
 LISTING = ".raytrain-listing.json"
 

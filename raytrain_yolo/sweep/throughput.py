@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from raytrain_yolo import storage
-from raytrain_yolo.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
-from raytrain_yolo.errors import UserError
-from raytrain_yolo.worker import IPS_KEY
+from raytrain_yolo.core import storage
+from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
 TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "deterministic")
@@ -126,8 +126,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raytrain_yolo.cli import root_cause
-    from raytrain_yolo.launch import launch
+    from raytrain_yolo.core.cli import root_cause
+    from raytrain_yolo.train.launch import launch
 
     base = RunSpec.from_dict(config["base"])
     budget = SweepBudget(**config["budget"])
@@ -170,7 +170,7 @@ def summarize_trial(result, knobs_present: list[str], budget: SweepBudget) -> di
     if status_rec:
         row["status"], row["reason"] = status_rec["status"], status_rec.get("reason")
     elif result.error:
-        from raytrain_yolo.cli import root_cause
+        from raytrain_yolo.core.cli import root_cause
 
         row["status"], row["reason"] = "failed", root_cause(result.error)[:300]
     elif len(ips) >= budget.windows:
@@ -186,8 +186,8 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raytrain_yolo.launch import LOCAL_CPU_WORKERS, connect_ray, resolve_scaling
-    from raytrain_yolo.tracking import RunTracker, resolve_uri
+    from raytrain_yolo.core.tracking import RunTracker, resolve_uri
+    from raytrain_yolo.train.launch import LOCAL_CPU_WORKERS, connect_ray, resolve_scaling
 
     connect_ray(base.verbose)
     base.name = check_name(base.name or default_name("tune"))

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytrain_yolo import console, datasync, preflight, storage
-from raytrain_yolo.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
-from raytrain_yolo.errors import UserError
-from raytrain_yolo.tracking import RunTracker, check_reachable, resolve_uri
+from raytrain_yolo.core import console, preflight, storage
+from raytrain_yolo.core.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
+from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.tracking import RunTracker, check_reachable, resolve_uri
+from raytrain_yolo.data import sync
 
 # Environment every worker gets (the user's value when set): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
@@ -160,7 +161,7 @@ def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     if not spec.is_synthetic:
         data = str(train_args["data"])
         if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy
-            preflight.check_data(datasync.localize(data), task, spec.allow_bad_labels)
+            preflight.check_data(sync.localize(data), task, spec.allow_bad_labels)
         else:
             train_args["data"] = str(Path(data).expanduser().resolve())
             preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
@@ -197,7 +198,7 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytrain_yolo.worker import train_loop_per_worker
+    from raytrain_yolo.train.worker import train_loop_per_worker
 
     s = spec.scaling
     if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
@@ -326,14 +327,14 @@ def untrained_metrics(spec: RunSpec, train_args: dict[str, Any], task: str = "de
     """Validate the model before any training step, on the driver, so the summary can show what training bought."""
     from ultralytics import YOLO
 
-    from raytrain_yolo.adapter import keep_offline
-    from raytrain_yolo.data import ensure_synthetic
+    from raytrain_yolo.data.synthetic import ensure_synthetic
+    from raytrain_yolo.train.adapter import keep_offline
 
     keep_offline()
 
     data = str(ensure_synthetic(spec.synthetic, task)) if spec.is_synthetic else train_args["data"]
     if storage.is_uri(data):
-        data = datasync.localize(data)
+        data = sync.localize(data)
     model = YOLO(train_args["model"])
     metrics = model.val(
         data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0

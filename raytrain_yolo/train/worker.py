@@ -23,9 +23,9 @@ import ray.util
 import torch
 import torch.distributed as dist
 
-from raytrain_yolo.config import RunSpec
-from raytrain_yolo.console import capture_process_output
-from raytrain_yolo.data import ensure_synthetic
+from raytrain_yolo.core.config import RunSpec
+from raytrain_yolo.core.console import capture_process_output
+from raytrain_yolo.data.synthetic import ensure_synthetic
 
 IPS_KEY = "throughput/images_per_second"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
@@ -242,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if spec.is_synthetic:
         args["data"] = str(ensure_synthetic(spec.synthetic, config["task"]))
     elif "://" in args["data"]:  # object storage: this node's local copy, made once per node
-        from raytrain_yolo.datasync import localize
+        from raytrain_yolo.data.sync import localize
 
         args["data"] = localize(args["data"])
     elif not Path(args["data"]).is_file():
@@ -257,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
                 "save_dir": str(save_dir), "device_name": None, "data": args["data"]} if rank == 0 else None
 
-    from raytrain_yolo.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
+    from raytrain_yolo.train.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
 
     keep_offline()
 
@@ -273,7 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     reporter = Reporter(spec, meter, rank, history=state["history"] if state else None)
     logger = None
     if rank == 0 and config.get("tracking"):
-        from raytrain_yolo.tracking import EpochLogger
+        from raytrain_yolo.core.tracking import EpochLogger
 
         t = config["tracking"]
         logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.errors import UserError
 
 
 def is_uri(path: str) -> bool:

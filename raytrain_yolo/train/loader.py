@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from raytrain_yolo.augment import GRAY, AugmentHyp, Labels, augment
+from raytrain_yolo.train.augment import GRAY, AugmentHyp, Labels, augment
 
 STORE_FRACTION = 0.5  # of free device memory the decoded images may take
 LOAD_CHUNK = 256  # images decoded into host memory before each copy to the device

@@ -8,8 +8,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from raytrain_yolo.config import RunSpec, load_config_file, parse_key_values
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core.config import RunSpec, load_config_file, parse_key_values
+from raytrain_yolo.core.errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raytrain_yolo.config import SyntheticSpec
+from raytrain_yolo.core.config import SyntheticSpec
 
 CLASSES = ("square", "circle", "triangle")
 OBB_CLASSES = ("rectangle", "ellipse", "triangle")

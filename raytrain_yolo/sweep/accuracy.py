@@ -31,9 +31,9 @@ from typing import Any
 import yaml
 from ray.train.v2.api.callback import UserCallback
 
-from raytrain_yolo import storage
-from raytrain_yolo.config import RunSpec, SearchDim, default_name
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core import storage
+from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
+from raytrain_yolo.core.errors import UserError
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -100,9 +100,9 @@ class HpoPlan:
 
 def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
-    from raytrain_yolo.cli import spec_from_args
-    from raytrain_yolo.launch import validate
-    from raytrain_yolo.preflight import check_metric, check_space
+    from raytrain_yolo.core.cli import spec_from_args
+    from raytrain_yolo.core.preflight import check_metric, check_space
+    from raytrain_yolo.train.launch import validate
 
     for flag in THROUGHPUT_ONLY:
         if getattr(ns, flag, None) not in (None, False):
@@ -234,7 +234,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from raytrain_yolo.launch import launch
+    from raytrain_yolo.train.launch import launch
 
     hyp = {k: _plain(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
@@ -293,7 +293,7 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     """
     from ray import tune
 
-    from raytrain_yolo.tuning import TRIAL_RESOURCE_GRACE_S
+    from raytrain_yolo.sweep.throughput import TRIAL_RESOURCE_GRACE_S
 
     spec = RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)})
     trials_dir = f"{base.run_dir}/trials"
@@ -375,7 +375,7 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    from raytrain_yolo.tuning import TRIAL_DRIVER_CPU
+    from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU
 
     domains = tune_domains(plan)
     sweep = {"scheduler": plan.scheduler}
@@ -421,8 +421,8 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
     trial driver: on a small CPU machine the workers get what is left, see tuning.py)."""
     import ray
 
-    from raytrain_yolo.launch import resolve_scaling
-    from raytrain_yolo.tuning import TRIAL_DRIVER_CPU
+    from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU
+    from raytrain_yolo.train.launch import resolve_scaling
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
@@ -438,8 +438,8 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
 
 def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
     """Run (or resume) the sweep; write results.parquet, best.yaml, best.pt and map.png under `<storage>/<name>/`."""
-    from raytrain_yolo.launch import connect_ray
-    from raytrain_yolo.tracking import RunTracker
+    from raytrain_yolo.core.tracking import RunTracker
+    from raytrain_yolo.train.launch import connect_ray
 
     connect_ray()
     concurrent = fit_resources(spec, plan)
@@ -478,7 +478,7 @@ def _num(v) -> float:
 
 def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
     """One row: hyperparameters (the last ones, under PBT), epochs reached, the metric's best and final."""
-    from raytrain_yolo.cli import root_cause
+    from raytrain_yolo.core.cli import root_cause
 
     row: dict[str, Any] = {"trial": Path(result.path).name if result.path else None}
     row.update({k: _plain(result.config.get(k)) for k in plan.searched})
@@ -543,7 +543,7 @@ def close_trial_runs(spec: RunSpec, rows: list[dict]) -> None:
     """Trials that Ray stopped or that failed could not end their own MLflow runs: end them with the reason.
     A trial that the scheduler stopped may have ended its run FAILED on the way out (its Train controller died
     with it): that run is FINISHED too, tagged `stopped early`."""
-    from raytrain_yolo.tracking import end_open_run, resolve_uri
+    from raytrain_yolo.core.tracking import end_open_run, resolve_uri
 
     uri = resolve_uri(spec)
     for r in rows:
@@ -633,7 +633,7 @@ def format_table(rows: list[dict], plan: HpoPlan) -> str:
 
 def main(ns) -> int:
     """The body of `tune --objective map` (called by tune.main inside run_main)."""
-    from raytrain_yolo.cli import stop_ray
+    from raytrain_yolo.core.cli import stop_ray
 
     spec, plan = plan_from_args(ns)
     result = run_search(spec, plan)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from raytrain_yolo import preflight
-from raytrain_yolo.config import RunSpec, ScalingSpec, check_name, default_name
-from raytrain_yolo.errors import UserError
+from raytrain_yolo.core import preflight
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, check_name, default_name
+from raytrain_yolo.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class JobPlan:
 
     def remote_options(self) -> dict:
         """Ray options for one worker (task or actor)."""
-        from raytrain_yolo.launch import WORKER_ENV_DEFAULTS, WORKER_ENV_PASSTHROUGH
+        from raytrain_yolo.train.launch import WORKER_ENV_DEFAULTS, WORKER_ENV_PASSTHROUGH
 
         env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
         env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
@@ -82,7 +82,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
     """A local .pt path; `models:/NAME/VERSION` (a model `fit --register-model` registered) is downloaded first."""
     if not str(model).startswith("models:/"):
         return str(Path(model).expanduser().resolve()) if str(model).endswith(".pt") else str(model)
-    from raytrain_yolo.tracking import check_reachable, resolve_uri
+    from raytrain_yolo.core.tracking import check_reachable, resolve_uri
 
     uri = resolve_uri(RunSpec.from_dict({"tracking": {"uri": tracking_uri}}))
     check_reachable(uri)
@@ -113,8 +113,8 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     write to ('' for none); then join Ray, fit the workers to the cluster (fit's rules and messages), and make
     sure every node sees those paths and that folder (preflight.check_nodes, as for fit). The model is not
     among them: it reaches the workers through the object store (`Weights`)."""
-    from raytrain_yolo import storage
-    from raytrain_yolo.launch import connect_ray, resolve_scaling, worker_env
+    from raytrain_yolo.core import storage
+    from raytrain_yolo.train.launch import connect_ray, resolve_scaling, worker_env
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
