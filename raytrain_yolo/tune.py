@@ -1,7 +1,7 @@
 """`python -m raytrain_yolo.tune`: find the configuration that trains fastest here, in images/s.
 
     python -m raytrain_yolo.tune --batch 32,64,128 --workers 4,8 --amp fp16,bf16 --cache none,ram
-    python -m raytrain_yolo.tune --objective map --trials 20 --num-workers 2 epochs=30 data=...   # best mAP (hpo.py)
+    python -m raytrain_yolo.tune --objective map --trials 20 --num-workers 2 epochs=30 data=...   # best mAP (sweep/accuracy.py)
     python -m raytrain_yolo.tune --space experiments/tune-gpu.yaml data=/data/mydata/data.yaml
     python -m raytrain_yolo.fit --config runs/raytrain/<name>/best.yaml      # train with the winner
 """

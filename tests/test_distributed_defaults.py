@@ -8,7 +8,8 @@ from raytrain_yolo.core.cli import spec_from_args
 from raytrain_yolo.core.config import RunSpec, ScalingSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.fit import build_parser
-from raytrain_yolo.train.launch import build_trainer, validate
+from raytrain_yolo.core.preflight import check_run
+from raytrain_yolo.train.launch import build_trainer
 
 ARGS = {"batch": 16, "epochs": 1, "model": "yolo26n.yaml"}
 
@@ -37,7 +38,7 @@ def test_bad_values_are_one_line(tmp_path):
                         (["--resize-check", "-1"], "--resize-check")):
         spec = spec_from_args(build_parser().parse_args([*argv, "--storage-path", str(tmp_path)]), [])
         with pytest.raises(UserError, match=words):
-            validate(spec)
+            check_run(spec)
 
 
 def test_allow_node_local_flag():

@@ -15,7 +15,7 @@ import yaml
 from conftest import load_summary, mlflow_runs, run_cli
 from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
 from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.train.launch import prepare
+from raytrain_yolo.core.preflight import prepare
 
 
 def test_default_tune_without_num_workers_completes(tmp_path):

@@ -65,12 +65,10 @@ class JobPlan:
 
     def remote_options(self) -> dict:
         """Ray options for one worker (task or actor)."""
-        from raytrain_yolo.train.launch import WORKER_ENV_DEFAULTS, WORKER_ENV_PASSTHROUGH
+        from raytrain_yolo.core.cluster import worker_env
 
-        env = {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
-        env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
         return {"num_cpus": self.cpus_per_worker, "num_gpus": 1 if self.use_gpu else 0,
-                "runtime_env": {"env_vars": env}}
+                "runtime_env": {"env_vars": worker_env()}}
 
     @property
     def device(self) -> str:
@@ -114,7 +112,8 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     sure every node sees those paths and that folder (preflight.check_nodes, as for fit). The model is not
     among them: it reaches the workers through the object store (`Weights`)."""
     from raytrain_yolo.core import storage
-    from raytrain_yolo.train.launch import connect_ray, resolve_scaling, worker_env
+    from raytrain_yolo.core.cluster import connect_ray, worker_env
+    from raytrain_yolo.core.preflight import resolve_scaling
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")

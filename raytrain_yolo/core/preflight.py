@@ -1,17 +1,30 @@
-"""Checks of the dataset and the model on the driver, before Ray starts: a clear line instead of a traceback
-deep inside a worker an hour later. Nothing here downloads anything."""
+"""The one preflight pass every job calls, so that a bad request fails in one clear line before any work starts,
+instead of deep inside a worker an hour later. Nothing here downloads anything.
+
+- `check_run(spec)`: what needs no Ray: arguments, model, dataset and labels, storage, the tracking server;
+- `resolve_scaling(spec)`: the workers fitted to the cluster's free CPUs/GPUs (Ray would wait for them forever);
+- `check_nodes(...)`: on more than one node, what every node must see (storage, data, tracking), from the nodes;
+- `prepare(spec)`: all three, in that order, for `fit`; val/predict (core/jobs.py) and the sweeps call the parts.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from raytrain_yolo.core.config import SearchDim
+from raytrain_yolo.core import storage
+from raytrain_yolo.core.cluster import connect_ray, worker_env
+from raytrain_yolo.core.config import (RunSpec, SearchDim, check_batch, check_loader, check_name, default_name,
+                                       resolve_train_args)
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.tracking import check_reachable, resolve_uri
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+LOCAL_CPU_WORKERS = 2
+EPS = 1e-6  # Ray reports fractional CPUs as floats (1.9000000000000001)
 MAX_LABEL_FILES = 50_000  # label scan bound: enough for the datasets people start with, seconds of I/O
 
 
@@ -286,8 +299,6 @@ def probe_node(probes: dict[str, str], token: str, data: str | None, uri_dirs: l
 
     import ray
 
-    from raytrain_yolo.core import storage
-
     seen = {}
     for what, path in probes.items():
         try:
@@ -333,8 +344,6 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from raytrain_yolo.core import storage
 
     here = ray.get_runtime_context().get_node_id()
     others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
@@ -394,3 +403,112 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
                 "ranks to 127.0.0.1: set GLOO_SOCKET_IFNAME to the network interface of the node's IP on every "
                 f"node, or fix the host name's address{skip}")
     return answers
+
+
+# --- The workers against the cluster's free resources, and the whole pass ----------------------------------
+
+
+def resolve_scaling(spec: RunSpec, extra_cpus: float = 0.0) -> RunSpec:
+    """Fill in GPU/CPU and worker count from the cluster; refuse what its free resources cannot hold now.
+
+    Ray would otherwise wait for the workers without end. `extra_cpus`: CPUs the job needs besides its
+    workers (a tune trial's driver). A cluster that is busy or still scaling up is waited for only when asked
+    (`--wait-for-resources SECONDS`). Inside a Ray Tune trial, the free resources already exclude what the
+    trial itself holds.
+    """
+    import ray
+
+    s = spec.scaling
+    if s.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker {s.cpus_per_worker} must be above 0")
+    deadline = time.monotonic() + spec.resource_wait_s
+    while True:
+        try:
+            return _fit_scaling(spec, ray.cluster_resources(), ray.available_resources(), extra_cpus)
+        except UserError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if spec.resource_wait_s:
+                    raise UserError(f"waited {spec.resource_wait_s:g} s for resources that did not come: {e}") from None
+                raise
+            time.sleep(min(1.0, left))
+
+
+def _fit_scaling(spec: RunSpec, total: dict[str, float], free: dict[str, float], extra_cpus: float = 0.0) -> RunSpec:
+    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
+    free_gpus, free_cpus = int(free.get("GPU", 0) + EPS), float(free.get("CPU", 0))
+    s = spec.scaling
+    use_gpu = gpus > 0 if s.use_gpu is None else s.use_gpu
+    if use_gpu and gpus == 0:
+        raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
+    n = s.num_workers
+    if n is None:  # what fits now: one worker per free GPU, else up to 2 CPU workers
+        fits = int((free_cpus - extra_cpus) / s.cpus_per_worker + EPS)
+        n = (free_gpus or gpus) if use_gpu else max(1, min(LOCAL_CPU_WORKERS, fits))
+    if n < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= n):
+        raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{n} must be "
+                        "at least 1 (and MIN <= MAX for MIN-MAX)")
+    least = s.min_workers or n
+    if use_gpu and least > gpus:
+        raise UserError(f"{least} GPU workers need {least} GPUs but the cluster has {gpus}: "
+                        f"use --num-workers {gpus} or add GPU nodes")
+    need = least * s.cpus_per_worker + extra_cpus
+    what = f"{least} workers x {s.cpus_per_worker:g} CPUs" + (f" + {extra_cpus:g} for the trial" if extra_cpus else "")
+    if need > cpus + EPS:
+        raise UserError(f"{what} need {need:g} CPUs but the cluster has {cpus:g}: "
+                        "lower --num-workers or --cpus-per-worker")
+    later = "wait for them with --wait-for-resources SECONDS, or stop the jobs that hold them"
+    if use_gpu and least > free_gpus:
+        raise UserError(f"{least} GPU workers need {least} GPUs but only {free_gpus} of the cluster's {gpus} are "
+                        f"free now: use --num-workers {max(free_gpus, 1)}, {later}")
+    if need > free_cpus + EPS:
+        raise UserError(f"{what} need {need:g} CPUs but only {free_cpus:g} of the cluster's {cpus:g} are free now: "
+                        f"lower --num-workers or --cpus-per-worker, {later}")
+    s.use_gpu, s.num_workers = use_gpu, n
+    return spec
+
+
+def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """Everything that can be checked without Ray: arguments, model, dataset, storage, tracking server."""
+    spec.name = check_name(spec.name or default_name())
+    spec.storage_path = storage.normalise(spec.storage_path)
+    if spec.keep_checkpoints < 1:
+        raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")
+    if spec.scaling.pg_timeout_s <= 0:
+        raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
+    if spec.scaling.resize_check_s < 0:
+        raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
+    if spec.max_failures < -1:
+        raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
+    train_args = resolve_train_args(spec)
+    if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
+        check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    task = check_model(train_args["model"], train_args.get("task"))
+    check_loader(spec.loader, task, train_args)
+    if not spec.is_synthetic:
+        data = str(train_args["data"])
+        if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy
+            from raytrain_yolo.data import sync
+
+            check_data(sync.localize(data), task, spec.allow_bad_labels)
+        else:
+            train_args["data"] = str(Path(data).expanduser().resolve())
+            check_data(train_args["data"], task, spec.allow_bad_labels)
+    if str(train_args["model"]).endswith(".pt"):
+        train_args["model"] = str(Path(train_args["model"]).resolve())
+    storage.check_writable(spec.run_dir)
+    if spec.tracking.enabled:
+        check_reachable(resolve_uri(spec))
+    return spec, train_args, task
+
+
+def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """Validate, then join Ray and fit the request to the cluster."""
+    spec, train_args, task = check_run(spec)
+    connect_ray(spec.verbose)
+    resolve_scaling(spec)
+    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
+    check_nodes(spec, data,
+                          resolve_uri(spec) if spec.tracking.enabled else None, worker_env())
+    return spec, train_args, task

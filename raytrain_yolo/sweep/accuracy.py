@@ -102,7 +102,7 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
     from raytrain_yolo.core.cli import spec_from_args
     from raytrain_yolo.core.preflight import check_metric, check_space
-    from raytrain_yolo.train.launch import validate
+    from raytrain_yolo.core.preflight import check_run
 
     for flag in THROUGHPUT_ONLY:
         if getattr(ns, flag, None) not in (None, False):
@@ -133,7 +133,7 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     spec.train.update(fixed)
     if str(spec.train.get("optimizer", "auto")).lower() == "auto" and "optimizer" not in space:
         spec.train["optimizer"] = "SGD"  # `auto` ignores lr0 and momentum, and picks by run length
-    spec, train_args, task = validate(spec)  # arguments, model, data, storage, tracking: as fit checks them
+    spec, train_args, task = check_run(spec)  # arguments, model, data, storage, tracking: as fit checks them
     epochs = int(train_args["epochs"])
     plan = HpoPlan(space=space, epochs=epochs, space_source=source, fixed=fixed,
                    metric=check_metric(ns.metric or "fitness", task), seed=int(train_args.get("seed", 0) or 0))
@@ -418,11 +418,11 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
 
 def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
     """Workers per trial from the cluster, and how many trials fit side by side (each also runs a 0.1-CPU
-    trial driver: on a small CPU machine the workers get what is left, see tuning.py)."""
+    trial driver: on a small CPU machine the workers get what is left, see sweep/throughput.py)."""
     import ray
 
     from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU
-    from raytrain_yolo.train.launch import resolve_scaling
+    from raytrain_yolo.core.preflight import resolve_scaling
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
@@ -439,7 +439,7 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
 def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
     """Run (or resume) the sweep; write results.parquet, best.yaml, best.pt and map.png under `<storage>/<name>/`."""
     from raytrain_yolo.core.tracking import RunTracker
-    from raytrain_yolo.train.launch import connect_ray
+    from raytrain_yolo.core.cluster import connect_ray
 
     connect_ray()
     concurrent = fit_resources(spec, plan)

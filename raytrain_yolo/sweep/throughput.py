@@ -187,7 +187,8 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raytrain_yolo.core.tracking import RunTracker, resolve_uri
-    from raytrain_yolo.train.launch import LOCAL_CPU_WORKERS, connect_ray, resolve_scaling
+    from raytrain_yolo.core.cluster import connect_ray
+    from raytrain_yolo.core.preflight import LOCAL_CPU_WORKERS, resolve_scaling
 
     connect_ray(base.verbose)
     base.name = check_name(base.name or default_name("tune"))

@@ -1,4 +1,4 @@
-"""From a RunSpec to a finished Ray Train run: connect, check resources, build the TorchTrainer, summarise.
+"""From a RunSpec to a finished Ray Train run: the preflight pass, the TorchTrainer, the summary.
 
 `fit`, every `tune` trial and the benchmark call `launch()`; nothing else builds a TorchTrainer.
 """
@@ -6,30 +6,22 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raytrain_yolo.core import console, preflight, storage
-from raytrain_yolo.core.config import RunSpec, check_batch, check_loader, check_name, default_name, resolve_train_args
-from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.core.tracking import RunTracker, check_reachable, resolve_uri
+from raytrain_yolo.core.cluster import worker_env
+from raytrain_yolo.core.config import RunSpec
+from raytrain_yolo.core.tracking import RunTracker
 from raytrain_yolo.data import sync
 
-# Environment every worker gets (the user's value when set): no network calls from Ultralytics.
-WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
-WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-LOCAL_CPU_WORKERS = 2
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
 # before training makes this a last resort, for resources taken between the check and the start.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 MIN_START_TIMEOUT_S = 60.0
 _USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_ENV)
-EPS = 1e-6  # Ray reports fractional CPUs as floats (1.9000000000000001)
 
 
 @dataclass
@@ -37,159 +29,6 @@ class LaunchResult:
     spec: RunSpec
     summary: dict[str, Any]
     summary_path: str
-
-
-def connect_ray(verbose: bool = False) -> None:
-    """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray.
-
-    Worker output reaches this console only with `verbose` (Ray's `log_to_driver`); it is in run.log anyway.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
-    if address:
-        _check_answers(address)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline: a local Ray reports nothing home
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(**quiet)
-    except ConnectionError as e:
-        raise UserError(
-            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({str(e).splitlines()[0]}): "
-            "start it (`ray start --head`) or unset RAY_ADDRESS to run locally"
-        ) from None
-
-
-def _check_answers(address: str, timeout: float = 5.0) -> None:
-    """A TCP probe first: ray.init keeps retrying an address that does not answer for a long time."""
-    target = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = target.rpartition(":")
-    if address in ("auto", "local") or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(
-            f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}): start it "
-            "(`ray start --head`), fix RAY_ADDRESS, or unset it to run locally"
-        ) from None
-
-
-def resolve_scaling(spec: RunSpec, extra_cpus: float = 0.0) -> RunSpec:
-    """Fill in GPU/CPU and worker count from the cluster; refuse what its free resources cannot hold now.
-
-    Ray would otherwise wait for the workers without end. `extra_cpus`: CPUs the job needs besides its
-    workers (a tune trial's driver). A cluster that is busy or still scaling up is waited for only when asked
-    (`--wait-for-resources SECONDS`). Inside a Ray Tune trial, the free resources already exclude what the
-    trial itself holds.
-    """
-    import ray
-
-    s = spec.scaling
-    if s.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker {s.cpus_per_worker} must be above 0")
-    deadline = time.monotonic() + spec.resource_wait_s
-    while True:
-        try:
-            return _fit_scaling(spec, ray.cluster_resources(), ray.available_resources(), extra_cpus)
-        except UserError as e:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if spec.resource_wait_s:
-                    raise UserError(f"waited {spec.resource_wait_s:g} s for resources that did not come: {e}") from None
-                raise
-            time.sleep(min(1.0, left))
-
-
-def _fit_scaling(spec: RunSpec, total: dict[str, float], free: dict[str, float], extra_cpus: float = 0.0) -> RunSpec:
-    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
-    free_gpus, free_cpus = int(free.get("GPU", 0) + EPS), float(free.get("CPU", 0))
-    s = spec.scaling
-    use_gpu = gpus > 0 if s.use_gpu is None else s.use_gpu
-    if use_gpu and gpus == 0:
-        raise UserError("--gpu was given but the Ray cluster has no GPUs: drop --gpu (or use --cpu) or add GPU nodes")
-    n = s.num_workers
-    if n is None:  # what fits now: one worker per free GPU, else up to 2 CPU workers
-        fits = int((free_cpus - extra_cpus) / s.cpus_per_worker + EPS)
-        n = (free_gpus or gpus) if use_gpu else max(1, min(LOCAL_CPU_WORKERS, fits))
-    if n < 1 or (s.min_workers is not None and not 1 <= s.min_workers <= n):
-        raise UserError(f"--num-workers {s.min_workers or ''}{'-' if s.min_workers else ''}{n} must be "
-                        "at least 1 (and MIN <= MAX for MIN-MAX)")
-    least = s.min_workers or n
-    if use_gpu and least > gpus:
-        raise UserError(f"{least} GPU workers need {least} GPUs but the cluster has {gpus}: "
-                        f"use --num-workers {gpus} or add GPU nodes")
-    need = least * s.cpus_per_worker + extra_cpus
-    what = f"{least} workers x {s.cpus_per_worker:g} CPUs" + (f" + {extra_cpus:g} for the trial" if extra_cpus else "")
-    if need > cpus + EPS:
-        raise UserError(f"{what} need {need:g} CPUs but the cluster has {cpus:g}: "
-                        "lower --num-workers or --cpus-per-worker")
-    later = "wait for them with --wait-for-resources SECONDS, or stop the jobs that hold them"
-    if use_gpu and least > free_gpus:
-        raise UserError(f"{least} GPU workers need {least} GPUs but only {free_gpus} of the cluster's {gpus} are "
-                        f"free now: use --num-workers {max(free_gpus, 1)}, {later}")
-    if need > free_cpus + EPS:
-        raise UserError(f"{what} need {need:g} CPUs but only {free_cpus:g} of the cluster's {cpus:g} are free now: "
-                        f"lower --num-workers or --cpus-per-worker, {later}")
-    s.use_gpu, s.num_workers = use_gpu, n
-    return spec
-
-
-def validate(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
-    """Everything that can be checked without Ray: arguments, model, dataset, storage, tracking server."""
-    spec.name = check_name(spec.name or default_name())
-    spec.storage_path = storage.normalise(spec.storage_path)
-    if spec.keep_checkpoints < 1:
-        raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")
-    if spec.scaling.pg_timeout_s <= 0:
-        raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
-    if spec.scaling.resize_check_s < 0:
-        raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
-    if spec.max_failures < -1:
-        raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
-    train_args = resolve_train_args(spec)
-    if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
-        check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
-    task = preflight.check_model(train_args["model"], train_args.get("task"))
-    check_loader(spec.loader, task, train_args)
-    if not spec.is_synthetic:
-        data = str(train_args["data"])
-        if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy
-            preflight.check_data(sync.localize(data), task, spec.allow_bad_labels)
-        else:
-            train_args["data"] = str(Path(data).expanduser().resolve())
-            preflight.check_data(train_args["data"], task, spec.allow_bad_labels)
-    if str(train_args["model"]).endswith(".pt"):
-        train_args["model"] = str(Path(train_args["model"]).resolve())
-    storage.check_writable(spec.run_dir)
-    if spec.tracking.enabled:
-        check_reachable(resolve_uri(spec))
-    return spec, train_args, task
-
-
-def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
-    """Validate, then join Ray and fit the request to the cluster."""
-    spec, train_args, task = validate(spec)
-    connect_ray(spec.verbose)
-    resolve_scaling(spec)
-    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
-    data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
-    preflight.check_nodes(spec, data,
-                          resolve_uri(spec) if spec.tracking.enabled else None, worker_env())
-    return spec, train_args, task
-
-
-def worker_env() -> dict[str, str]:
-    """Environment every worker gets: our defaults (the user's value when set) and a few of the driver's."""
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
-    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
-    return env
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None,
@@ -241,7 +80,7 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
     `show_epochs`: print one line per epoch here (the `fit` command line).
     """
     started = time.monotonic()
-    spec, train_args, task = prepare(spec)
+    spec, train_args, task = preflight.prepare(spec)
     log_file = console.log_path(spec.storage_path, spec.name)
     if show_epochs:
         print(f"run {spec.name}: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'} workers; "

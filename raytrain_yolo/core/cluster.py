@@ -1,0 +1,62 @@
+"""Joining Ray (a cluster's RAY_ADDRESS, else a local Ray) and the environment every job's Ray workers get."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from raytrain_yolo.core.errors import UserError
+
+# Environment every worker gets (the user's value when set): no network calls from Ultralytics.
+WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
+WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def connect_ray(verbose: bool = False) -> None:
+    """Join RAY_ADDRESS when set (a cluster, or the cluster a `ray job` runs on), else start a local Ray.
+
+    Worker output reaches this console only with `verbose` (Ray's `log_to_driver`); it is in run.log anyway.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address:
+        _check_answers(address)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline: a local Ray reports nothing home
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(**quiet)
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({str(e).splitlines()[0]}): "
+            "start it (`ray start --head`) or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+def _check_answers(address: str, timeout: float = 5.0) -> None:
+    """A TCP probe first: ray.init keeps retrying an address that does not answer for a long time."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if address in ("auto", "local") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}): start it "
+            "(`ray start --head`), fix RAY_ADDRESS, or unset it to run locally"
+        ) from None
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: our defaults (the user's value when set) and a few of the driver's."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    env.update({k: os.environ[k] for k in WORKER_ENV_PASSTHROUGH if k in os.environ})
+    return env
