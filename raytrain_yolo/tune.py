@@ -14,7 +14,8 @@ import sys
 
 import yaml
 
-from raytrain_yolo.core.cli import OneLineParser, add_run_flags, int_list, run_main, spec_from_args, stop_ray, str_list
+from raytrain_yolo.core.cli import (OneLineParser, add_run_flags, int_list, print_sweep, run_main, spec_from_args,
+                                    stop_ray, str_list)
 from raytrain_yolo.core.errors import UserError
 
 EPILOG = """\
@@ -139,13 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_ray()
         knobs = [k for k in result.rows[0] if k not in ("trial", "windows", "images_per_second", "gpu_mem_gb",
                                                         "status", "reason")] if result.rows else []
-        print(format_table(result.rows, knobs))
-        for what, path in result.paths.items():
-            print(f"{what:<8} {path}")
-        if result.best is None:
-            print("error: no configuration finished its budget; see the reasons above", file=sys.stderr)
-            return 1
-        return 0
+        return print_sweep(format_table(result.rows, knobs), result.paths, result.best,
+                           "no configuration finished its budget")
 
     return run_main(body, ns.debug)
 

@@ -191,6 +191,22 @@ def job_env_vars(head: Head) -> dict:
             "PYTHONUNBUFFERED": "1"}
 
 
+def submit_and_wait(head: Head, argv: list[str], what: str) -> str:
+    """Submit `argv` through the Jobs API SDK (no working_dir: the package is installed on the cluster's Python),
+    wait for it to end, and return its logs; it must have SUCCEEDED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head.url, headers=head.auth_headers)
+    sid = client.submit_job(entrypoint=shlex.join(argv), runtime_env={"env_vars": job_env_vars(head)},
+                            submission_id=f"raytrain-yolo-{what}-{uuid.uuid4().hex[:8]}")
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=JOB_TIMEOUT, interval=2,
+                      what=f"job {sid}")
+    logs = client.get_job_logs(sid)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
 def check_finished_run(logs: str, storage: Path, name: str, db: Path) -> dict:
     """summary.json says 2 workers and 2 epochs, MLflow has the run FINISHED, and the job's log names both."""
     summary = load_summary(storage, name)
@@ -420,20 +436,8 @@ def test_ray_job_submit_cli_with_working_dir_and_runtime_env(head, tmp_path):
 
 def test_job_submission_sdk_without_working_dir(head, tmp_path):
     """The package is installed on the cluster's Python, so the entrypoint needs no upload at all."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(head.url, headers=head.auth_headers)
     storage, db, name = tmp_path / "runs", tmp_path / "mlflow.db", "sdk"
-    sid = client.submit_job(
-        entrypoint=shlex.join(fit_command(storage, name, db)),
-        runtime_env={"env_vars": job_env_vars(head)},
-        submission_id=f"raytrain-yolo-sdk-{uuid.uuid4().hex[:8]}",
-    )
-    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (s := client.get_job_status(sid)) in done and s, timeout=JOB_TIMEOUT, interval=2,
-                      what=f"job {sid}")
-    logs = client.get_job_logs(sid)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = submit_and_wait(head, fit_command(storage, name, db), "sdk")
     check_finished_run(logs, storage, name, db)
 
 
@@ -441,7 +445,6 @@ def test_predict_as_a_job(head, task_run, tmp_path):
     """`predict` submitted through the Jobs API joins the job's cluster (RAY_ADDRESS) and writes its Parquet rows:
     those Ultralytics gives the same images."""
     import pyarrow.parquet as pq
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
     from raytrain_yolo.core.config import SyntheticSpec
     from raytrain_yolo.data.synthetic import ensure_synthetic
@@ -450,19 +453,10 @@ def test_predict_as_a_job(head, task_run, tmp_path):
     _, s = task_run("detect")
     images = ensure_synthetic(SyntheticSpec(train=8, val=16, imgsz=64)).parent / "images" / "val"
     out = tmp_path / "preds"
-    client = JobSubmissionClient(head.url, headers=head.auth_headers)
-    sid = client.submit_job(
-        entrypoint=shlex.join(["python", "-m", "raytrain_yolo.predict", "--cpu", "--num-workers", "1",
-                               "--storage-path", str(tmp_path), "--output", str(out), f"model={s['last_checkpoint']}",
-                               f"source={images}", f"conf={CONF}", "batch=4"]),
-        runtime_env={"env_vars": job_env_vars(head)},
-        submission_id=f"raytrain-yolo-predict-{uuid.uuid4().hex[:8]}",
-    )
-    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=JOB_TIMEOUT, interval=2,
-                      what=f"job {sid}")
-    logs = client.get_job_logs(sid)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = submit_and_wait(head, ["python", "-m", "raytrain_yolo.predict", "--cpu", "--num-workers", "1",
+                                  "--storage-path", str(tmp_path), "--output", str(out),
+                                  f"model={s['last_checkpoint']}", f"source={images}", f"conf={CONF}", "batch=4"],
+                           "predict")
     assert re.search(rf"^parquet\s+{re.escape(str(out))}\s*$", logs, re.M), logs[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["images"] == 16 and summary["workers"] == 1

@@ -189,6 +189,17 @@ def root_cause(e: BaseException) -> str:
     return f"{type(seen).__name__}: {line}".rstrip(": ")
 
 
+def print_sweep(table: str, paths: dict[str, str], best, none_left: str) -> int:
+    """A sweep's table and output files; exit status 1 when no trial made it (`none_left` says what)."""
+    print(table)
+    for what, path in paths.items():
+        print(f"{what:<8} {path}")
+    if best is None:
+        print(f"error: {none_left}; see the reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_job_flags(p: argparse.ArgumentParser, default_name: str) -> None:
     """The flags val and predict share with fit, meaning the same things."""
     ray_g = p.add_argument_group("Ray (where and on how many workers)")

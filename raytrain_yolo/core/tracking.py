@@ -159,6 +159,16 @@ class RunTracker:
         finally:
             self.client.set_terminated(self.run_id, status=status)
 
+    def failed(self, e: BaseException) -> None:
+        """End the run after an exception: KILLED for Ctrl-C, else FAILED."""
+        self.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+
+    def finished(self, artifacts) -> None:
+        """Log a sweep's output files and end its run FINISHED."""
+        for path in artifacts:
+            self.log_artifact(path)
+        self.finish("FINISHED")
+
     def log_artifact(self, path: str) -> None:
         if self.run_id and not storage_is_uri(path):
             self.client.log_artifact(self.run_id, path)

@@ -463,12 +463,10 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
         paths = write_outputs(spec, plan, rows, best)
     except BaseException as e:
         if tracker:
-            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.failed(e)
         raise
     if tracker:
-        for p in paths.values():
-            tracker.log_artifact(p)
-        tracker.finish("FINISHED")
+        tracker.finished(paths.values())
     return HpoResult(rows, best, paths)
 
 
@@ -633,15 +631,9 @@ def format_table(rows: list[dict], plan: HpoPlan) -> str:
 
 def main(ns) -> int:
     """The body of `tune --objective map` (called by tune.main inside run_main)."""
-    from raytrain_yolo.core.cli import stop_ray
+    from raytrain_yolo.core.cli import print_sweep, stop_ray
 
     spec, plan = plan_from_args(ns)
     result = run_search(spec, plan)
     stop_ray()
-    print(format_table(result.rows, plan))
-    for what, path in result.paths.items():
-        print(f"{what:<8} {path}")
-    if result.best is None:
-        print("error: no trial finished its epochs; see the reasons above", file=sys.stderr)
-        return 1
-    return 0
+    return print_sweep(format_table(result.rows, plan), result.paths, result.best, "no trial finished its epochs")

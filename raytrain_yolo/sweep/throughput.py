@@ -249,14 +249,12 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
         best = next((r for r in rows if r["status"] == "ok"), None)
         paths = write_outputs(base, rows, best, list(grid))
-    except BaseException:
+    except BaseException as e:
         if tracker:
-            tracker.finish("FAILED")
+            tracker.failed(e)
         raise
     if tracker:
-        for p in paths.values():
-            tracker.log_artifact(p)
-        tracker.finish("FINISHED")
+        tracker.finished(paths.values())
     return SweepResult(rows, best, paths)
 
 

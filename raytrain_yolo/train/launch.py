@@ -111,7 +111,7 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
         storage.write_text(path, json.dumps(summary, indent=2, default=str))
     except BaseException as e:
         if tracker:
-            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.failed(e)
         raise
     if tracker:
         tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
