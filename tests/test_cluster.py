@@ -441,16 +441,24 @@ def test_job_submission_sdk_without_working_dir(head, tmp_path):
     check_finished_run(logs, storage, name, db)
 
 
-def test_predict_as_a_job(head, task_run, tmp_path):
-    """`predict` submitted through the Jobs API joins the job's cluster (RAY_ADDRESS) and writes its Parquet rows:
-    those Ultralytics gives the same images."""
+def test_val_and_predict_as_jobs(head, task_run, tmp_path):
+    """`val` and `predict` submitted through the Jobs API join the job's cluster (RAY_ADDRESS): val's metrics and
+    predict's Parquet rows are those Ultralytics gives for the same checkpoint and images."""
     import pyarrow.parquet as pq
 
     from raytrain_yolo.core.config import SyntheticSpec
     from raytrain_yolo.data.synthetic import ensure_synthetic
     from test_predict import CONF, assert_same_objects, by_image, ultralytics_objects
+    from test_val import assert_same_metrics, ultralytics_val
 
     _, s = task_run("detect")
+    metrics = tmp_path / "val.json"
+    submit_and_wait(head, ["python", "-m", "raytrain_yolo.val", "--cpu", "--num-workers", "1", "--storage-path",
+                           str(tmp_path), "--output", str(metrics), f"model={s['last_checkpoint']}", f"data={s['data']}",
+                           "batch=4"], "val")
+    got = json.loads(metrics.read_text())
+    assert got["images"] == 16 and got["workers"] == 1
+    assert_same_metrics(got["metrics"], ultralytics_val(s, batch=4)[0])
     images = ensure_synthetic(SyntheticSpec(train=8, val=16, imgsz=64)).parent / "images" / "val"
     out = tmp_path / "preds"
     logs = submit_and_wait(head, ["python", "-m", "raytrain_yolo.predict", "--cpu", "--num-workers", "1",
