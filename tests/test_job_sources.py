@@ -5,6 +5,7 @@ rows can go to s3:// too. One 1-epoch checkpoint and one local Ray serve the mod
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path)
 
     by_name = validate(f"models:/{NAME}/1", s["data"], scaling=one, storage_path=str(tmp_path), name="vn",
                        tracking_uri=uri, batch=4)
+    # the registry's URI stays this call's: nothing later in this process (or its children) logs there by default
+    assert os.environ.get("MLFLOW_TRACKING_URI") != uri
     by_path = validate(s["best_checkpoint"], s["data"], scaling=one, storage_path=str(tmp_path), name="vp", batch=4)
     assert by_name["model"] != by_path["model"] and by_name["model"].endswith("best.pt")  # the registry's copy
     assert by_name["images"] == by_path["images"] > 0

@@ -87,10 +87,9 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=tempfile.mkdtemp(prefix="raytrain-yolo-model-")))
+    try:  # the URIs passed, not set: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to this process
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri, registry_uri=uri,
+                                                         dst_path=tempfile.mkdtemp(prefix="raytrain-yolo-model-")))
     except MlflowException as e:
         first = str(e).strip().splitlines()[0][:200]
         raise UserError(f"model={model} not found in the MLflow registry at {uri} ({first}): check the name and "
