@@ -87,8 +87,16 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:  # the URIs passed, not set: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to this process
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri, registry_uri=uri,
+    # A client with the URI, not mlflow.set_tracking_uri: that would export MLFLOW_TRACKING_URI to this process,
+    # and a later job here (or its children) would log to the registry's store.
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, _, version = model[len("models:/"):].partition("/")
+    try:
+        if not version and "@" in name:  # models:/NAME@ALIAS
+            name, alias = name.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri,
                                                          dst_path=tempfile.mkdtemp(prefix="raytrain-yolo-model-")))
     except MlflowException as e:
         first = str(e).strip().splitlines()[0][:200]
