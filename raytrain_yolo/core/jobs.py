@@ -61,7 +61,7 @@ class JobPlan:
     use_gpu: bool
     cpus_per_worker: float
     out_dir: str
-    weights: Weights | None = None
+    weights: Weights
 
     def remote_options(self) -> dict:
         """Ray options for one worker (task or actor)."""

@@ -293,16 +293,10 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     """
     from ray import tune
 
-    from raytrain_yolo.sweep.throughput import TRIAL_RESOURCE_GRACE_S
+    from raytrain_yolo.sweep.throughput import as_trial
 
-    spec = RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)})
-    trials_dir = f"{base.run_dir}/trials"
-    spec.storage_path, spec.name = trials_dir, name
-    spec.validate_untrained = False
-    # A trial that Tune just stopped or paused still holds its workers' CPUs for a moment: its Train controller
-    # dies with the trial, and Ray Train's PlacementGroupCleaner removes the workers' placement group about a
-    # second later. Wait for them, up to a bound, instead of refusing.
-    spec.resource_wait_s = max(spec.resource_wait_s, TRIAL_RESOURCE_GRACE_S)
+    spec = as_trial(RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)}), base, name)
+    trials_dir = spec.storage_path
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
     exploited, reported = "", None
     ckpt = tune.get_checkpoint()

@@ -97,11 +97,16 @@ def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: Sw
     # Train long enough to fill the windows; no per-epoch validation, plots or checkpoints in a trial.
     spec.train.update(epochs=1000, val=False, plots=False, save=False)
     spec.train.pop("patience", None)
-    spec.storage_path = f"{base.run_dir}/trials"
-    spec.name = trial_name
     spec.window_steps, spec.max_windows = budget.window_steps, budget.windows
+    return as_trial(spec, base, trial_name)
+
+
+def as_trial(spec: RunSpec, base: RunSpec, name: str) -> RunSpec:
+    """What every sweep's trial run shares: its folder under the sweep's `trials/`, no untrained validation, and a
+    bounded wait for the CPUs a trial Tune just stopped or paused still holds (its Train controller dies with the
+    trial; Ray Train's PlacementGroupCleaner removes the workers' placement group about a second later)."""
+    spec.storage_path, spec.name = f"{base.run_dir}/trials", name
     spec.validate_untrained = False
-    # The trial before this one may still be handing its workers' CPUs back to Ray.
     spec.resource_wait_s = max(spec.resource_wait_s, TRIAL_RESOURCE_GRACE_S)
     return spec
 
