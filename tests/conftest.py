@@ -1,4 +1,9 @@
-"""Shared fixtures: real Ray, real Ultralytics, tiny synthetic data generated once per test session."""
+"""Shared fixtures: real Ray, real Ultralytics, tiny synthetic data generated once per test session.
+
+One Ray head serves the session (tests/raycluster.py): the jobs that `run_cli` starts and the in-process `ray_local`
+tests join it, as a user's command joins their cluster. It starts on first use, so `python -m pytest -m quick`
+(no training run, no cluster) never starts it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from raycluster import start_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,20 +28,75 @@ def synthetic_cache(tmp_path_factory):
     return Path(cache)
 
 
+_SHARED: dict = {}  # the session's shared head, once started: {"head": Head, "running": its context manager}
+
+
+def shared_head():
+    """The session's shared Ray head (2 CPUs, no authentication), started on first use. Refused to a test marked
+    quick: the quick tier promises no cluster."""
+    assert not _SHARED.get("quick"), "a test marked quick asked for a Ray cluster: drop the mark or the cluster"
+    if "head" not in _SHARED:
+        running = start_head()
+        _SHARED["head"] = running.__enter__()
+        _SHARED["running"] = running
+    return _SHARED["head"]
+
+
+def pytest_runtest_setup(item):
+    _SHARED["quick"] = item.get_closest_marker("quick") is not None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_head():
+    yield
+    if "running" in _SHARED:
+        _SHARED.pop("head")
+        _SHARED.pop("running").__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def token_head():
+    """A second head, with token authentication on, for the Jobs API tests (test_cluster.py, test_hpo.py)."""
+    with start_head(auth=True) as head:
+        yield head
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for in-process launches in one test module (2 CPUs, as CI has)."""
+    """This process joined to the shared head (2 CPUs, as CI has), for in-process launches in one test module."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
+    head = shared_head()
+    head.wait_idle()
+    ray.init(address=head.address, log_to_driver=False)
     yield ray
     ray.shutdown()
 
 
-def run_cli(module: str, *args: str, timeout: float = 900, env: dict | None = None, cwd=None):
-    """Run `python -m raytrain_yolo.<module> args...` as users do; return the CompletedProcess."""
+NO_RAY = "127.0.0.1:1"  # a RAY_ADDRESS where nothing listens: a command that should end before Ray ends otherwise
+
+
+def run_cli(module: str, *args: str, timeout: float = 900, env: dict | None = None, cwd=None, ray: str = "shared"):
+    """Run `python -m raytrain_yolo.<module> args...` as users do; return the CompletedProcess.
+
+    `ray`: "shared" joins the session's shared head (RAY_ADDRESS), once the last job's resources are free there;
+    "own" starts a local Ray of its own, as a command without RAY_ADDRESS does: for tests about a local Ray, or
+    whose workers must inherit this process's environment (a local Ray's workers do; the shared head's have the
+    head's); "none" is for commands that must end before Ray starts: RAY_ADDRESS names a port nothing listens on,
+    so one that got as far as Ray would end in another error. A RAY_ADDRESS in `env` wins.
+    """
+    assert ray == "none" or not _SHARED.get("quick"), "a test marked quick started a Ray job: drop the mark or the job"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None) if env is None or "RAY_ADDRESS" not in env else None
+    if env is None or "RAY_ADDRESS" not in env:
+        full_env.pop("RAY_ADDRESS", None)
+        if ray == "shared":
+            head = shared_head()
+            head.wait_idle()
+            full_env["RAY_ADDRESS"] = head.address
+        elif ray == "none":
+            full_env["RAY_ADDRESS"] = NO_RAY
+        else:
+            assert ray == "own", ray
     return subprocess.run(
         [sys.executable, "-m", f"raytrain_yolo.{module}", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT,

@@ -64,6 +64,7 @@ def rects_yaml(tmp_path_factory):
     return root / "data.yaml"
 
 
+@pytest.mark.quick
 def test_matrix_equals_ultralytics_for_the_same_draws():
     from ultralytics.data.augment import RandomPerspective
 
@@ -83,6 +84,7 @@ def test_matrix_equals_ultralytics_for_the_same_draws():
     np.testing.assert_allclose(m_ours, m_ultra, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_mosaic_and_perspective_match_ultralytics(shapes_yaml, seed):
     """Ultralytics' Mosaic + RandomPerspective vs our warp, given Ultralytics' own layout and matrix."""
@@ -122,6 +124,7 @@ def test_mosaic_and_perspective_match_ultralytics(shapes_yaml, seed):
     assert (diff > 30).float().mean() < 0.01
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", [0, 1])
 def test_perspective_without_mosaic_matches_ultralytics(shapes_yaml, seed):
     """The close_mosaic path: RandomPerspective straight on the resized image (its own canvas)."""
@@ -163,6 +166,7 @@ def layout_with_matrix(idx, hw, d, M):
     return lay
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", [0, 5])
 def test_hsv_matches_ultralytics(shapes_yaml, seed):
     from ultralytics.data.augment import RandomHSV
@@ -184,6 +188,7 @@ def rect_loader(rects_yaml, batch=8, **hyp):
     return DeviceLoader(ds, batch_size=batch, rank=0, world_size=1, seed=0)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("hyp", [{}, {"flipud": 0.5, "degrees": 0.0, "scale": 0.9}, {"mosaic": 0.0}, {"mosaic": 0.5}])
 def test_every_box_stays_on_its_object(rects_yaml, hyp):
     """Rectangles fill their boxes exactly; after augmentation each kept box must still be its colour."""
@@ -204,6 +209,7 @@ def test_every_box_stays_on_its_object(rects_yaml, hyp):
     assert checked > 20
 
 
+@pytest.mark.quick
 def test_fixed_seed_gives_the_same_batches(rects_yaml):
     a, b = rect_loader(rects_yaml), rect_loader(rects_yaml)
     first = [next(iter(a)), next(iter(b))]
@@ -213,6 +219,7 @@ def test_fixed_seed_gives_the_same_batches(rects_yaml):
     assert not torch.equal(next(iter(a))["img"], first[0]["img"])
 
 
+@pytest.mark.quick
 def test_close_mosaic_keeps_each_image_to_its_own_objects(rects_yaml):
     loader = rect_loader(rects_yaml)
     per_image = lambda b: torch.bincount(b["batch_idx"].long(), minlength=len(b["img"]))  # noqa: E731
@@ -223,6 +230,7 @@ def test_close_mosaic_keeps_each_image_to_its_own_objects(rects_yaml):
         assert all(per_image(b).max() <= 2 for b in loader)
 
 
+@pytest.mark.quick
 def test_whole_batch_is_ultralytics_format(shapes_yaml):
     ds = DeviceDataset(ultralytics_dataset(shapes_yaml, S), AugmentHyp(imgsz=S), torch.device("cpu"))
     out = augment(ds.images, ds.hw, ds.boxes, torch.arange(6), ds.hyp, torch.Generator().manual_seed(0))
@@ -257,6 +265,7 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
     assert ranks[0]["samples"][0]["indices"] != ranks[0]["samples"][1]["indices"]  # reshuffled each epoch
 
 
+@pytest.mark.quick
 def test_a_dataset_too_big_for_device_memory_is_refused_with_the_fix():
     from raytrain_yolo.train.loader import check_fits
 
@@ -265,6 +274,7 @@ def test_a_dataset_too_big_for_device_memory_is_refused_with_the_fix():
         check_fits(10**9, 640, torch.device("cpu"))
 
 
+@pytest.mark.quick
 def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
     """Images of several aspect ratios (so gray padding must be reset per chunk), loaded 3 at a time."""
     import raytrain_yolo.train.loader as loader_mod
@@ -280,6 +290,7 @@ def test_loading_in_chunks_stores_every_image(rects_yaml, monkeypatch):
         assert torch.equal(chunked.images[i, :, :h, :w], torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()))
 
 
+@pytest.mark.quick
 def test_chunked_warp_gives_the_same_batch(rects_yaml, monkeypatch):
     import raytrain_yolo.train.augment as aug
 

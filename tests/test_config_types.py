@@ -12,10 +12,12 @@ from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, Track
 from raytrain_yolo.core.errors import UserError
 
 
+pytestmark = pytest.mark.quick  # no training run, no Ray cluster
+
 def test_a_quoted_number_ends_at_once_with_one_line(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text('scaling:\n  num_workers: "4"\n')
-    proc = run_cli("fit", "--config", cfg, "--no-tracking", "--storage-path", tmp_path, timeout=120)
+    proc = run_cli("fit", "--config", cfg, "--no-tracking", "--storage-path", tmp_path, timeout=120, ray="none")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --config {cfg}: scaling.num_workers: '4' is a string"), last

@@ -95,6 +95,7 @@ def test_missing_dataset_is_one_line(s3, tmp_path, monkeypatch):
         localize("s3://datasets/nothing-here/data.yaml")
 
 
+@pytest.mark.quick
 def test_a_shared_filesystem_dataset_is_copied_once_with_a_file_uri(tmp_path, monkeypatch):
     """`data=file:///shared/.../data.yaml`: the same copy-once path as object storage, for an NFS-style mount."""
     import shutil

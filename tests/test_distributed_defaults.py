@@ -14,6 +14,8 @@ from raytrain_yolo.train.launch import build_trainer
 ARGS = {"batch": 16, "epochs": 1, "model": "yolo26n.yaml"}
 
 
+pytestmark = pytest.mark.quick  # no training run, no Ray cluster
+
 def trainer_for(*argv: str):
     spec = spec_from_args(build_parser().parse_args(list(argv)), [])
     spec.scaling.num_workers, spec.scaling.use_gpu, spec.name = 2, False, "x"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from conftest import free_port, mlflow_runs, run_cli
+from conftest import free_port, mlflow_runs, shared_head
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
 
@@ -18,31 +19,69 @@ HANG = 90  # seconds: a case still running by then is a hang (a failure), not a 
 
 
 def ray_pids() -> set[int]:
+    """Ray's processes under this one (a local Ray a command started), but for those of the session's heads
+    (tests/raycluster.py), which stay up."""
     out = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "gcs_server" in (p.info["name"] or "") or "raylet" in (p.info["name"] or "") or cmd.startswith("ray::"):
+    for p in psutil.Process().children(recursive=True):
+        try:
+            name, cmd = p.name(), " ".join(p.cmdline())
+            if p.environ().get("RAYTRAIN_YOLO_TEST_HEAD"):
+                continue
+        except psutil.Error:
+            continue
+        if "gcs_server" in name or "raylet" in name or cmd.startswith("ray::"):
             out.add(p.pid)
     return out
 
 
-@pytest.fixture
-def fails(tmp_path):
-    """Run fit with `args`; assert exit 2, one `error:` line with the key words, no traceback, nothing left."""
+class Hang(Exception):
+    pass
 
-    def check(*args, words=(), env=None, tracking=False, module="fit"):
+
+def _hang(signum, frame):
+    raise Hang(f"still running after {HANG} s: a hang, not a one-line error")
+
+
+@pytest.fixture
+def fails(tmp_path, capfd, monkeypatch):
+    """Run the command's `main(args)` in this process, as `python -m raytrain_yolo.<module>` does (one process per
+    case would pay seconds of imports each); assert exit 2, one `error:` line with the key words, no traceback,
+    nothing left. Only the cases that say `ray=True` may get as far as Ray: they join the session's shared head, as a
+    command with RAY_ADDRESS does; for the others RAY_ADDRESS names a port nothing listens on, so a refusal that came
+    only after joining Ray would end in another error than the one the case expects."""
+    import importlib
+
+    def check(*args, words=(), env=None, tracking=False, module="fit", ray=False):
         before = ray_pids()
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         flags = ["--tracking-uri", uri] if tracking else ["--no-tracking"]
-        proc = run_cli(module, "--storage-path", tmp_path / "runs", *flags, *args, timeout=HANG, env=env)
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-        assert last.startswith("error: "), proc.stderr[-2000:]
+        if ray:
+            shared_head().wait_idle()
+        for k, v in (env or {"RAY_ADDRESS": shared_head().address if ray else "127.0.0.1:1"}).items():
+            monkeypatch.setenv(k, v)
+        main = importlib.import_module(f"raytrain_yolo.{module}").main
+        capfd.readouterr()
+        previous = signal.signal(signal.SIGALRM, _hang)
+        signal.alarm(HANG)
+        try:
+            rc = main([str(a) for a in ("--storage-path", tmp_path / "runs", *flags, *args)])
+        except SystemExit as e:  # argparse's own exit, as the interpreter would turn it into a status
+            rc = e.code
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        err = capfd.readouterr().err
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert rc == 2, (rc, err[-2000:])
+        assert last.startswith("error: "), err[-2000:]
         for w in words:
             assert w.lower() in last.lower(), (w, last)
-        assert "Traceback" not in proc.stderr
+        assert "Traceback" not in err
         leaked = ray_pids() - before
         assert not {p for p in leaked if psutil.pid_exists(p)}, "Ray processes survived the failed run"
+        import ray
+
+        assert not ray.is_initialized(), "the command left this process joined to Ray"
         if tracking and (tmp_path / "mlflow.db").exists():
             _, runs = mlflow_runs(uri)
             assert all(r.info.status != "RUNNING" for r in runs)
@@ -67,28 +106,33 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 
 # --- data ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.quick
 def test_missing_data_yaml(fails, tmp_path):
     fails(f"data={tmp_path}/nope/data.yaml", words=("not found", "data.yaml"))
 
 
+@pytest.mark.quick
 def test_data_yaml_does_not_parse(fails, tmp_path):
     bad = tmp_path / "data.yaml"
     bad.write_text("train: [images/train\nval: images/val\n")
     fails(f"data={bad}", words=("not valid YAML", "line"))
 
 
+@pytest.mark.quick
 def test_missing_image_folder(fails, dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path / "d")
     shutil.rmtree(tmp_path / "d" / "images" / "val")
     fails(f"data={data}", words=("val: images/val", "does not exist"))
 
 
+@pytest.mark.quick
 def test_roboflow_layout_gets_a_hint(fails, dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path / "d")
     data.write_text(data.read_text().replace("train: images/train", "train: ../train/images"))
     fails(f"data={data}", words=("does not exist", "did you mean train: images/train"))
 
 
+@pytest.mark.quick
 def test_missing_label_folder(fails, dataset, tmp_path):
     data = copy_dataset(dataset, tmp_path / "d")
     shutil.rmtree(tmp_path / "d" / "labels" / "train")
@@ -100,6 +144,7 @@ def test_missing_label_folder(fails, dataset, tmp_path):
     ("7 0.5 0.5 0.2 0.2", ("class 7", "0..2")),
     ("1 0.5 1.7 0.2 0.2", ("outside 0..1",)),
 ])
+@pytest.mark.quick
 def test_malformed_label_line_names_file_and_line(fails, dataset, tmp_path, line, words):
     data = copy_dataset(dataset, tmp_path / "d")
     label = tmp_path / "d" / "labels" / "train" / "000003.txt"
@@ -113,24 +158,28 @@ def test_allow_bad_labels_passes_the_label_check(fails, dataset, tmp_path):
     (tmp_path / "d" / "labels" / "train" / "000003.txt").write_text("9 0.5 0.5 0.2 0.2\n")
     # Past the label check, the next rule stops it (no training in this test): the cluster is too small.
     fails(f"data={data}", "--allow-bad-labels", "--cpu", "--num-workers", 1, "--cpus-per-worker", 64,
-          words=("64 CPUs",))
+          words=("64 CPUs",), ray=True)
 
 
 # --- model --------------------------------------------------------------------------------------------------
 
+@pytest.mark.quick
 def test_unknown_model_yaml(fails):
     fails("model=yolo99z.yaml", words=("model=yolo99z.yaml", "yolo26n.yaml"))
 
 
+@pytest.mark.quick
 def test_missing_pt(fails, tmp_path):
     fails(f"model={tmp_path}/w.pt", words=("not found", "nothing is downloaded"))
 
 
+@pytest.mark.quick
 def test_corrupt_pt(fails, tmp_path):
     (tmp_path / "w.pt").write_bytes(b"not a checkpoint at all")
     fails(f"model={tmp_path}/w.pt", words=("cannot be loaded", "corrupt"))
 
 
+@pytest.mark.quick
 def test_pt_of_another_task(fails, tmp_path):
     from ultralytics import YOLO
 
@@ -157,6 +206,7 @@ def test_pt_of_another_task(fails, tmp_path):
     (("--loader", "device", "mixup=0.5"), ("mixup=0.5", "--loader ultralytics")),
     (("--loader", "device", "model=yolo26n-pose.yaml"), ("task=pose", "--loader ultralytics")),
 ])
+@pytest.mark.quick
 def test_bad_arguments(fails, args, words):
     fails("--cpu", *args, words=words)
 
@@ -168,38 +218,42 @@ CPUS = os.cpu_count() or 1  # the local Ray has at most this many: ask for more,
 
 def test_more_workers_than_cpus(fails):
     n = 4 * CPUS
-    fails("--cpu", "--num-workers", n, f"batch={n}", words=(f"need {n} CPUs",), tracking=True)
+    fails("--cpu", "--num-workers", n, f"batch={n}", words=(f"need {n} CPUs",), tracking=True, ray=True)
 
 
 def test_more_cpus_per_worker_than_the_cluster(fails):
-    fails("--cpu", "--num-workers", 2, "--cpus-per-worker", 2 * CPUS, words=(f"need {4 * CPUS} CPUs",), tracking=True)
+    fails("--cpu", "--num-workers", 2, "--cpus-per-worker", 2 * CPUS, words=(f"need {4 * CPUS} CPUs",), tracking=True, ray=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: tests/test_gpu_path.py trains on it")
 def test_gpu_on_a_cluster_without_gpus(fails):
-    fails("--gpu", words=("no GPUs", "--cpu"), tracking=True)
+    fails("--gpu", words=("no GPUs", "--cpu"), tracking=True, ray=True)
 
 
 def test_waiting_for_resources_is_explicit_and_bounded(fails):
     n = 4 * CPUS
-    fails("--cpu", "--num-workers", n, f"batch={n}", "--wait-for-resources", 4, words=("waited 4 s", f"need {n} CPUs"))
+    fails("--cpu", "--num-workers", n, f"batch={n}", "--wait-for-resources", 4, words=("waited 4 s", f"need {n} CPUs"), ray=True)
 
 
 # --- infrastructure -----------------------------------------------------------------------------------------
 
+@pytest.mark.quick
 def test_ray_address_that_does_not_answer(fails):
     fails(env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}, words=("does not answer", "unset it"))
 
 
+@pytest.mark.quick
 def test_unwritable_storage_path(fails, tmp_path):
     locked = tmp_path / "locked"
     locked.write_text("a file, not a folder")
     fails("--storage-path", locked / "runs", words=("cannot write", "writable path"))
 
 
+@pytest.mark.quick
 def test_unreachable_tracking_server(fails):
     fails("--tracking-uri", f"http://127.0.0.1:{free_port()}", words=("does not answer", "--no-tracking"), tracking=True)
 
 
+@pytest.mark.quick
 def test_tune_reports_bad_space_in_one_line(fails):
     fails("--amp", "fp8", words=("fp8", "fp16, bf16, fp32"), module="tune")

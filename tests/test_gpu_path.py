@@ -53,6 +53,7 @@ def one_epoch(loader: DeviceLoader) -> tuple[list[int], dict[int, torch.Tensor]]
     return order, images
 
 
+@pytest.mark.quick
 def test_one_worker_device_loader_changes_order_and_draws_every_epoch(device_dataset):
     """Ultralytics calls set_epoch only when RANK != -1; on one worker the loader must count epochs itself."""
     loader = DeviceLoader(device_dataset, batch_size=8, rank=0, world_size=1, seed=0)
@@ -67,6 +68,7 @@ def test_one_worker_device_loader_changes_order_and_draws_every_epoch(device_dat
     assert all(torch.equal(i1[k], j1[k]) and torch.equal(i2[k], j2[k]) for k in range(N)), "and the same draws"
 
 
+@pytest.mark.quick
 def test_set_epoch_still_names_the_epoch(device_dataset):
     """Under DDP Ultralytics names each epoch, and a resumed run names its first: that epoch's order is used."""
     loader = DeviceLoader(device_dataset, batch_size=8, rank=0, world_size=1, seed=0)
@@ -102,6 +104,7 @@ def test_one_worker_fit_traces_the_orders_it_really_trained_on(tmp_path, loader)
             assert order == list(expected)
 
 
+@pytest.mark.quick
 def test_an_ultralytics_without_the_adapted_methods_is_refused(monkeypatch):
     from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -113,6 +116,7 @@ def test_an_ultralytics_without_the_adapted_methods_is_refused(monkeypatch):
         adapter.trainer_class("detect")
 
 
+@pytest.mark.quick
 def test_yolo26_detection_leaves_no_parameter_unused(tmp_path):
     """Why DDP may skip its unused-parameter search for detect: every trainable parameter gets a gradient."""
     from ultralytics.models.yolo.detect import DetectionTrainer
@@ -131,6 +135,7 @@ def test_yolo26_detection_leaves_no_parameter_unused(tmp_path):
     assert len(trainable) > 300 and unused == []
 
 
+@pytest.mark.quick
 def test_ddp_wrap_gives_the_gradient_of_the_plain_module():
     """The wrap used for CPU workers and for rewrapping on GPUs, on a one-process gloo group."""
     import torch.distributed as dist

@@ -17,10 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_summary, mlflow_runs, run_cli, start_cli, wait_for
-import test_cluster
 from test_faults import registered_checkpoint
-
-cluster_head = test_cluster.head  # a fixture: the Ray head with token authentication that test_cluster.py starts
 
 EPOCHS = 3
 DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
@@ -73,6 +70,7 @@ def asha(tmp_path_factory, seed_model):
     return proc, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
 
 
+@pytest.mark.quick
 def test_default_space_is_ultralytics_own():
     """The default ranges are read from the installed Ultralytics tuner, not remembered."""
     from ultralytics.engine.tuner import Tuner
@@ -101,6 +99,7 @@ def plan(tmp_path, *args):
     ({"fliplr": [0.0, 2.0]}, ("fliplr", "between 0.0 and 1.0")),
     ({"epochs": [1, 5]}, ("epochs", "epochs=N")),
 ])
+@pytest.mark.quick
 def test_bad_space_is_one_line(tmp_path, space, words):
     from raytrain_yolo.core.errors import UserError
 
@@ -109,6 +108,7 @@ def test_bad_space_is_one_line(tmp_path, space, words):
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), e.value
 
 
+@pytest.mark.quick
 def test_bad_metric_is_one_line(tmp_path):
     from raytrain_yolo.core.errors import UserError
 
@@ -117,10 +117,11 @@ def test_bad_metric_is_one_line(tmp_path):
     assert plan(tmp_path, "--space", write_space(tmp_path), "--metric", "mAP50")[1].metric == "metrics/mAP50(B)"
 
 
+@pytest.mark.quick
 def test_a_user_error_ends_the_command_before_ray_starts(tmp_path):
     """The command line's shape of every error above: exit 2, one line on stderr, no Ray."""
     proc = run_cli("tune", "--objective", "map", "--space", write_space(tmp_path, {"lr00": [0.0, 0.1]}),
-                   "--storage-path", tmp_path, "--no-tracking", timeout=120)
+                   "--storage-path", tmp_path, "--no-tracking", timeout=120, ray="none")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: lr00"), proc.stderr
@@ -277,13 +278,14 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
 
 
-def test_ray_job_submit_on_a_running_cluster_which_stays_up(cluster_head, tmp_path):
+def test_ray_job_submit_on_a_running_cluster_which_stays_up(token_head, tmp_path):
     """`tune --objective map` as a `ray job submit` entrypoint joins the cluster it runs on, and leaves it up;
     --metric picks what the sweep follows."""
-    head = cluster_head
+    head = token_head
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from test_cluster import _http_status, job_env_vars
+    from raycluster import http_status
+    from test_cluster import job_env_vars
 
     client = JobSubmissionClient(head.url, headers=head.auth_headers)
     cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", "1", "--trials", "1",
@@ -302,4 +304,4 @@ def test_ray_job_submit_on_a_running_cluster_which_stays_up(cluster_head, tmp_pa
     assert rows[0]["metric"] == "metrics/mAP50(B)" and len(history) == 2
     assert rows[0]["final"] == pytest.approx(history[-1]["metrics/mAP50(B)"], abs=1e-9)
     assert rows[0]["best"] == pytest.approx(max(h["metrics/mAP50(B)"] for h in history), abs=1e-9)
-    assert _http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"
+    assert http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"

@@ -4,10 +4,14 @@ node runs (a plain function here, a Ray task there) and the flags; tests/multino
 
 from __future__ import annotations
 
+import pytest
+
 import uuid
 
 from raytrain_yolo.core import preflight
 
+
+pytestmark = pytest.mark.quick  # no training run, no Ray cluster
 
 def test_probe_names_the_first_input_a_node_lacks(tmp_path):
     model = tmp_path / "best.pt"

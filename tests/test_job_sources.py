@@ -16,6 +16,17 @@ from test_datasync import s3, upload  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.usefixtures("s3")  # first: the local Ray's workers inherit its endpoint and keys
 
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of this process's own, not the session's shared head: its workers must inherit the moto
+    server's endpoint and keys from this process, as every node of a real cluster has its own."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
 NAME = "shapes-jobs"
 CONF = 0.001  # a 1-epoch model is unsure of everything: a low threshold keeps objects to compare
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
 from conftest import ROOT
 
+
+pytestmark = pytest.mark.quick  # no training run, no Ray cluster
 
 def test_no_undefined_names():
     proc = subprocess.run([sys.executable, "-m", "pyflakes", "raytrain_yolo", "tests"], cwd=ROOT,

@@ -47,6 +47,7 @@ def test_task_trains_on_its_embedded_data(task_run, task):
         assert r.obb is not None and r.obb.xywhr.shape[1] == 5
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("task", ["detect", "pose", "segment", "obb"])
 def test_embedded_labels_pass_preflight_and_ultralytics(task):
     data = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64), task)
@@ -69,6 +70,7 @@ BAD_LINES = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("task", sorted(BAD_LINES))
 def test_preflight_names_file_and_line_of_a_bad_task_label(task, tmp_path):
     import shutil
@@ -89,6 +91,7 @@ def test_preflight_names_file_and_line_of_a_bad_task_label(task, tmp_path):
         assert w in msg, (w, msg)
 
 
+@pytest.mark.quick
 def test_pose_keypoint_outside_the_image_and_missing_kpt_shape(tmp_path):
     import shutil
 
@@ -105,10 +108,11 @@ def test_pose_keypoint_outside_the_image_and_missing_kpt_shape(tmp_path):
         preflight.check_data(str(data), "pose")
 
 
+@pytest.mark.quick
 def test_device_loader_refuses_other_tasks_in_one_line(tmp_path):
     for model in ("yolo26n-seg.yaml", "yolo26n-obb.yaml"):
         proc = run_cli("fit", "--loader", "device", "--no-tracking", "--storage-path", tmp_path, f"model={model}",
-                       timeout=90)
+                       timeout=90, ray="none")
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: --loader device") and "--loader ultralytics" in last, last

@@ -61,7 +61,7 @@ def test_val_refuses_bad_input_in_one_line(task_run, tmp_path):
         ((f"model={s['last_checkpoint']}", f"data={s['data']}", "device=0"), "--gpu/--cpu"),
     ]
     for args, words in cases:
-        proc = run_cli("val", "--storage-path", tmp_path, *args, timeout=120)
+        proc = run_cli("val", "--storage-path", tmp_path, *args, timeout=120, ray="none")
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         assert proc.returncode == 2 and last.startswith("error: ") and words in last, (args, proc.stderr[-1500:])
         assert "Traceback" not in proc.stderr

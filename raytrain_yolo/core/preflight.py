@@ -483,6 +483,8 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     train_args = resolve_train_args(spec)
     if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
         check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    else:  # its form at least (AutoBatch's -1, a fraction): the split over the workers is checked once Ray says how many
+        check_batch(train_args["batch"], 1)
     task = check_model(train_args["model"], train_args.get("task"))
     check_loader(spec.loader, task, train_args)
     if not spec.is_synthetic:
