@@ -31,8 +31,9 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Ultralytics training arguments")
     add_run_flags(p)
-    p.add_argument("--validate-untrained", action="store_true", default=None,
-                   help="validate the untrained model first, to show what training bought (default: synthetic data only)")
+    p.add_argument("--validate-untrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="validate the untrained model first, to show what training bought (default: on for the "
+                   "embedded synthetic data only)")
     p.add_argument("--trace-samples", action="store_true", help="record each rank's sample indices per epoch")
     return p
 

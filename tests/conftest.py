@@ -68,9 +68,15 @@ def ray_local():
 
     head = shared_head()
     head.wait_idle()
-    ray.init(address=head.address, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    saved = {k: os.environ.get(k) for k in head.driver_env}
+    os.environ.update(head.driver_env)
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        yield ray
+        ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 NO_RAY = "127.0.0.1:1"  # a RAY_ADDRESS where nothing listens: a command that should end before Ray ends otherwise
@@ -92,7 +98,7 @@ def run_cli(module: str, *args: str, timeout: float = 900, env: dict | None = No
         if ray == "shared":
             head = shared_head()
             head.wait_idle()
-            full_env["RAY_ADDRESS"] = head.address
+            full_env.update(head.driver_env)
         elif ray == "none":
             full_env["RAY_ADDRESS"] = NO_RAY
         else:
@@ -183,7 +189,7 @@ def task_run(tmp_path_factory):
     def get(task: str):
         if task not in done:
             proc = run_cli(
-                "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", task, "--no-tracking",
+                "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", task, "--no-tracking", "--no-validate-untrained",
                 "--synthetic-train", TINY_TRAIN["train"], "--synthetic-val", TINY_TRAIN["val"],
                 "--synthetic-size", TINY_TRAIN["imgsz"], f"model={TASK_MODELS[task]}", *TINY_ARGS,
             )

@@ -68,6 +68,13 @@ class Head:
     def auth_headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """What a driver's environment needs to join this head (RAY_ADDRESS and its authentication mode)."""
+        if self.token:
+            return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
+
     def _state(self, kind: str, state: str) -> list[dict]:
         query = urllib.parse.urlencode({"limit": 1000, "filter_keys": "state", "filter_predicates": "=",
                                         "filter_values": state})
@@ -162,6 +169,8 @@ def start_head(auth: bool = False):
             token = token_path.read_text().strip()
             assert token and gen.stdout.strip() == token
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+        else:  # Ray 2.60 turns token authentication on by itself once a token exists (~/.ray/auth_token)
+            env["RAY_AUTH_MODE"] = "disabled"
         ports = set()
         while len(ports) < 7:  # distinct: free_port() only asks the OS for a port that is free right now
             ports.add(free_port())

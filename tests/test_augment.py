@@ -248,7 +248,7 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
 
     n_train, epochs = 64, 4
     proc = run_cli("fit", "--cpu", "--num-workers", 2, "--loader", "device", "--storage-path", tmp_path,
-                   "--name", "dev", "--trace-samples", "--no-tracking", "--synthetic-train", n_train,
+                   "--name", "dev", "--trace-samples", "--no-tracking", "--no-validate-untrained", "--synthetic-train", n_train,
                    "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96", "close_mosaic=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     worker_log = (tmp_path / "dev" / "run.log").read_text()  # the workers' full output (issue 14's console)

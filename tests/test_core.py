@@ -19,7 +19,7 @@ EPOCHS = 4
 def ddp_run(tmp_path_factory):
     storage = tmp_path_factory.mktemp("core")
     proc = run_cli(
-        "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", "ddp2", "--trace-samples",
+        "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", "ddp2", "--trace-samples", "--no-validate-untrained",
         "--no-tracking", "--synthetic-train", N_TRAIN, "--synthetic-val", 32,
         f"epochs={EPOCHS}", "batch=16", "imgsz=128",
     )

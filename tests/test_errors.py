@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import free_port, mlflow_runs, shared_head
+from conftest import NO_RAY, free_port, mlflow_runs, shared_head
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
 
@@ -57,7 +57,7 @@ def fails(tmp_path, capfd, monkeypatch):
         flags = ["--tracking-uri", uri] if tracking else ["--no-tracking"]
         if ray:
             shared_head().wait_idle()
-        for k, v in (env or {"RAY_ADDRESS": shared_head().address if ray else "127.0.0.1:1"}).items():
+        for k, v in (env or (shared_head().driver_env if ray else {"RAY_ADDRESS": NO_RAY})).items():
             monkeypatch.setenv(k, v)
         main = importlib.import_module(f"raytrain_yolo.{module}").main
         capfd.readouterr()

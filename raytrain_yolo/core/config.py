@@ -271,9 +271,32 @@ def validate_train_args(train: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def load_cfg_file(path: str) -> dict[str, Any]:
+    """Ultralytics' `cfg=FILE`: a YAML of training arguments under the ones given with it, as `YOLO.train(cfg=...)`
+    reads it (a copy of Ultralytics' default.yaml, edited, is the usual form). Keys at Ultralytics' default value
+    change nothing and are dropped, so a full copy's `device: null` or `name: null` is no Ray-owned key.
+    Relative paths are the working directory's, read once on the driver; the workers get the values."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"cfg={path} not found: pass the path of a YAML of Ultralytics training arguments")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cfg={path} is not valid YAML ({_first_line(e)}): fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"cfg={path} must map Ultralytics arguments to values, e.g. lr0: 0.01")
+    return {k: v for k, v in data.items() if k != "cfg" and not (k in DEFAULT_CFG_DICT and DEFAULT_CFG_DICT[k] == v)}
+
+
 def resolve_train_args(spec: RunSpec) -> dict[str, Any]:
-    """The Ultralytics arguments the workers get: user's keys over the defaults that fit the dataset."""
+    """The Ultralytics arguments the workers get: user's keys over a `cfg=` file's over the defaults that fit the
+    dataset."""
     args = dict(spec.train)
+    cfg = args.pop("cfg", None)
+    if cfg:
+        args = {**load_cfg_file(str(cfg)), **args}
     if spec.is_synthetic:
         args = {**EMBEDDED_TRAIN_DEFAULTS, **args}
     args.setdefault("model", DEFAULT_MODEL)

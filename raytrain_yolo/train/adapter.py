@@ -18,6 +18,10 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
 - datasets (and their `labels/*.cache`) are built by global rank 0 first, then by the others, which read its
   cache: Ultralytics' guard is per node (each node's local rank 0 writes), so on a dataset shared by several
   nodes every node would write the same cache file at once;
+- `rect=True` is turned off with Ultralytics' own warning when there is more than one rank, as Ultralytics' multi-GPU
+  path does (the ranks would get different numbers of batches and wait for each other forever);
+- with `time=`, rank 0's re-estimated epoch count is broadcast before the warmup and schedule are rebuilt from it
+  (`_get_warmup_iterations`), so no rank trains on a schedule of its own;
 - `final_eval` is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on every
   node; the per-epoch validation (distributed across ranks) already gives the final metrics;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
@@ -38,7 +42,7 @@ from torch import nn
 
 from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.models import yolo
-from ultralytics.utils import RANK, USER_CONFIG_DIR, WORLD_SIZE, env_bool
+from ultralytics.utils import LOGGER, RANK, USER_CONFIG_DIR, WORLD_SIZE, env_bool
 from ultralytics.utils.torch_utils import torch_distributed_zero_first
 
 # Ultralytics integrations that would duplicate what raytrain_yolo does itself.
@@ -54,7 +58,7 @@ _NO_BUFFER_SYNC = (
 # Ultralytics trainer methods the mixins override or call: if a release renames one, training would go on
 # silently wrong (a CPU loss scaled by 0, a second process group), so trainer_class() refuses it up front.
 OVERRIDDEN = ("_setup_ddp", "_build_train_pipeline", "_setup_train", "final_eval", "get_dataloader",
-              "preprocess_batch", "resume_training")
+              "preprocess_batch", "resume_training", "_get_warmup_iterations")
 # Tasks whose every trainable parameter gets a gradient each step, so DDP need not search for unused ones.
 NO_UNUSED_PARAMETERS = {"detect"}
 
@@ -86,6 +90,9 @@ class RayTrainerMixin:
                 f"Ultralytics {ULTRALYTICS_VERSION} chose device {self.device} but Ray assigned {device} to this "
                 "worker: install the Ultralytics version raytrain_yolo pins (pyproject.toml)"
             )
+        if world_size > 1 and self.args.rect:  # as Ultralytics' own multi-GPU path: ranks would get unequal batches
+            LOGGER.warning("'rect=True' is incompatible with Multi-GPU training, setting 'rect=False'")
+            self.args.rect = False
         self.traced_files: list[str] | None = None  # a list: note every trained batch's files (--trace-samples)
         self._ray_world_size = world_size
         # GPU: Ultralytics' own DDP wrap works once it knows the world size. CPU: wrap later ourselves.
@@ -110,6 +117,16 @@ class RayTrainerMixin:
         elif isinstance(self.model, nn.parallel.DistributedDataParallel) and self.model.find_unused_parameters and not unused:
             self.model = ddp_wrap(self.model.module, self.device.index, False, bool(self.args.compile))
         super()._build_train_pipeline()
+
+    def _get_warmup_iterations(self, num_batches):
+        """With `time=`, Ultralytics re-estimates the epoch count from each rank's own clock after every epoch, right
+        before this call, then rebuilds the warmup and the learning-rate schedule from it: ranks that disagree train
+        on different schedules. Rank 0's count is taken by all, decided once and broadcast, as its stop is."""
+        if self.args.time and self._ray_world_size > 1 and dist.is_available() and dist.is_initialized():
+            epochs = [self.epochs]
+            dist.broadcast_object_list(epochs, src=0)
+            self.epochs = self.args.epochs = epochs[0]
+        return super()._get_warmup_iterations(num_batches)
 
     def preprocess_batch(self, batch):
         if self.traced_files is not None:
