@@ -83,7 +83,7 @@ def _report(job: JobPlan, data: str, split: str, merger, stats: dict) -> dict[st
 
 
 EPILOG = """\
-Ultralytics validation arguments go after the flags in key=value form, as for `yolo val`:
+Ultralytics validation arguments go among the flags, in any order, in key=value form, as for `yolo val`:
   model=PATH.pt|models:/NAME/VERSION data=PATH/data.yaml split=val|test|train imgsz=640 batch=16 conf=0.001 iou=0.7
 Defaults are those of Ultralytics' model.val() (imgsz from the checkpoint), except plots=False.
 The metrics go to <storage-path>/<name>/val.json, and to --output FILE too when given.
