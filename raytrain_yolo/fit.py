@@ -13,7 +13,7 @@ import sys
 from raytrain_yolo.core.cli import OneLineParser, add_run_flags, run_main, spec_from_args, stop_ray
 
 EPILOG = """\
-Ultralytics training arguments go after the flags in Ultralytics' own key=value form, e.g.
+Ultralytics training arguments go among the flags, in any order, in Ultralytics' own key=value form, e.g.
   batch=64 imgsz=640 epochs=10 amp=bf16 workers=8 cache=ram data=path/to/data.yaml model=yolo26n.yaml
 batch is the global batch, split evenly over the workers. device=, project= and name= are Ray's to decide.
 Without data= the embedded synthetic dataset is generated (once, into ~/.cache/raytrain_yolo or

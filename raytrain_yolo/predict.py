@@ -184,7 +184,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
 
 
 EPILOG = """\
-Ultralytics prediction arguments go after the flags in key=value form, as for `yolo predict`:
+Ultralytics prediction arguments go among the flags, in any order, in key=value form, as for `yolo predict`:
   model=PATH.pt|models:/NAME/VERSION source=DIR|IMAGE|LIST.txt|s3://bucket/prefix conf=0.25 iou=0.7 imgsz=640
   batch=16 (images per model call) max_det=300 classes=0,2
 Rows: image, class, name, confidence, box (x1 y1 x2 y2 in the image's pixels), and keypoints (pose: [x, y, conf]

@@ -35,8 +35,11 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
     data = str(storage.normalise(data)) if not storage.is_uri(data) else data
 
+    found: dict[str, preflight.DataCheck] = {}
+
     def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:
-        preflight.check_data(data, task, splits=(split,))
+        found["data"] = preflight.check_data(data, task, splits=(split,), training=False,
+                                             single_cls=bool(overrides.get("single_cls")))
         return {"data": data}, ""  # only the driver writes: the metrics
 
     job = plan(model, scaling or ScalingSpec(), storage_path, name, "val", tracking_uri, wait_s, check,
@@ -47,7 +50,8 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     args = val_args(job.model, {**overrides, "data": data, "project": job.out_dir, "name": "ultralytics",
                                 "exist_ok": True})
     shard_fn = ray.remote(_validate_shard).options(**job.remote_options())
-    refs = [shard_fn.remote(job.weights, {**args, "device": job.device}, (i, job.num_workers))
+    root = found["data"].root if found["data"].cwd_relative else ""  # a relative path: as resolved here
+    refs = [shard_fn.remote(job.weights, {**args, "device": job.device}, (i, job.num_workers), root)
             for i in range(job.num_workers)]
     results = ray.get(refs)
     yolo, merger = sharded_validator(job.model, {**args, "device": "cpu"}, None, results)
@@ -57,9 +61,14 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     return out
 
 
-def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int]) -> dict:
-    """One Ray worker: Ultralytics' validator over this shard's batches; returns the raw statistics."""
+def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int], data_root: str = "") -> dict:
+    """One Ray worker: Ultralytics' validator over this shard's batches; returns the raw statistics. `data_root`:
+    the dataset root the driver resolved, for a data.yaml whose relative path: depends on the working directory."""
+    from raytrain_yolo.data.sync import pin_root
     from raytrain_yolo.train.adapter import sharded_validator
+
+    if data_root:
+        args = {**args, "data": pin_root(args["data"], data_root)}
 
     yolo, validator = sharded_validator(weights.local(), args, shard)
     validator(model=yolo.model)
@@ -83,7 +92,7 @@ def _report(job: JobPlan, data: str, split: str, merger, stats: dict) -> dict[st
 
 
 EPILOG = """\
-Ultralytics validation arguments go after the flags in key=value form, as for `yolo val`:
+Ultralytics validation arguments go among the flags, in any order, in key=value form, as for `yolo val`:
   model=PATH.pt|models:/NAME/VERSION data=PATH/data.yaml split=val|test|train imgsz=640 batch=16 conf=0.001 iou=0.7
 Defaults are those of Ultralytics' model.val() (imgsz from the checkpoint), except plots=False.
 The metrics go to <storage-path>/<name>/val.json, and to --output FILE too when given.

@@ -63,10 +63,10 @@ def test_embedded_labels_pass_preflight_and_ultralytics(task):
         assert (len(out[3]) > 0) == (task in ("segment", "obb"))
 
 
-BAD_LINES = {
-    "pose": ("0 0.5 0.5 0.2 0.2 0.5 0.4 2", ("8 columns", "kpt_shape [3, 3]", "14")),
-    "segment": ("0 0.1 0.1 0.2 0.2", ("5 columns", "polygon")),
-    "obb": ("0 0.1 0.1 0.2 0.1 0.2 0.2", ("7 columns", "9", "corners")),
+BAD_LINES = {  # (the label file's new text, Ultralytics' reason for skipping the image)
+    "pose": ("0 0.5 0.5 0.2 0.2 0.5 0.4 2\n", ("labels require 14 columns each",)),
+    "segment": (None, ("labels mix segment and detection rows",)),  # a box row appended to the polygons
+    "obb": ("5 0.1 0.1 0.2 0.1 0.2 0.2 0.1 0.2\n", ("Label class 5 exceeds dataset class count 3",)),
 }
 
 
@@ -80,13 +80,12 @@ def test_preflight_names_file_and_line_of_a_bad_task_label(task, tmp_path):
     data = tmp_path / "d" / "data.yaml"
     data.write_text(data.read_text().replace(f"path: {src}", f"path: {tmp_path / 'd'}"))
     label = tmp_path / "d" / "labels" / "train" / "000002.txt"
-    n = len(label.read_text().splitlines()) + 1
-    line, words = BAD_LINES[task]
-    label.write_text(label.read_text() + line + "\n")
+    text, words = BAD_LINES[task]
+    label.write_text(text or label.read_text() + "0 0.1 0.1 0.2 0.2\n")
     with pytest.raises(UserError) as e:
         preflight.check_data(str(data), task)
     msg = str(e.value)
-    assert "\n" not in msg and "000002.txt" in msg and f"line {n}" in msg, msg
+    assert "\n" not in msg and "000002.jpg" in msg and "000002.txt" in msg and "--allow-bad-labels" in msg, msg
     for w in words:
         assert w in msg, (w, msg)
 
@@ -101,7 +100,7 @@ def test_pose_keypoint_outside_the_image_and_missing_kpt_shape(tmp_path):
     data.write_text(data.read_text().replace(f"path: {src}", f"path: {tmp_path / 'd'}"))
     (tmp_path / "d" / "labels" / "val" / "000001.txt").write_text(
         "0 0.5 0.5 0.2 0.2 0.5 0.4 2 1.5 0.6 2 0.6 0.6 2\n")
-    with pytest.raises(UserError, match=r"000001.txt line 1: a coordinate is outside 0..1"):
+    with pytest.raises(UserError, match=r"000001.txt: Ultralytics would skip .*out of bounds coordinates \[1.5\]"):
         preflight.check_data(str(data), "pose")
     data.write_text(data.read_text().replace("kpt_shape: [3, 3]", "kpt_shape: [3]"))
     with pytest.raises(UserError, match=r"kpt_shape: \[keypoints, 2 or 3\]"):

@@ -13,7 +13,13 @@ from raytrain_yolo.core.errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line naming the fix, exit status 2."""
+    """argparse, but a usage mistake is one line naming the fix, exit status 2, and flags and key=value
+    arguments may come in any order, as in Ultralytics' own CLI (`--cpu model=x.pt --name r epochs=1`)."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D401
+        """Every job parses intermixed: plain argparse stops collecting key=value pairs at the first flag after
+        them, and refuses a second block ("unrecognized arguments: epochs=1")."""
+        return self.parse_intermixed_args(args, namespace)
 
     def error(self, message: str):  # noqa: D401
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")

@@ -113,6 +113,8 @@ class RunSpec:
     max_windows: int = 0  # >0: a throughput trial stops after this many windows
     resume_from: str = ""  # a Ray Train checkpoint to start from when the run has none of its own (PBT exploit)
     verbose: bool = False  # full Ultralytics and Ray worker logs on the console too (they always go to run.log)
+    data_root: str = ""  # set by preflight when data.yaml's path: is relative: the root Ultralytics resolved on the
+    # driver (from its working directory), which the workers train on wherever they run (data.sync.pin_root)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -56,6 +57,21 @@ def localize(uri: str) -> str:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(dest / name)
+
+
+def pin_root(data_yaml: str, root: str) -> str:
+    """A node-local copy of `data_yaml` whose `path:` is `root`, the absolute dataset root Ultralytics resolved on
+    the driver: a relative `path:` is resolved from the working directory, which differs on a worker."""
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    cfg["path"] = root
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    dest = cache_root() / "pinned" / hashlib.sha1(f"{data_yaml}\n{text}".encode()).hexdigest()[:16] / Path(data_yaml).name
+    if not dest.is_file() or dest.read_text() != text:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        tmp.write_text(text)
+        tmp.replace(dest)  # atomic: the workers of one node may write it at once
+    return str(dest)
 
 
 def _read_listing(dest: Path) -> dict | None:

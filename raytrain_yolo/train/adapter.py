@@ -34,6 +34,7 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -183,6 +184,23 @@ def keep_offline() -> None:
 
     for module in (ultralytics.data.utils, ultralytics.utils.plotting):
         module.check_font = _local_font
+
+
+@contextmanager
+def offline_dataset_check():
+    """While it is open, Ultralytics' `check_det_dataset` looks for its font on disk only when YOLO_OFFLINE is set
+    (its `check_font` asks GitHub otherwise: a second of waiting offline, a download online). For the driver's
+    preflight: the swap is undone on exit, so the process keeps Ultralytics as it was."""
+    import ultralytics.data.utils as data_utils
+
+    if not env_bool("YOLO_OFFLINE") or data_utils.check_font is _local_font:
+        yield
+        return
+    original, data_utils.check_font = data_utils.check_font, _local_font
+    try:
+        yield
+    finally:
+        data_utils.check_font = original
 
 
 def trainer_class(task: str, loader: str = "ultralytics") -> type:

@@ -250,12 +250,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             f"data={args['data']} exists on the driver but not on node {socket.gethostname()}: put the dataset "
             "on storage every node mounts at the same path"
         )
+    data_yaml = args["data"]  # what the summary names; Ultralytics may get a copy with the driver's root pinned
+    if spec.data_root:
+        from raytrain_yolo.data.sync import pin_root
+
+        args["data"] = pin_root(args["data"], spec.data_root)
     save_dir = Path(local_save_project(spec)) / "train"
     state = restore(spec, save_dir, rank)
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
         # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
-                "save_dir": str(save_dir), "device_name": None, "data": args["data"]} if rank == 0 else None
+                "save_dir": str(save_dir), "device_name": None, "data": data_yaml} if rank == 0 else None
 
     from raytrain_yolo.train.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
 
@@ -313,6 +318,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
         "save_dir": str(trainer.save_dir),
-        "data": args["data"],
+        "data": data_yaml,
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
     }
