@@ -42,6 +42,18 @@ def shared_head():
     return _SHARED["head"]
 
 
+def shared_head_pids() -> set[int]:
+    """The processes of the shared head (what its `ray start` started), if it runs; job drivers aside."""
+    import psutil
+
+    if "head" not in _SHARED:
+        return set()
+    try:
+        return {p.pid for p in psutil.Process(_SHARED["head"].proc.pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
 def pytest_runtest_setup(item):
     _SHARED["quick"] = item.get_closest_marker("quick") is not None
 

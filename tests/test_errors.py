@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import NO_RAY, free_port, mlflow_runs, shared_head
+from conftest import NO_RAY, free_port, mlflow_runs, shared_head, shared_head_pids
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
 
@@ -19,19 +19,17 @@ HANG = 90  # seconds: a case still running by then is a hang (a failure), not a 
 
 
 def ray_pids() -> set[int]:
-    """Ray's processes under this one (a local Ray a command started), but for those of the session's heads
-    (tests/raycluster.py), which stay up."""
+    """Ray's processes under this one (a local Ray a command started), but for the session's shared head
+    (tests/raycluster.py), which stays up."""
     out = set()
     for p in psutil.Process().children(recursive=True):
         try:
             name, cmd = p.name(), " ".join(p.cmdline())
-            if p.environ().get("RAYTRAIN_YOLO_TEST_HEAD"):
-                continue
         except psutil.Error:
             continue
         if "gcs_server" in name or "raylet" in name or cmd.startswith("ray::"):
             out.add(p.pid)
-    return out
+    return out - shared_head_pids()
 
 
 class Hang(Exception):
@@ -52,11 +50,11 @@ def fails(tmp_path, capfd, monkeypatch):
     import importlib
 
     def check(*args, words=(), env=None, tracking=False, module="fit", ray=False):
-        before = ray_pids()
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         flags = ["--tracking-uri", uri] if tracking else ["--no-tracking"]
         if ray:
             shared_head().wait_idle()
+        before = ray_pids()
         for k, v in (env or (shared_head().driver_env if ray else {"RAY_ADDRESS": NO_RAY})).items():
             monkeypatch.setenv(k, v)
         main = importlib.import_module(f"raytrain_yolo.{module}").main
@@ -77,8 +75,8 @@ def fails(tmp_path, capfd, monkeypatch):
         for w in words:
             assert w.lower() in last.lower(), (w, last)
         assert "Traceback" not in err
-        leaked = ray_pids() - before
-        assert not {p for p in leaked if psutil.pid_exists(p)}, "Ray processes survived the failed run"
+        leaked = [psutil.Process(p) for p in ray_pids() - before if psutil.pid_exists(p)]
+        assert not leaked, f"Ray processes survived the failed run: {[' '.join(p.cmdline())[:120] for p in leaked]}"
         import ray
 
         assert not ray.is_initialized(), "the command left this process joined to Ray"
