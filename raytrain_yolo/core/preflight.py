@@ -400,8 +400,8 @@ def check_nodes(spec, data: str | None, tracking_uri: str | None, env: dict[str,
         if a["gloo_loopback"]:
             raise UserError(
                 f"{node}: its host name {a['host']} resolves to a loopback address, so gloo would connect the "
-                "ranks to 127.0.0.1: set GLOO_SOCKET_IFNAME to the network interface of the node's IP on every "
-                f"node, or fix the host name's address{skip}")
+                "ranks to 127.0.0.1: set GLOO_SOCKET_IFNAME to the network interface of the node's IP in that "
+                f"node's environment (`ray start`'s), or fix the host name's address{skip}")
     return answers
 
 
