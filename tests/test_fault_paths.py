@@ -14,6 +14,23 @@ from raytrain_yolo.core.errors import UserError
 pytestmark = pytest.mark.quick
 
 
+def test_save_false_is_refused_before_ray_starts(tmp_path):
+    """Ray Train restarts from the last.pt in each checkpoint, and the run ends with best.pt/last.pt: without
+    save, a restart failed with "Resume checkpoint not found"."""
+    from raytrain_yolo.core.preflight import check_run
+
+    def spec(**kw) -> RunSpec:
+        return RunSpec(train={"save": False, "epochs": 1}, scaling=ScalingSpec(num_workers=1, use_gpu=False),
+                       synthetic=SyntheticSpec(train=8, val=4), tracking=TrackingSpec(enabled=False),
+                       storage_path=str(tmp_path), name="nosave", **kw)
+
+    with pytest.raises(UserError) as e:
+        check_run(spec())
+    msg = str(e.value)
+    assert msg.startswith("save=False") and "drop save=False" in msg and "\n" not in msg, msg
+    check_run(spec(window_steps=2, max_windows=1))  # a throughput trial never checkpoints: save=False is its own
+
+
 def test_the_driver_network_interface_names_stay_on_the_driver(monkeypatch):
     """Each node's own GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME apply: the driver's interface name (eth0) may not
     exist on another node (ens5), and gloo/NCCL then fail there."""

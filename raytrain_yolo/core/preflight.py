@@ -544,6 +544,16 @@ def _fit_scaling(spec: RunSpec, total: dict[str, float], free: dict[str, float],
     return spec
 
 
+def check_saving(spec: RunSpec, train_args: dict[str, Any]) -> None:
+    """A training run needs Ultralytics' weights: every Ray checkpoint carries its `last.pt` (what a restart
+    resumes from) and the run ends with `best.pt`/`last.pt`. Only a throughput trial (`window_steps`), which
+    never checkpoints, may leave them out."""
+    if train_args.get("save") is False and not spec.window_steps:
+        raise UserError("save=False would leave the Ray checkpoints without last.pt, so a restart "
+                        "(--max-failures, a rerun with the same --name) could not resume and the run would end "
+                        "without best.pt: drop save=False")
+
+
 def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     """Everything that can be checked without Ray: arguments, model, dataset, storage, tracking server."""
     spec.name = check_name(spec.name or default_name())
@@ -557,6 +567,7 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     if spec.max_failures < -1:
         raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
     train_args = resolve_train_args(spec)
+    check_saving(spec, train_args)
     if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
         check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
     task = check_model(train_args["model"], train_args.get("task"))
