@@ -4,7 +4,6 @@ interface names, and credentials inside URIs. Real MLflow stores and files; no R
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -42,3 +41,58 @@ def test_the_driver_network_interface_names_stay_on_the_driver(monkeypatch):
     env = worker_env()
     assert "GLOO_SOCKET_IFNAME" not in env and "NCCL_SOCKET_IFNAME" not in env
     assert env["YOLO_CONFIG_DIR"] == "/tmp/yolo-config" and env["YOLO_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("http://user:token@mlflow:5000/", "http://user:***@mlflow:5000/"),
+    ("https://ghp_abc123@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("s3://AKIAX:se%2Fcret+1@bucket/runs/x", "s3://AKIAX:***@bucket/runs/x"),
+    ("gs://bucket/runs", "gs://bucket/runs"),
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+    ("/data/x@y/data.yaml", "/data/x@y/data.yaml"),
+    ("error: cannot write to --storage-path s3://k:s@b/r (denied): choose", "error: cannot write to "
+     "--storage-path s3://k:***@b/r (denied): choose"),
+])
+def test_redact_hides_the_secret_of_any_uri(raw, shown):
+    from raytrain_yolo.core.storage import redact
+
+    assert redact(raw) == shown
+
+
+def test_credentials_reach_no_param_tag_summary_or_console(tmp_path, capsys):
+    """A real run start: the storage path and data= carry s3 credentials, the tracking server a token."""
+    from raytrain_yolo.core.cli import run_main
+    from raytrain_yolo.core.tracking import RunTracker, check_reachable
+    from raytrain_yolo.train.launch import format_summary, run_params, write_summary
+
+    secret = "s3cr3t"
+    data = f"s3://AKIAX:{secret}@bucket/d/data.yaml"
+    spec = RunSpec(train={"data": data}, storage_path=f"s3://AKIAX:{secret}@bucket/runs", name="creds",
+                   tracking=TrackingSpec(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = RunTracker(spec)
+    run_id = tracker.start(run_params(spec, {"data": data}, "detect"))
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["ray/storage_path"] == "s3://AKIAX:***@bucket/runs"
+    assert run.data.params["dataset"] == "s3://AKIAX:***@bucket/d/data.yaml"
+    assert secret not in json.dumps([run.data.params, run.data.tags])
+    assert tracker.start({}) == run_id, "a driver restart finds the same run by its (redacted) key"
+
+    summary = {"name": "creds", "task": "detect", "world_size": 1, "device": "cpu", "device_name": "cpu",
+               "epochs_completed": 1, "epochs_requested": 1, "best_checkpoint": None, "last_checkpoint": None,
+               "ray_result_path": f"{spec.run_dir}", "tracking_uri": f"http://me:{secret}@mlflow:5000",
+               "train_args": {"data": data}}
+    write_summary(str(tmp_path / "summary.json"), summary)
+    assert secret not in (tmp_path / "summary.json").read_text()
+    assert "http://me:***@mlflow:5000" in format_summary(summary, f"{spec.run_dir}/summary.json")
+    assert secret not in format_summary(summary, f"{spec.run_dir}/summary.json")
+    tracker.finish("FINISHED", summary)
+    artifact = tracker.client.download_artifacts(run_id, "summary.json", str(tmp_path / "dl"))
+    assert secret not in open(artifact).read()
+
+    def unreachable_server() -> int:
+        check_reachable(f"http://me:{secret}@127.0.0.1:9")  # the discard port: nothing answers
+        return 0
+
+    assert run_main(unreachable_server, debug=False) == 2
+    err = capsys.readouterr().err
+    assert "http://me:***@127.0.0.1:9" in err and secret not in err
