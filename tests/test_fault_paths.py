@@ -13,6 +13,42 @@ from raytrain_yolo.core.errors import UserError
 pytestmark = pytest.mark.quick
 
 
+def sqlite_run(tmp_path):
+    """A real MLflow run in a fresh SQLite store; returns (client, run_id)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("faults", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    return client, client.create_run(exp).info.run_id
+
+
+def test_a_retry_logs_the_ultralytics_arguments_again_without_failing(tmp_path):
+    """With --storage-path s3://..., each attempt's Ultralytics `project` is a new temporary folder. A worker lost
+    after the first attempt logged its arguments, but before the first checkpoint, retries with another one:
+    MLflow refuses to change a logged value, and each retry failed until --max-failures was spent."""
+    import shutil
+
+    from ultralytics.cfg import get_cfg
+
+    from raytrain_yolo.core.tracking import log_params
+    from raytrain_yolo.train.worker import local_save_project
+
+    client, run_id = sqlite_run(tmp_path)
+    spec = RunSpec(storage_path="s3://bucket/runs", name="retry")
+    attempts = [local_save_project(spec) for _ in range(2)]  # what each attempt's rank 0 trains into
+    try:
+        assert attempts[0] != attempts[1]
+        for project in attempts:
+            args = get_cfg(overrides={"model": "yolo26n.yaml", "epochs": 2, "project": project, "name": "train"})
+            args.save_dir = f"{project}/train"  # as Ultralytics' trainer sets it
+            log_params(client, run_id, {**vars(args), "data/train_images": 16})
+    finally:
+        for project in attempts:
+            shutil.rmtree(project, ignore_errors=True)
+    params = client.get_run(run_id).data.params
+    assert params["project"] == attempts[0] and params["epochs"] == "2" and params["data/train_images"] == "16"
+
+
 def test_save_false_is_refused_before_ray_starts(tmp_path):
     """Ray Train restarts from the last.pt in each checkpoint, and the run ends with best.pt/last.pt: without
     save, a restart failed with "Resume checkpoint not found"."""

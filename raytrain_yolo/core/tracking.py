@@ -185,13 +185,21 @@ class RunTracker:
         self.client.create_model_version(name, source=source, run_id=self.run_id)
 
 
-def log_params(client, run_id: str, params: dict[str, Any]) -> None:
-    """Log `params`, credentials in URIs redacted."""
+def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Log the parameters the run does not hold yet, credentials in URIs redacted; return those it already held
+    with another value (key -> the value not logged).
+
+    MLflow refuses to change a logged value. A retry whose first attempt logged its arguments before any
+    checkpoint logs them again, and some differ by attempt (with an object-store --storage-path, Ultralytics'
+    `project`/`save_dir` is a new temporary folder each time): the first attempt's values stay."""
     from mlflow.entities import Param
 
-    items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+    held = client.get_run(run_id).data.params
+    values = {k: redact(str(v))[:6000] for k, v in params.items()}
+    items = [Param(k, v) for k, v in values.items() if k not in held]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
+    return {k: v for k, v in values.items() if k in held and held[k] != v}
 
 
 class EpochLogger:
@@ -218,7 +226,9 @@ class EpochLogger:
         params["data/val_images"] = len(trainer.test_loader.dataset)
         params["data/nc"] = trainer.data.get("nc")
         params["device_name"] = _device_name(trainer)
-        log_params(self.client, self.run_id, params)
+        kept = log_params(self.client, self.run_id, params)
+        if kept:  # a retry: MLflow keeps what the first attempt logged
+            print(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}", flush=True)
 
     def log_epoch(self, metrics: dict[str, Any], trainer=None) -> None:
         from mlflow.entities import Metric
