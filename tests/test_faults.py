@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 from conftest import load_summary, mlflow_runs, run_cli, start_cli, train_worker_pids, wait_for
@@ -42,8 +44,11 @@ def assert_complete_once(storage: Path, name: str, uri: str):
 def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "fit.log"
+    # The workers' temporary folder, this test's own (Ray's session folder stays where it always is).
+    worker_tmp = Path(tempfile.mkdtemp(prefix="rt-faults-"))
+    env = {"TMPDIR": str(worker_tmp), "RAY_TMPDIR": tempfile.gettempdir()}
     fit = start_cli("fit", *ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri,
-                    "--max-failures", 1, log_path=log)
+                    "--max-failures", 1, log_path=log, env=env)
     try:
         wait_for(lambda: registered_checkpoint(tmp_path / "ft"), 300, what="the first checkpoint")
         victim = wait_for(lambda: train_worker_pids(fit.pid), 30, what="worker pids")[-1]
@@ -52,9 +57,12 @@ def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
     finally:
         if fit.poll() is None:
             os.killpg(fit.pid, signal.SIGKILL)
+        left = [p.name for p in worker_tmp.glob("raytrain-yolo-resume-*")]
+        shutil.rmtree(worker_tmp, ignore_errors=True)
     assert rc == 0, log.read_text()[-3000:]
     s = assert_complete_once(tmp_path, "ft", uri)
     assert victim not in [w["pid"] for w in s["workers"]], "the finished run must be the restarted worker group"
+    assert not left, f"each restored checkpoint's local copy must be removed once loaded: {left}"
 
 
 def test_driver_killed_then_same_command_resumes(tmp_path):

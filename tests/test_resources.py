@@ -88,3 +88,42 @@ def test_a_wait_ends_when_the_other_job_leaves(busy_cluster, tmp_path):
     threading.Timer(2.0, lambda: ray.kill(holder)).start()
     spec, _, _ = prepare(spec_for(tmp_path, 2, wait=120))
     assert spec.scaling.num_workers == 2
+
+
+def test_a_worker_larger_than_every_node_is_refused_in_one_line(busy_cluster, tmp_path):
+    """One node of 2 CPUs, one worker of 3: Ray places each worker's CPUs on one node, so it could never start."""
+    spec = spec_for(tmp_path, 1)
+    spec.scaling.cpus_per_worker = 3
+    with pytest.raises(UserError) as e:
+        prepare(spec)
+    msg = str(e.value)
+    assert "one worker needs 3 CPUs on one node" in msg and "the largest node" in msg and "has 2 CPUs" in msg, msg
+    assert "--cpus-per-worker 2" in msg and "\n" not in msg
+
+
+def cpu_spec(workers: int | None, cpus: float) -> RunSpec:
+    return RunSpec(scaling=ScalingSpec(num_workers=workers, use_gpu=False, cpus_per_worker=cpus))
+
+
+@pytest.mark.quick
+def test_the_fit_is_per_node_not_the_cluster_sum():
+    """2 nodes x 4 CPUs: the cluster has 8, yet a 6-CPU worker fits on neither node; two 3-CPU workers fit (one
+    per node), three of 2.5 CPUs do not (7.5 of the 8 CPUs, but one per node)."""
+    from raytrain_yolo.core.preflight import _fit_scaling
+
+    nodes = {"10.0.0.1": {"CPU": 4.0}, "10.0.0.2": {"CPU": 4.0}}
+    total = free = {"CPU": 8.0}
+    with pytest.raises(UserError, match=r"one worker needs 6 CPUs on one node but the largest node, 10\.0\.0\.\d, "
+                                        r"has 4 CPUs: use --cpus-per-worker 4 or less"):
+        _fit_scaling(cpu_spec(1, 6), total, free, nodes=nodes, nodes_free=nodes)
+    assert _fit_scaling(cpu_spec(2, 3), total, free, nodes=nodes, nodes_free=nodes).scaling.num_workers == 2
+    with pytest.raises(UserError, match=r"the cluster's nodes hold only 2 workers of 2\.5 CPUs"):
+        _fit_scaling(cpu_spec(3, 2.5), total, free, nodes=nodes, nodes_free=nodes)
+    # Free now: 3 CPUs on each node (6 in all) hold no 4-CPU worker; a request Ray would wait for is refused
+    # as not free now, with --wait-for-resources as one way out.
+    busy = {"10.0.0.1": {"CPU": 3.0}, "10.0.0.2": {"CPU": 3.0}}
+    with pytest.raises(UserError, match=r"only 0 fit on what the nodes have free now.*--wait-for-resources"):
+        _fit_scaling(cpu_spec(1, 4), total, {"CPU": 6.0}, nodes=nodes, nodes_free=busy)
+    # The default worker count counts what each node has free: 3 + 1 free CPUs hold one 2-CPU worker, not two.
+    uneven = {"10.0.0.1": {"CPU": 3.0}, "10.0.0.2": {"CPU": 1.0}}
+    assert _fit_scaling(cpu_spec(None, 2), total, {"CPU": 4.0}, nodes=nodes, nodes_free=uneven).scaling.num_workers == 1

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from raytrain_yolo.core.config import RunSpec, load_config_file, parse_key_values
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.storage import redact
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -164,7 +165,7 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
         stop_ray()
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         stop_ray()
@@ -175,8 +176,9 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
         if debug or os.environ.get("RAYTRAIN_YOLO_DEBUG"):
             traceback.print_exc()
         elif any(c.__name__ == "TrainingFailedError" for c in type(e).__mro__):
-            print(str(e).rstrip(), file=sys.stderr)  # the workers' own tracebacks, in full (Ray Train gathers them)
-        print(f"error: training failed: {root_cause(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(redact(str(e).rstrip()), file=sys.stderr)  # the workers' own tracebacks (Ray Train gathers them)
+        print(f"error: training failed: {redact(root_cause(e))} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 
@@ -199,7 +201,7 @@ def print_sweep(table: str, paths: dict[str, str], best, none_left: str) -> int:
     """A sweep's table and output files; exit status 1 when no trial made it (`none_left` says what)."""
     print(table)
     for what, path in paths.items():
-        print(f"{what:<8} {path}")
+        print(f"{what:<8} {redact(path)}")
     if best is None:
         print(f"error: {none_left}; see the reasons above", file=sys.stderr)
         return 1

@@ -10,7 +10,9 @@ from raytrain_yolo.core.errors import UserError
 
 # Environment every worker gets (the user's value when set): no network calls from Ultralytics.
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
-WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# The driver's values that every worker gets. Not GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME: an interface name is
+# a property of one machine (eth0 here, ens5 there), so each node's own environment (`ray start`'s) applies.
+WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR")
 
 
 def connect_ray(verbose: bool = False) -> None:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from raytrain_yolo.core.errors import UserError
+
+
+# scheme://user:password@ or scheme://token@ (a password may hold anything but /, ?, #, @ and spaces)
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#@\s:]*)(?P<password>:[^/?#@\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message that holds some) with each URI's credentials masked, for whatever is printed,
+    logged to MLflow or written to summary.json: `s3://key:secret@bucket` -> `s3://key:***@bucket`,
+    `http://token@host` -> `http://***@host`. Everything else is left as it is."""
+    def mask(m: re.Match) -> str:
+        return f"{m['scheme']}{m['user']}:***@" if m["password"] is not None else f"{m['scheme']}***@"
+
+    return _CREDENTIALS.sub(mask, text)
 
 
 def is_uri(path: str) -> bool:
@@ -69,7 +84,8 @@ def check_writable(run_dir: str) -> None:
         fs.delete_file(p)
     except (OSError, PermissionError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot write to --storage-path {run_dir} ({first}): choose a writable path") from None
+        raise UserError(f"cannot write to --storage-path {redact(run_dir)} ({redact(first)}): choose a writable "
+                        "path") from None
 
 
 def copy_file(src: str, dst: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from raytrain_yolo.core.config import RunSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.storage import is_uri as storage_is_uri
+from raytrain_yolo.core.storage import redact
 
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
 SENTINEL_METRIC = "lr/pg0"  # logged every epoch: its steps tell which epochs MLflow has
@@ -68,7 +69,7 @@ def check_reachable(uri: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot track
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"MLflow tracking URI {uri} does not answer ({first}): start the server, fix --tracking-uri, "
+            f"MLflow tracking URI {redact(uri)} does not answer ({redact(first)}): start the server, fix --tracking-uri, "
             "or pass --no-tracking"
         ) from None
     finally:
@@ -125,7 +126,7 @@ class RunTracker:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.spec.tracking.experiment, artifact_location=_artifact_location(self.uri)
         )
-        key = self.spec.tracking.run_key or self.spec.run_dir
+        key = redact(self.spec.tracking.run_key or self.spec.run_dir)  # a tag: never a credential
         found = self.client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
         )
@@ -152,7 +153,7 @@ class RunTracker:
             if summary is not None:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "summary.json"
-                    path.write_text(json.dumps(summary, indent=2, default=str))
+                    path.write_text(redact(json.dumps(summary, indent=2, default=str)))
                     self.client.log_artifact(self.run_id, str(path))
                 if self.spec.tracking.register_model and summary.get("best_checkpoint"):
                     self._register(self.spec.tracking.register_model)
@@ -184,12 +185,21 @@ class RunTracker:
         self.client.create_model_version(name, source=source, run_id=self.run_id)
 
 
-def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Log the parameters the run does not hold yet, credentials in URIs redacted; return those it already held
+    with another value (key -> the value not logged).
+
+    MLflow refuses to change a logged value. A retry whose first attempt logged its arguments before any
+    checkpoint logs them again, and some differ by attempt (with an object-store --storage-path, Ultralytics'
+    `project`/`save_dir` is a new temporary folder each time): the first attempt's values stay."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    held = client.get_run(run_id).data.params
+    values = {k: redact(str(v))[:6000] for k, v in params.items()}
+    items = [Param(k, v) for k, v in values.items() if k not in held]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
+    return {k: v for k, v in values.items() if k in held and held[k] != v}
 
 
 class EpochLogger:
@@ -216,7 +226,9 @@ class EpochLogger:
         params["data/val_images"] = len(trainer.test_loader.dataset)
         params["data/nc"] = trainer.data.get("nc")
         params["device_name"] = _device_name(trainer)
-        log_params(self.client, self.run_id, params)
+        kept = log_params(self.client, self.run_id, params)
+        if kept:  # a retry: MLflow keeps what the first attempt logged
+            print(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}", flush=True)
 
     def log_epoch(self, metrics: dict[str, Any], trainer=None) -> None:
         from mlflow.entities import Metric
@@ -255,8 +267,8 @@ def end_open_run(uri: str, experiment: str, key: str, status: str, tags: dict[st
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
-    for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"):
+    for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{redact(key)}'"):
         if run.info.status in ended:
             for k, v in tags.items():
-                client.set_tag(run.info.run_id, k, str(v)[:5000])
+                client.set_tag(run.info.run_id, k, redact(str(v))[:5000])
             client.set_terminated(run.info.run_id, status=status)

@@ -377,7 +377,7 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
                                     {"CPU": TRIAL_DRIVER_CPU})
     path = spec.run_dir
     if tune.Tuner.can_restore(path):
-        print(f"resuming the sweep in {path}", file=sys.stderr, flush=True)
+        print(f"resuming the sweep in {storage.redact(path)}", file=sys.stderr, flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if plan.scheduler == "pbt":
         from ray.tune.search import BasicVariantGenerator

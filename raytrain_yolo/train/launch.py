@@ -108,7 +108,7 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
         if tracker:
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
         path = f"{spec.run_dir}/summary.json"
-        storage.write_text(path, json.dumps(summary, indent=2, default=str))
+        write_summary(path, summary)
     except BaseException as e:
         if tracker:
             tracker.failed(e)
@@ -116,6 +116,11 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
     if tracker:
         tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
     return LaunchResult(spec, summary, path)
+
+
+def write_summary(path: str, summary: dict[str, Any]) -> None:
+    """`summary.json` at a path or URI, with the credentials of every URI in it masked (storage.redact)."""
+    storage.write_text(path, storage.redact(json.dumps(summary, indent=2, default=str)))
 
 
 def drop_unregistered_checkpoints(run_dir: str) -> None:
@@ -232,7 +237,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
-    """A readable two-column table of what matters most."""
+    """A readable two-column table of what matters most, credentials in URIs masked."""
     m, u = summary.get("metrics") or {}, summary.get("untrained_metrics") or {}
     first = summary.get("first_epoch_metrics") or {}
     rows = [
@@ -266,7 +271,8 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
     if summary.get("log_file"):
         rows.append(("log", summary["log_file"]))
     rows.append(("summary", path))
+    rows = [(k, storage.redact(str(v))) for k, v in rows]
     width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(str(v)) for _, v in rows))
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
 

@@ -30,6 +30,7 @@ from raytrain_yolo.data.synthetic import ensure_synthetic
 IPS_KEY = "throughput/images_per_second"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
 STATE_FILE = "raytrain_state.json"  # epochs done and the metrics history, for restarts
+RESTORE_PREFIX = "raytrain-yolo-resume-"  # the temporary folder a restart unpacks its checkpoint into
 WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timing: loader start-up, cudnn tuning
 
 
@@ -199,7 +200,8 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
     """After a restart (worker failure, or the same --name run again): the latest Ray checkpoint, unpacked.
 
     Returns its state (`epoch` = epochs done, `history`) with `last_pt` set to a local copy of Ultralytics'
-    `last.pt`, which holds model, EMA, optimizer, scaler, epoch, best fitness and the early-stopping state.
+    `last.pt`, which holds model, EMA, optimizer, scaler, epoch, best fitness and the early-stopping state, in
+    the temporary folder `restored_dir`: `forget_restored(state)` removes it once Ultralytics has loaded it.
     Rank 0 also puts back the checkpoint's `results.csv`, so it keeps one row per epoch.
     """
     ckpt = ray.train.get_checkpoint()
@@ -207,14 +209,24 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
         ckpt = ray.train.Checkpoint(spec.resume_from)
     if ckpt is None:
         return None
-    local = Path(tempfile.mkdtemp(prefix="raytrain-yolo-resume-"))
-    ckpt.to_directory(str(local))
-    state = json.loads((local / STATE_FILE).read_text())
-    state["last_pt"] = str(local / "last.pt")
-    if rank == 0 and (local / "results.csv").is_file():
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local / "results.csv", save_dir / "results.csv")
+    local = Path(tempfile.mkdtemp(prefix=RESTORE_PREFIX))
+    try:
+        ckpt.to_directory(str(local))
+        state = json.loads((local / STATE_FILE).read_text())
+        if rank == 0 and (local / "results.csv").is_file():
+            save_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(local / "results.csv", save_dir / "results.csv")
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    state.update(last_pt=str(local / "last.pt"), restored_dir=str(local))
     return state
+
+
+def forget_restored(state: dict[str, Any] | None) -> None:
+    """Remove the local copy of the restored checkpoint (a no-op without one, or when it is already gone)."""
+    if state and state.get("restored_dir"):
+        shutil.rmtree(state["restored_dir"], ignore_errors=True)
 
 
 def _to_console(queue):
@@ -257,6 +269,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         args["data"] = pin_root(args["data"], spec.data_root)
     save_dir = Path(local_save_project(spec)) / "train"
     state = restore(spec, save_dir, rank)
+    try:
+        return _train(config, spec, args, save_dir, state, rank, world_size, device)
+    finally:
+        forget_restored(state)
+
+
+def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], save_dir: Path, state: dict[str, Any] | None,
+           rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
+    """Ultralytics' training on this worker, from the restored `state` when there is one."""
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
         # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
@@ -271,6 +292,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if state:  # Ultralytics' own resume: it restores everything in last.pt and starts at the next epoch
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
+    # The pre-train routine has read last.pt (model, optimizer, EMA, ...): its local copy is no longer needed.
+    trainer.add_callback("on_pretrain_routine_end", lambda _: forget_restored(state))
 
     if spec.trace_samples:
         trainer.traced_files = []

@@ -1,0 +1,134 @@
+"""Issue 22: fault paths that need no training run. A retry's parameters, save=False, the driver's network
+interface names, and credentials inside URIs. Real MLflow stores and files; no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
+from raytrain_yolo.core.errors import UserError
+
+pytestmark = pytest.mark.quick
+
+
+def sqlite_run(tmp_path):
+    """A real MLflow run in a fresh SQLite store; returns (client, run_id)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("faults", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    return client, client.create_run(exp).info.run_id
+
+
+def test_a_retry_logs_the_ultralytics_arguments_again_without_failing(tmp_path):
+    """With --storage-path s3://..., each attempt's Ultralytics `project` is a new temporary folder. A worker lost
+    after the first attempt logged its arguments, but before the first checkpoint, retries with another one:
+    MLflow refuses to change a logged value, and each retry failed until --max-failures was spent."""
+    import shutil
+
+    from ultralytics.cfg import get_cfg
+
+    from raytrain_yolo.core.tracking import log_params
+    from raytrain_yolo.train.worker import local_save_project
+
+    client, run_id = sqlite_run(tmp_path)
+    spec = RunSpec(storage_path="s3://bucket/runs", name="retry")
+    attempts = [local_save_project(spec) for _ in range(2)]  # what each attempt's rank 0 trains into
+    try:
+        assert attempts[0] != attempts[1]
+        for project in attempts:
+            args = get_cfg(overrides={"model": "yolo26n.yaml", "epochs": 2, "project": project, "name": "train"})
+            args.save_dir = f"{project}/train"  # as Ultralytics' trainer sets it
+            log_params(client, run_id, {**vars(args), "data/train_images": 16})
+    finally:
+        for project in attempts:
+            shutil.rmtree(project, ignore_errors=True)
+    params = client.get_run(run_id).data.params
+    assert params["project"] == attempts[0] and params["epochs"] == "2" and params["data/train_images"] == "16"
+
+
+def test_save_false_is_refused_before_ray_starts(tmp_path):
+    """Ray Train restarts from the last.pt in each checkpoint, and the run ends with best.pt/last.pt: without
+    save, a restart failed with "Resume checkpoint not found"."""
+    from raytrain_yolo.core.preflight import check_run
+
+    def spec(**kw) -> RunSpec:
+        return RunSpec(train={"save": False, "epochs": 1}, scaling=ScalingSpec(num_workers=1, use_gpu=False),
+                       synthetic=SyntheticSpec(train=8, val=4), tracking=TrackingSpec(enabled=False),
+                       storage_path=str(tmp_path), name="nosave", **kw)
+
+    with pytest.raises(UserError) as e:
+        check_run(spec())
+    msg = str(e.value)
+    assert msg.startswith("save=False") and "drop save=False" in msg and "\n" not in msg, msg
+    check_run(spec(window_steps=2, max_windows=1))  # a throughput trial never checkpoints: save=False is its own
+
+
+def test_the_driver_network_interface_names_stay_on_the_driver(monkeypatch):
+    """Each node's own GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME apply: the driver's interface name (eth0) may not
+    exist on another node (ens5), and gloo/NCCL then fail there."""
+    from raytrain_yolo.core.cluster import worker_env
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "driver-eth0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "driver-eth0")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", "/tmp/yolo-config")
+    env = worker_env()
+    assert "GLOO_SOCKET_IFNAME" not in env and "NCCL_SOCKET_IFNAME" not in env
+    assert env["YOLO_CONFIG_DIR"] == "/tmp/yolo-config" and env["YOLO_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("http://user:token@mlflow:5000/", "http://user:***@mlflow:5000/"),
+    ("https://ghp_abc123@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("s3://AKIAX:se%2Fcret+1@bucket/runs/x", "s3://AKIAX:***@bucket/runs/x"),
+    ("gs://bucket/runs", "gs://bucket/runs"),
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+    ("/data/x@y/data.yaml", "/data/x@y/data.yaml"),
+    ("error: cannot write to --storage-path s3://k:s@b/r (denied): choose", "error: cannot write to "
+     "--storage-path s3://k:***@b/r (denied): choose"),
+])
+def test_redact_hides_the_secret_of_any_uri(raw, shown):
+    from raytrain_yolo.core.storage import redact
+
+    assert redact(raw) == shown
+
+
+def test_credentials_reach_no_param_tag_summary_or_console(tmp_path, capsys):
+    """A real run start: the storage path and data= carry s3 credentials, the tracking server a token."""
+    from raytrain_yolo.core.cli import run_main
+    from raytrain_yolo.core.tracking import RunTracker, check_reachable
+    from raytrain_yolo.train.launch import format_summary, run_params, write_summary
+
+    secret = "s3cr3t"
+    data = f"s3://AKIAX:{secret}@bucket/d/data.yaml"
+    spec = RunSpec(train={"data": data}, storage_path=f"s3://AKIAX:{secret}@bucket/runs", name="creds",
+                   tracking=TrackingSpec(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = RunTracker(spec)
+    run_id = tracker.start(run_params(spec, {"data": data}, "detect"))
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["ray/storage_path"] == "s3://AKIAX:***@bucket/runs"
+    assert run.data.params["dataset"] == "s3://AKIAX:***@bucket/d/data.yaml"
+    assert secret not in json.dumps([run.data.params, run.data.tags])
+    assert tracker.start({}) == run_id, "a driver restart finds the same run by its (redacted) key"
+
+    summary = {"name": "creds", "task": "detect", "world_size": 1, "device": "cpu", "device_name": "cpu",
+               "epochs_completed": 1, "epochs_requested": 1, "best_checkpoint": None, "last_checkpoint": None,
+               "ray_result_path": f"{spec.run_dir}", "tracking_uri": f"http://me:{secret}@mlflow:5000",
+               "train_args": {"data": data}}
+    write_summary(str(tmp_path / "summary.json"), summary)
+    assert secret not in (tmp_path / "summary.json").read_text()
+    assert "http://me:***@mlflow:5000" in format_summary(summary, f"{spec.run_dir}/summary.json")
+    assert secret not in format_summary(summary, f"{spec.run_dir}/summary.json")
+    tracker.finish("FINISHED", summary)
+    artifact = tracker.client.download_artifacts(run_id, "summary.json", str(tmp_path / "dl"))
+    assert secret not in open(artifact).read()
+
+    def unreachable_server() -> int:
+        check_reachable(f"http://me:{secret}@127.0.0.1:9")  # the discard port: nothing answers
+        return 0
+
+    assert run_main(unreachable_server, debug=False) == 2
+    err = capsys.readouterr().err
+    assert "http://me:***@127.0.0.1:9" in err and secret not in err
