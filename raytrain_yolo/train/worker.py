@@ -251,32 +251,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                                f"rank {rank} of {world_size}, {socket.gethostname()} pid {os.getpid()}")
     device = ray.train.torch.get_device()
     args = dict(config["train_args"])
-    if spec.is_synthetic:
-        args["data"] = str(ensure_synthetic(spec.synthetic, config["task"]))
-    elif "://" in args["data"]:  # object storage: this node's local copy, made once per node
-        from raytrain_yolo.data.sync import localize
-
-        args["data"] = localize(args["data"])
-    elif not Path(args["data"]).is_file():
-        raise FileNotFoundError(
-            f"data={args['data']} exists on the driver but not on node {socket.gethostname()}: put the dataset "
-            "on storage every node mounts at the same path"
-        )
-    data_yaml = args["data"]  # what the summary names; Ultralytics may get a copy with the driver's root pinned
-    if spec.data_root:
-        from raytrain_yolo.data.sync import pin_root
-
-        args["data"] = pin_root(args["data"], spec.data_root)
+    data_yaml, args["data"] = _local_data(spec, args.get("data"), config["task"])
     save_dir = Path(local_save_project(spec)) / "train"
     state = restore(spec, save_dir, rank)
     try:
-        return _train(config, spec, args, save_dir, state, rank, world_size, device)
+        return _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device)
     finally:
         forget_restored(state)
 
 
-def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], save_dir: Path, state: dict[str, Any] | None,
-           rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
+def _local_data(spec: RunSpec, data: str | None, task: str) -> tuple[str, str]:
+    """(the data.yaml the summary names, the one this worker's Ultralytics reads): the embedded set generated here,
+    an object-storage set copied to this node once, or the driver's path, with the root the driver resolved pinned
+    into a local copy when the data.yaml's `path:` was relative."""
+    if spec.is_synthetic:
+        data = str(ensure_synthetic(spec.synthetic, task))
+    elif "://" in data:  # object storage: this node's local copy, made once per node
+        from raytrain_yolo.data.sync import localize
+
+        data = localize(data)
+    elif not Path(data).is_file():
+        raise FileNotFoundError(
+            f"data={data} exists on the driver but not on node {socket.gethostname()}: put the dataset "
+            "on storage every node mounts at the same path"
+        )
+    if spec.data_root:
+        from raytrain_yolo.data.sync import pin_root
+
+        return data, pin_root(data, spec.data_root)
+    return data, data
+
+
+def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yaml: str, save_dir: Path,
+           state: dict[str, Any] | None, rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
     """Ultralytics' training on this worker, from the restored `state` when there is one."""
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
         # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
