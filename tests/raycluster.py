@@ -76,20 +76,23 @@ class Head:
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
 
     def _state(self, kind: str, state: str) -> list[dict]:
-        query = urllib.parse.urlencode({"limit": 1000, "filter_keys": "state", "filter_predicates": "=",
-                                        "filter_values": state})
+        query = urllib.parse.urlencode({"limit": 1000, "detail": "true", "filter_keys": "state",
+                                        "filter_predicates": "=", "filter_values": state})
         req = urllib.request.Request(f"{self.url}/api/v0/{kind}?{query}", headers=self.auth_headers)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["data"]["result"]["result"]
 
     def wait_idle(self, timeout: float = IDLE_TIMEOUT_S) -> None:
-        """Until no actor is alive and no placement group is held: the last job's CPUs are free again (Ray frees a
-        finished job's resources asynchronously, and the next job's free-CPU check must not see them held)."""
+        """Until no actor holds CPUs or GPUs and no placement group is held: the last job's resources are free again
+        (Ray frees a finished job's resources asynchronously, and the next job's free-CPU check must not see them
+        held). Actors that hold nothing (Ray's own detached coordinators, which outlive jobs) do not count."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"the session's Ray head exited ({self.proc.returncode}): see {self.base}/head.log")
-            held = [*self._state("actors", "ALIVE"), *self._state("placement_groups", "CREATED")]
+            actors = [a for a in self._state("actors", "ALIVE")
+                      if any(v > 0 for k, v in (a.get("required_resources") or {}).items() if k in ("CPU", "GPU"))]
+            held = [*actors, *self._state("placement_groups", "CREATED")]
             if not held:
                 return
             if time.monotonic() > deadline:

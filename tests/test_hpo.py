@@ -63,9 +63,9 @@ def asha(tmp_path_factory, seed_model):
     uri = f"sqlite:///{storage / 'mlflow.db'}"
     proc = run_cli(
         "tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1,
-        "--space", write_space(storage), *DATA, f"epochs={EPOCHS}", f"model={seed_model}",
-        "--storage-path", storage, "--name", "asha", "--tracking-uri", uri, timeout=900,
-    )
+        "--space", write_space(storage), *DATA, f"epochs={EPOCHS}", f"model={seed_model.name}",
+        "--storage-path", storage, "--name", "asha", "--tracking-uri", uri, timeout=900, cwd=seed_model.parent,
+    )  # model= relative to the sweep's working directory: every trial runs in a folder of its own
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
 

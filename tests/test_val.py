@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +27,12 @@ def assert_same_metrics(ours: dict, theirs: dict) -> None:
 def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     _, s = task_run("detect")
     out = tmp_path / "metrics.json"
-    # batch=6 over 16 images: 3 batches, so the two workers get unequal shards (2 and 1)
+    # batch=6 over 16 images: 3 batches, so the two workers get unequal shards (2 and 1). model= and data= are
+    # relative to the command's working directory, which the workers (on the session's head) do not share.
+    here = Path(s["data"]).parent
     proc = run_cli("val", "--cpu", "--num-workers", 2, "--storage-path", tmp_path, "--name", "v", "--output", out,
-                   f"model={s['last_checkpoint']}", f"data={s['data']}", "batch=6", timeout=300)
+                   f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=data.yaml", "batch=6", timeout=300,
+                   cwd=here)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got == json.loads((tmp_path / "v" / "val.json").read_text())

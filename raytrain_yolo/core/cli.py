@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from raytrain_yolo.core.config import RunSpec, load_config_file, parse_key_values
+from raytrain_yolo.core.config import RunSpec, absolute_paths, load_config_file, parse_key_values
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.storage import redact
 
@@ -111,7 +111,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         spec = RunSpec.from_dict(base)
     except UserError as e:
         raise UserError(f"--config {ns.config}: {e}") from None
-    spec.train.update(parse_key_values(pairs))
+    spec.train = absolute_paths({**spec.train, **parse_key_values(pairs)})  # a --config file's paths too
     flags = {
         ("scaling", "min_workers"): ns.num_workers[0] if isinstance(ns.num_workers, tuple) else None,
         ("scaling", "num_workers"): ns.num_workers[1] if isinstance(ns.num_workers, tuple) else None,

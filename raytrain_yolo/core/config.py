@@ -198,8 +198,24 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
     raise UserError(f"{where}: {value!r} is {held}, it must be {must}: {how.format(key=key)}")
 
 
+PATH_KEYS = ("data", "model", "cfg", "source")  # Ultralytics arguments that name a file or folder
+
+
+def absolute_paths(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` with every PATH_KEYS value that names an existing local path made absolute, once, on the driver: the
+    workers (and Ray Tune's trials, each in a folder of its own; a job's entrypoint under `ray job submit`) run in
+    other working directories. Names Ultralytics resolves itself (`yolo26n.yaml`), URIs and `synthetic` stay."""
+    out = dict(args)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and "://" not in value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
 def parse_key_values(pairs: list[str]) -> dict[str, Any]:
-    """Ultralytics' own `key=value` form, typed the way the `yolo` CLI types it."""
+    """Ultralytics' own `key=value` form, typed the way the `yolo` CLI types it; local paths made absolute
+    (absolute_paths)."""
     from ultralytics.cfg import smart_value
 
     out: dict[str, Any] = {}
@@ -210,8 +226,8 @@ def parse_key_values(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"argument '{pair}' is not key=value: write Ultralytics arguments as e.g. batch=64")
         if not value:
             raise UserError(f"'{key}=' has no value: give one, e.g. {key}=...")
-        out[key] = value if key in {"data", "model", "cfg"} else smart_value(value)
-    return out
+        out[key] = value if key in PATH_KEYS else smart_value(value)
+    return absolute_paths(out)
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -727,6 +727,39 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     return spec, train_args, task
 
 
+def check_not_finished(spec: RunSpec, train_args: dict[str, Any], argv: list[str] | None = None) -> None:
+    """A rerun of a finished run (its summary.json says every epoch trained) that asks for other epochs is refused:
+    Ultralytics' resume cannot extend a finished run (its learning rate has decayed to `lrf` on a schedule of the
+    old length), so the fix is a new run that starts from the finished run's weights. The error gives that exact
+    command: `argv` (this command's arguments) with a new --name and `model=` the finished run's last.pt. A rerun
+    that asks for the same epochs is left alone: it finishes at once with the same summary."""
+    import json
+    import shlex
+
+    text = storage.read_text(f"{spec.run_dir}/summary.json")
+    try:
+        done = json.loads(text) if text else None
+    except ValueError:
+        return
+    if not done or done.get("error") or not done.get("last_checkpoint"):
+        return
+    trained = done.get("train_args", {}).get("epochs")
+    if done.get("epochs_completed") != trained or train_args["epochs"] == trained:
+        return
+    args = [a for a in (argv or []) if not a.startswith("model=")]
+    for i, a in enumerate(args):
+        if a == "--name" and i + 1 < len(args):
+            args[i + 1] = f"{spec.name}-more"
+        elif a.startswith("--name="):
+            args[i] = f"--name={spec.name}-more"
+    if "--name" not in args and not any(a.startswith("--name=") for a in args):
+        args += ["--name", f"{spec.name}-more"]
+    command = shlex.join(["python", "-m", "raytrain_yolo.fit", *args, f"model={done['last_checkpoint']}"])
+    raise UserError(f"run '{spec.name}' in {spec.storage_path} finished its {trained} epochs and cannot be resumed to "
+                    f"epochs={train_args['epochs']} (its learning rate already decayed on a {trained}-epoch schedule): "
+                    f"start a new run from its weights: {storage.redact(command)}")
+
+
 def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     """Validate, then join Ray and fit the request to the cluster."""
     spec, train_args, task = check_run(spec)
