@@ -230,17 +230,24 @@ def parse_key_values(pairs: list[str]) -> dict[str, Any]:
     return absolute_paths(out)
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML file of RunSpec sections (`train:`, `scaling:`, ...) and/or flat Ultralytics keys."""
-    p = Path(path)
+def read_yaml_mapping(path: str, what: str, fix: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `what` names it in the one-line errors ("config file 'x.yaml'"),
+    `fix` says what to pass when it is missing."""
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"config file '{path}' not found: pass an existing YAML file to --config")
+        raise UserError(f"{what} not found: {fix}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file '{path}' is not valid YAML ({_first_line(e)}): fix the syntax") from None
+        raise UserError(f"{what} is not valid YAML ({_first_line(e)}): fix its syntax") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}")
+        raise UserError(f"{what} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML file of RunSpec sections (`train:`, `scaling:`, ...) and/or flat Ultralytics keys."""
+    data = read_yaml_mapping(path, f"config file '{path}'", "pass an existing YAML file to --config")
     sections = {f.name for f in dataclasses.fields(RunSpec)}
     flat = {k: data.pop(k) for k in list(data) if k not in sections}
     data.setdefault("train", {})
@@ -296,15 +303,7 @@ def load_cfg_file(path: str) -> dict[str, Any]:
     Relative paths are the working directory's, read once on the driver; the workers get the values."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"cfg={path} not found: pass the path of a YAML of Ultralytics training arguments")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"cfg={path} is not valid YAML ({_first_line(e)}): fix its syntax") from None
-    if not isinstance(data, dict):
-        raise UserError(f"cfg={path} must map Ultralytics arguments to values, e.g. lr0: 0.01")
+    data = read_yaml_mapping(path, f"cfg={path}", "pass the path of a YAML of Ultralytics training arguments")
     return {k: v for k, v in data.items() if k != "cfg" and not (k in DEFAULT_CFG_DICT and DEFAULT_CFG_DICT[k] == v)}
 
 
