@@ -93,6 +93,8 @@ def _ultralytics_dataset(p: Path, data: str, raw: dict, split: str) -> dict[str,
 
     from raytrain_yolo.train.adapter import offline_dataset_check
 
+    if split not in ("train", "val") and not raw.get(split):  # Ultralytics' words would be "images not found"
+        raise UserError(f"data={data} has no '{split}:' entry: add the {split} image folder, or pick another split=")
     try:
         with offline_dataset_check():
             return check_det_dataset(str(p), autodownload=False, split=split)
