@@ -4,9 +4,10 @@
     python -m raytrain_yolo.predict --gpu --num-workers 8 model=models:/shapes/3 source=s3://bucket/images --output s3://bucket/preds
 
 The pipeline: list the images (a folder, one image, a .txt list of paths, or an object-storage prefix), read their
-bytes and letterbox them on CPU tasks (Ultralytics' own LetterBox), run Ultralytics' predictor on a pool of model
-actors (one GPU each with --gpu), and write one Parquet row per object with pyarrow. Ray Data streams the
-stages and shows their progress. From Python: `predict(model, source, output, ...)`.
+bytes, decode them with Ultralytics' own image reader and letterbox them on CPU tasks (Ultralytics' own LetterBox),
+run Ultralytics' predictor on a pool of model actors (one GPU each with --gpu), and write one Parquet row per
+object with pyarrow. Ray Data streams the stages and shows their progress. Files that do not decode are skipped,
+as Ultralytics skips them, and named. From Python: `predict(model, source, output, ...)`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.jobs import Weights, plan
-from raytrain_yolo.core.preflight import IMAGE_SUFFIXES
 
 LIGHT_CPUS = 0.1  # per read, letterbox and write task: light work that must fit beside the model actors
 LIGHT_RESERVE = 0.5  # CPUs a CPU-only cluster keeps free of model actors, for those tasks
 DEFAULT_BATCH = 16  # images per model call (Ultralytics' predict default is 1: one image per call)
+SUMMARY = "_summary.json"  # beside the Parquet files; marks a folder as predict's own output
+NAMED_UNREADABLE = 20  # unreadable files named on the console (all of them are in _summary.json)
 
 
 def schema(task: str):
@@ -63,7 +65,8 @@ def list_images(source: str | list[str]) -> tuple[list[str], Any, str]:
         found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         paths = sorted(f.path for f in found if f.type == pafs.FileType.File and _is_image(f.path))
         if not paths:
-            raise UserError(f"source={src} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point it at a folder of images")
+            raise UserError(f"source={src} holds no images ({', '.join(sorted(_formats()))}): point it at a folder "
+                            "of images")
         return paths, fs, prefix
     if info.type == pafs.FileType.File and root.lower().endswith(".txt"):
         with fs.open_input_stream(root) as f:
@@ -86,40 +89,79 @@ def _uri_list(uris: list[str]):
     return [u[len(prefix):] for u in uris], fs, prefix
 
 
+def _formats() -> frozenset[str]:
+    from raytrain_yolo.train.adapter import IMAGE_FORMATS
+
+    return IMAGE_FORMATS
+
+
 def _is_image(path: str) -> bool:
-    return "." in path.rsplit("/", 1)[-1] and "." + path.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES
+    """Ultralytics' rule: the suffix, in any case, is one of its image formats."""
+    name = path.rsplit("/", 1)[-1]
+    return "." in name and name.rsplit(".", 1)[-1].lower() in _formats()
 
 
-def decode_letterbox(batch: dict[str, np.ndarray], letterbox: dict, prefix: str) -> dict[str, Any]:
-    """CPU stage: JPEG/PNG bytes -> BGR (as Ultralytics reads files) -> Ultralytics' letterbox."""
-    import cv2
+class Ledger:
+    """A small actor the pipeline's tasks report to, so the driver can say what happened to every image: the files
+    that did not decode, and per model call the images it ran and the rows it returned (keyed by the call's first
+    image, so a call Ray retries is counted once)."""
 
-    from raytrain_yolo.train.adapter import letterbox as apply_letterbox
+    def __init__(self):
+        self.unreadable: set[str] = set()
+        self.calls: dict[str, tuple[int, int]] = {}
 
-    images, shapes = [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if im is None:
-            raise UserError(f"cannot decode {prefix}{path} as an image: remove it from source= or fix the file")
-        images.append(im)
-        shapes.append(im.shape[:2])
+    def add_unreadable(self, paths: list[str]) -> None:
+        self.unreadable.update(paths)
+
+    def add_call(self, first_image: str, images: int, rows: int) -> None:
+        self.calls[first_image] = (images, rows)
+
+    def report(self) -> dict[str, Any]:
+        """{"unreadable": sorted paths, "images": images the model ran, "rows": rows it returned}."""
+        return {"unreadable": sorted(self.unreadable), "images": sum(i for i, _ in self.calls.values()),
+                "rows": sum(r for _, r in self.calls.values())}
+
+
+def decode_letterbox(batch: dict[str, np.ndarray], letterbox: dict, prefix: str, read_flag: int,
+                     ledger) -> dict[str, Any]:
+    """CPU stage: file bytes -> the image Ultralytics' predictor reads from that file (BGR, or (H, W, 1) for a
+    1-channel model) -> Ultralytics' letterbox. Files that do not decode are left out and reported to `ledger`."""
+    import tempfile
+
+    import ray
+
+    from raytrain_yolo.train.adapter import letterbox as apply_letterbox, read_image
+
+    images, shapes, paths, unreadable = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="raytrain-yolo-read-") as tmp:
+        for data, path in zip(batch["bytes"], batch["path"]):
+            im = read_image(data, str(path), read_flag, tmp)
+            if im is None:
+                unreadable.append(prefix + str(path))
+                continue
+            images.append(im)
+            shapes.append(im.shape[:2])
+            paths.append(prefix + str(path))
+    if unreadable:
+        ray.get(ledger.add_unreadable.remote(unreadable))
     boxed = apply_letterbox(images, **letterbox)
     out = np.empty(len(boxed), dtype=object)
     out[:] = boxed
-    return {"path": np.array([prefix + p for p in batch["path"]]), "orig_hw": np.array(shapes, np.int64),
-            "image": out if len({b.shape for b in boxed}) > 1 else np.stack(boxed)}
+    return {"path": np.array(paths, dtype=str), "orig_hw": np.array(shapes, np.int64).reshape(-1, 2),
+            "image": out if len({b.shape for b in boxed}) != 1 else np.stack(boxed)}
 
 
 class ModelActor:
     """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
 
-    def __init__(self, weights: Weights, args: dict, task: str):
+    def __init__(self, weights: Weights, args: dict, task: str, ledger):
         from raytrain_yolo.train.adapter import BatchPredictor
 
-        self.predict, self.schema = BatchPredictor(weights.local(), args), schema(task)
+        self.predict, self.schema, self.ledger = BatchPredictor(weights.local(), args), schema(task), ledger
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
+        import ray
 
         from raytrain_yolo.train.adapter import result_rows
 
@@ -132,7 +174,62 @@ class ModelActor:
             results = self.predict([images[i] for i in idx], [str(paths[i]) for i in idx], [tuple(hw[i]) for i in idx])
             for r in results:
                 rows += [{"image": r.path, **row} for row in result_rows(r)]
+        if len(paths):
+            ray.get(self.ledger.add_call.remote(str(paths[0]), len(paths), len(rows)))
         return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def _output_fs(out: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(out) if storage.is_uri(out) else (pafs.LocalFileSystem(), out)
+
+
+def check_output(out: str) -> bool:
+    """Whether `out` holds a previous predict's output (its _summary.json), which this run replaces. A folder that
+    holds anything else is refused: predict never appends to, or deletes, files it did not write."""
+    import pyarrow.fs as pafs
+
+    fs, root = _output_fs(out)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:  # a file, or no permission: check_writable names the problem
+        return False
+    if not infos:
+        return False
+    if any(i.base_name == SUMMARY and i.type == pafs.FileType.File for i in infos):
+        return True
+    names = ", ".join(sorted(i.base_name for i in infos)[:3])
+    more = ", ..." if len(infos) > 3 else ""
+    raise UserError(f"--output {out} already holds files that predict did not write ({names}{more}): choose a new "
+                    "or empty folder")
+
+
+def clear_output(out: str) -> None:
+    """Delete a previous predict's files from `out` (check_output said they are its own)."""
+    fs, root = _output_fs(out)
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+
+
+def rows_written(out: str) -> int:
+    """Rows in the Parquet files under `out`, from their footers (the files Ray Data wrote, read back)."""
+    import pyarrow.dataset as pads
+
+    fs, root = _output_fs(out)
+    try:
+        return pads.dataset(root, filesystem=fs, format="parquet").count_rows()
+    except FileNotFoundError:  # no object anywhere: no file was written
+        return 0
+
+
+def warn_unreadable(paths: list[str]) -> None:
+    """Name the skipped files on stderr, as Ultralytics' predictor warns of each."""
+    if not paths:
+        return
+    shown = ", ".join(paths[:NAMED_UNREADABLE])
+    more = f" and {len(paths) - NAMED_UNREADABLE} more" if len(paths) > NAMED_UNREADABLE else ""
+    print(f"warning: skipped {len(paths)} unreadable image(s), as Ultralytics does: {shown}{more} "
+          f"(listed in {SUMMARY})", file=sys.stderr, flush=True)
 
 
 def predict(model: str, source: str | list[str], output: str | None = None, scaling: ScalingSpec | None = None,
@@ -150,6 +247,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:
         out = output or f"{out_dir}/predictions"
         found["out"] = out = out if storage.is_uri(out) else storage.normalise(out)
+        found["replace"] = check_output(out)
         storage.check_writable(out)
         found["images"] = paths, _, prefix = list_images(source)
         local = {"source": os.path.commonpath(paths) if len(paths) > 1 else paths[0]} if not prefix else {}
@@ -166,21 +264,41 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     if not job.use_gpu:  # leave room for the letterbox tasks beside the model actors
         total = ray.cluster_resources().get("CPU", 0)
         opts["num_cpus"] = min(job.cpus_per_worker, max(0.1, (total - LIGHT_RESERVE) / job.num_workers))
+    if found["replace"]:
+        clear_output(out)
     start = time.perf_counter()
+    ledger = ray.remote(num_cpus=0)(Ledger).remote()
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=LIGHT_CPUS)
-    ds = ds.map_batches(decode_letterbox, fn_kwargs={"letterbox": p["letterbox"], "prefix": prefix},
+    ds = ds.map_batches(decode_letterbox, fn_kwargs={"letterbox": p["letterbox"], "prefix": prefix,
+                                                     "read_flag": p["read_flag"], "ledger": ledger},
                         batch_size=batch, num_cpus=LIGHT_CPUS, runtime_env=opts["runtime_env"])
-    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"weights": job.weights, "args": p["args"], "task": job.task},
+    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"weights": job.weights, "args": p["args"], "task": job.task,
+                                                           "ledger": ledger},
                         batch_size=batch, concurrency=job.num_workers, num_cpus=opts["num_cpus"],
                         num_gpus=opts["num_gpus"], runtime_env=opts["runtime_env"])
     ds.write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})
     seconds = time.perf_counter() - start
+    seen = ray.get(ledger.report.remote())
+    ray.kill(ledger)
     summary = {"model": job.model, "task": job.task, "source": source if isinstance(source, str) else f"{len(paths)} paths",
-               "images": len(paths), "output": out, "workers": job.num_workers,
+               "images": len(paths), "predicted": seen["images"], "unreadable_count": len(seen["unreadable"]),
+               "unreadable": seen["unreadable"], "rows": rows_written(out), "output": out, "workers": job.num_workers,
                "device": "cuda" if job.use_gpu else "cpu", "batch": batch, "seconds": seconds,
                "images_per_second": len(paths) / seconds}
-    storage.write_text(f"{out}/_summary.json", json.dumps(summary, indent=2))
+    check_accounted(summary, seen["rows"])
+    warn_unreadable(seen["unreadable"])
+    storage.write_text(f"{out}/{SUMMARY}", json.dumps(summary, indent=2))
     return summary
+
+
+def check_accounted(summary: dict[str, Any], model_rows: int) -> None:
+    """Every listed image was predicted or named unreadable, and the Parquet files hold every row the model returned;
+    anything else is a bug here, never to be passed over."""
+    lost = summary["images"] - summary["predicted"] - summary["unreadable_count"]
+    if lost or summary["rows"] != model_rows:
+        raise RuntimeError(f"predict lost data: {lost} of {summary['images']} images never reached the model, and the "
+                           f"Parquet files under {summary['output']} hold {summary['rows']} rows of the {model_rows} "
+                           "the model returned")
 
 
 EPILOG = """\
@@ -214,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         s = predict(kv.pop("model", None), str(source) if source is not None else None, ns.output, scaling,
                     ns.storage_path, ns.name, ns.tracking_uri, ns.wait_for_resources, ns.allow_node_local, **kv)
         stop_ray()
-        print(f"predicted  {s['images']} images on {s['workers']} x {s['device']} in {s['seconds']:.1f} s "
-              f"({s['images_per_second']:.1f} images/s)\nparquet    {s['output']}", flush=True)
+        skipped = f", {s['unreadable_count']} unreadable skipped" if s["unreadable_count"] else ""
+        print(f"predicted  {s['predicted']} of {s['images']} images{skipped} on {s['workers']} x {s['device']} in "
+              f"{s['seconds']:.1f} s ({s['images_per_second']:.1f} images/s)\nparquet    {s['rows']} rows in "
+              f"{s['output']}", flush=True)
         return 0
 
     return run_main(body, ns.debug)

@@ -37,11 +37,13 @@ import inspect
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.models import yolo
 from ultralytics.utils import LOGGER, RANK, USER_CONFIG_DIR, WORLD_SIZE, env_bool
 from ultralytics.utils.torch_utils import torch_distributed_zero_first
@@ -60,6 +62,8 @@ _NO_BUFFER_SYNC = (
 # silently wrong (a CPU loss scaled by 0, a second process group), so trainer_class() refuses it up front.
 OVERRIDDEN = ("_setup_ddp", "_build_train_pipeline", "_setup_train", "final_eval", "get_dataloader",
               "preprocess_batch", "resume_training", "_get_warmup_iterations")
+# The image files Ultralytics' predictor takes from a folder or a list (suffixes, lower case, no dot).
+IMAGE_FORMATS = frozenset(IMG_FORMATS)
 # Tasks whose every trainable parameter gets a gradient each step, so DDP need not search for unused ones.
 NO_UNUSED_PARAMETERS = {"detect"}
 
@@ -344,7 +348,37 @@ def predict_args(model: str, overrides: dict) -> dict:
     stride = max(int(yolo.model.stride.max()), 32)  # AutoBackend's stride for a .pt model
     letterbox = {"new_shape": check_imgsz(args.get("imgsz", 640), stride=stride, min_dim=2),
                  "auto": bool(args["rect"]), "stride": stride}  # one image per Ultralytics batch: same shapes
-    return {"args": args, "letterbox": letterbox, "task": yolo.task}
+    channels = yolo.model.yaml.get("channels", 3) if hasattr(yolo.model, "yaml") else 3  # AutoBackend's rule
+    return {"args": args, "letterbox": letterbox, "task": yolo.task, "read_flag": read_flag(channels)}
+
+
+def read_flag(channels: int) -> int:
+    """The OpenCV read flag Ultralytics' LoadImagesAndVideos uses for a model of `channels` input channels:
+    grayscale (H, W, 1) for 1, BGR (H, W, 3) for 3, every band as stored otherwise."""
+    import cv2
+
+    return {1: cv2.IMREAD_GRAYSCALE, 3: cv2.IMREAD_COLOR}.get(channels, cv2.IMREAD_UNCHANGED)
+
+
+def read_image(data: bytes, name: str, flag: int, tmp_dir: str) -> np.ndarray | None:
+    """One image file's bytes decoded as Ultralytics' predictor decodes the file: `ultralytics.utils.patches.imread`
+    (EXIF orientation, 16-bit to 8-bit, the first TIFF page, the PIL fallback for AVIF/HEIC, an empty file read
+    as nothing). That reader takes a path and chooses by its suffix, so the bytes go to a file in `tmp_dir` named
+    with `name`'s suffix first. Returns an (H, W, C) uint8 array, or None for a file it cannot read."""
+    import os
+
+    from ultralytics.utils.patches import imread
+
+    suffix = os.path.splitext(name)[1]
+    path = os.path.join(tmp_dir, f"image{suffix}")
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        return imread(path, flags=flag)
+    except Exception:  # a decoder that raises instead of returning None: unreadable all the same
+        return None
+    finally:
+        os.remove(path)
 
 
 def letterbox(images: list, new_shape, auto: bool, stride: int) -> list:
@@ -378,16 +412,33 @@ class BatchPredictor:
         self.predictor.source_type = SourceTypes()  # image files, as `predict(source=folder)` sees them
 
     def __call__(self, images: list, paths: list[str], orig_shapes: list[tuple[int, int]]) -> list:
-        """Images of one shape (a group), their paths and original (h, w)."""
-        import numpy as np
+        """Images of one shape (a group), their paths and original (h, w): one `Results` per image, in order.
 
+        Inference runs on the whole group; the postprocess (NMS) runs image by image, as in Ultralytics' predict
+        (batch=1). Its NMS stops after 2.0 + 0.05 x batch seconds and leaves the rest of the batch without objects
+        (only a log line says so), so a dense group on a busy CPU would lose its last images."""
         p = self.predictor
         # Results only read the original image's shape: a zero-strided view stands in for it.
         origs = [np.broadcast_to(np.zeros(1, np.uint8), (h, w, 3)) for h, w in orig_shapes]
-        p.batch = (list(paths), origs, [""] * len(paths))
+        results = []
         with torch.inference_mode():
             im = p.preprocess(list(images))
-            return p.postprocess(p.inference(im), im, origs)
+            preds = p.inference(im)
+            for i, path in enumerate(paths):
+                p.batch = ([path], [origs[i]], [""])
+                results += p.postprocess(_image_of(preds, i, len(paths)), im[i : i + 1], [origs[i]])
+        return results
+
+
+def _image_of(preds, i: int, n: int):
+    """Image `i` of a batch of `n` in the model's output (tensors batch-first, inside tuples, lists and dicts)."""
+    if isinstance(preds, torch.Tensor):
+        return preds[i : i + 1] if preds.ndim and preds.shape[0] == n else preds
+    if isinstance(preds, (tuple, list)):
+        return type(preds)(_image_of(x, i, n) for x in preds)
+    if isinstance(preds, dict):
+        return {k: _image_of(v, i, n) for k, v in preds.items()}
+    return preds
 
 
 def result_rows(r) -> list[dict]:
