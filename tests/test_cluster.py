@@ -325,7 +325,7 @@ def test_val_and_predict_as_jobs(head, task_run, tmp_path):
                                   "--storage-path", str(tmp_path), "--output", str(out),
                                   f"model={s['last_checkpoint']}", f"source={images}", f"conf={CONF}", "batch=4"],
                            "predict")
-    assert re.search(rf"^parquet\s+{re.escape(str(out))}\s*$", logs, re.M), logs[-3000:]
+    assert re.search(rf"^parquet\s+\d+ rows in {re.escape(str(out))}\s*$", logs, re.M), logs[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["images"] == 16 and summary["workers"] == 1
     ours = by_image(pq.read_table(out).to_pylist())
