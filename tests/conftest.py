@@ -19,6 +19,12 @@ from raycluster import start_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Ray 2.60 turns token authentication on for a new local Ray once ~/.ray/auth_token exists, and a process keeps the
+# mode of its first ray.init() for good: this process joins the shared head (no authentication) and starts local
+# Rays of its own, so every one of them, and every command it runs, has authentication off. The token head's
+# clients (test_cluster.py, test_hpo.py) name their mode and token explicitly.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def synthetic_cache(tmp_path_factory):
@@ -85,8 +91,8 @@ def ray_local():
     try:
         ray.init(address=head.address, log_to_driver=False)
         yield ray
-        ray.shutdown()
     finally:
+        ray.shutdown()  # also after a failed init: a half-joined process would fail every later ray.init
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -35,7 +35,8 @@ def _isolated() -> list[str]:
 def default_fit(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("newuser")
     audit = cwd / "network-attempts.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "YOLO_OFFLINE", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "YOLO_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}  # Ray's defaults
     env.update(PYTHONUNBUFFERED="1", NETAUDIT_LOG=str(audit),
                PYTHONPATH=os.pathsep.join([str(NETAUDIT), str(ROOT), env.get("PYTHONPATH", "")]))
     prefix = _isolated()
