@@ -738,10 +738,12 @@ def check_not_finished(spec: RunSpec, train_args: dict[str, Any], argv: list[str
     import json
     import shlex
 
-    text = storage.read_text(f"{spec.run_dir}/summary.json")
+    if not spec.name:  # a run named by the clock is new
+        return
     try:
+        text = storage.read_text(f"{storage.normalise(spec.storage_path)}/{spec.name}/summary.json")
         done = json.loads(text) if text else None
-    except ValueError:
+    except (OSError, ValueError):  # unreadable: the run's own preflight names the storage problem
         return
     if not done or done.get("error") or not done.get("last_checkpoint"):
         return
