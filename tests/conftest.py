@@ -107,10 +107,11 @@ def run_cli(module: str, *args: str, timeout: float = 900, env: dict | None = No
     "own" starts a local Ray of its own, as a command without RAY_ADDRESS does: for tests about a local Ray, or
     whose workers must inherit this process's environment (a local Ray's workers do; the shared head's have the
     head's); "none" is for commands that must end before Ray starts: RAY_ADDRESS names a port nothing listens on,
-    so one that got as far as Ray would end in another error. A RAY_ADDRESS in `env` wins.
+    so one that got as far as Ray would end in another error. A RAY_ADDRESS in `env` wins; a None in `env` removes
+    that variable.
     """
     assert ray == "none" or not _SHARED.get("quick"), "a test marked quick started a Ray job: drop the mark or the job"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
     if env is None or "RAY_ADDRESS" not in env:
         full_env.pop("RAY_ADDRESS", None)
         if ray == "shared":
@@ -137,7 +138,7 @@ def total_train_loss(metrics: dict) -> float:
 
 def start_cli(module: str, *args: str, env: dict | None = None, log_path: Path | None = None):
     """Start `python -m raytrain_yolo.<module>` in the background (for fault injection); output to log_path."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", f"raytrain_yolo.{module}", *map(str, args)],

@@ -178,6 +178,11 @@ def start_head(auth: bool = False):
         while len(ports) < 7:  # distinct: free_port() only asks the OS for a port that is free right now
             ports.add(free_port())
         gcs_port, dashboard_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port, client_port = ports
+        # Ray's own State API clients inside the cluster (Ray Train's PlacementGroupCleaner asks it whether a Train
+        # controller is still alive) look for "the" local cluster when nothing names one: with two heads on this
+        # machine they asked the other one, never saw a stopped trial's controller die, and its workers' placement
+        # group stayed held until the sweep ended (the next trials waited for CPUs that never came).
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         cmd = [
             RAY, "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),

@@ -42,32 +42,23 @@ def check_one_finished_run(uri: str, summary: dict, name: str):
     return client, run
 
 
-def test_local_store_one_run_with_params_metrics_and_loadable_weights(tmp_path):
+def test_default_local_store_one_run_with_params_metrics_and_loadable_weights(tmp_path):
+    """No --tracking-uri and no MLFLOW_TRACKING_URI: the store is `mlflow.db` in the working directory, the storage
+    path is relative to it, and that store has the one run, its metrics, weights and registered model."""
     from ultralytics import YOLO
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli("fit", *SMALL, "--storage-path", tmp_path, "--name", "local", "--tracking-uri", uri,
-                   "--register-model", "shapes-detector")
+    proc = run_cli("fit", *SMALL, "--storage-path", "runs", "--name", "local", "--register-model", "shapes-detector",
+                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": None})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = load_summary(tmp_path, "local")
+    assert (tmp_path / "mlflow.db").is_file()
+    summary = load_summary(tmp_path / "runs", "local")
     assert f"mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
     client, run = check_one_finished_run(uri, summary, "local")
     local = client.download_artifacts(run.info.run_id, "weights/last.pt", str(tmp_path))
     assert YOLO(local).task == "detect"
     versions = client.search_model_versions("name='shapes-detector'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-
-
-def test_default_store_is_mlflow_db_in_the_working_directory(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "raytrain_yolo.fit", *map(str, SMALL), "epochs=1", "--storage-path", "runs", "--name", "d"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "mlflow.db").is_file()
-    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [r.info.status for r in runs] == ["FINISHED"]
 
 
 @pytest.fixture
