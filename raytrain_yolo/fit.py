@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raytrain_yolo.core.cli import OneLineParser, add_run_flags, run_main, spec_from_args, stop_ray
+from raytrain_yolo.core.cli import OneLineParser, add_run_flags, plain, run_main, spec_from_args, stop_ray
 
 EPILOG = """\
 Ultralytics training arguments go among the flags, in any order, in Ultralytics' own key=value form, e.g.
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_ray()
         print(format_summary(result.summary, result.summary_path), flush=True)
         if result.summary.get("error"):
-            print(f"error: training failed: {result.summary['error']}", file=sys.stderr)
+            print(f"error: training failed: {plain(result.summary['error'])}", file=sys.stderr)
             return 1
         return 0
 

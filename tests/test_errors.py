@@ -257,3 +257,36 @@ def test_unreachable_tracking_server(fails):
 @pytest.mark.quick
 def test_tune_reports_bad_space_in_one_line(fails):
     fails("--amp", "fp8", words=("fp8", "fp16, bf16, fp32"), module="tune")
+
+
+@pytest.mark.quick
+def test_deleted_mlflow_experiment_is_named_with_the_restore_command(fails, tmp_path):
+    """MLflow refuses new runs in a deleted experiment (and refuses to create one of the same name): said before
+    Ray starts, with the command that restores it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("gone")
+    client.delete_experiment(exp_id)
+    fails("--cpu", "--experiment", "gone", tracking=True,
+          words=("experiment 'gone'", "is deleted", f"mlflow experiments restore --experiment-id {exp_id}",
+                 "--experiment NAME"))
+
+
+@pytest.mark.quick
+def test_error_lines_carry_no_terminal_colour_codes(capfd):
+    """An error raised inside a worker often carries Ultralytics' colour codes; the last line is plain text."""
+    from raytrain_yolo.core.cli import run_main
+    from raytrain_yolo.core.errors import UserError
+
+    def user_error():
+        raise UserError("\x1b[34m\x1b[1mtrain: \x1b[0mNo labels found in /data/labels")
+
+    def worker_error():
+        raise RuntimeError("\x1b[31mDataset 'x.yaml' images not found\x1b[0m")
+
+    assert run_main(user_error, debug=False) == 2
+    assert capfd.readouterr().err == "error: train: No labels found in /data/labels\n"
+    assert run_main(worker_error, debug=False) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert "\x1b" not in last and "RuntimeError: Dataset 'x.yaml' images not found" in last

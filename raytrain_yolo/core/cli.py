@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable
@@ -11,6 +12,14 @@ from typing import Any, Callable
 from raytrain_yolo.core.config import RunSpec, absolute_paths, load_config_file, parse_key_values
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.storage import redact
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours and cursor moves (Ultralytics colours its log)
+
+
+def plain(text: str) -> str:
+    """Text for an `error:` line: credentials redacted, terminal escape codes removed (an error raised inside a
+    worker often carries Ultralytics' colour codes, which a log file or CI page shows raw)."""
+    return ANSI_ESCAPE.sub("", redact(text))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -165,7 +174,7 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
         stop_ray()
         if debug:
             traceback.print_exc()
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {plain(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         stop_ray()
@@ -177,7 +186,7 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
             traceback.print_exc()
         elif any(c.__name__ == "TrainingFailedError" for c in type(e).__mro__):
             print(redact(str(e).rstrip()), file=sys.stderr)  # the workers' own tracebacks (Ray Train gathers them)
-        print(f"error: training failed: {redact(root_cause(e))} (rerun with --debug for the traceback)",
+        print(f"error: training failed: {plain(root_cause(e))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
 
@@ -203,7 +212,7 @@ def print_sweep(table: str, paths: dict[str, str], best, none_left: str) -> int:
     for what, path in paths.items():
         print(f"{what:<8} {redact(path)}")
     if best is None:
-        print(f"error: {none_left}; see the reasons above", file=sys.stderr)
+        print(f"error: {plain(none_left)}; see the reasons above", file=sys.stderr)
         return 1
     return 0
 

@@ -725,7 +725,7 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
         train_args["model"] = str(Path(train_args["model"]).resolve())
     storage.check_writable(spec.run_dir)
     if spec.tracking.enabled:
-        check_reachable(resolve_uri(spec))
+        check_reachable(resolve_uri(spec), spec.tracking.experiment)
     return spec, train_args, task
 
 

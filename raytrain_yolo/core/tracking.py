@@ -60,12 +60,17 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_reachable(uri: str) -> None:
-    """Say before training, not after an hour, that the tracking server does not answer."""
+def check_reachable(uri: str, experiment: str | None = None) -> None:
+    """Say before training, not after an hour, that the tracking server does not answer, or that `experiment` was
+    deleted (MLflow keeps a deleted experiment's name, refuses new runs in it and refuses to create it again).
+
+    Raises UserError naming the URI (credentials redacted) or the experiment, and the fix."""
     saved = {k: os.environ.get(k) for k in PROBE_ENV}
     os.environ.update(PROBE_ENV)
     try:
-        _client(uri).search_experiments(max_results=1)
+        client = _client(uri)
+        client.search_experiments(max_results=1)
+        exp = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot track
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -78,6 +83,11 @@ def check_reachable(uri: str) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise UserError(
+            f"MLflow experiment '{experiment}' in {redact(uri)} is deleted: restore it with `mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={redact(uri)}), or log to another with "
+            "--experiment NAME")
 
 
 def versions() -> dict[str, str]:
@@ -120,7 +130,7 @@ class RunTracker:
         self.resumed = False
 
     def start(self, extra_params: dict[str, Any]) -> str:
-        check_reachable(self.uri)
+        check_reachable(self.uri, self.spec.tracking.experiment)
         self.client = _client(self.uri)
         exp = self.client.get_experiment_by_name(self.spec.tracking.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
