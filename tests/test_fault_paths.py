@@ -132,3 +132,25 @@ def test_credentials_reach_no_param_tag_summary_or_console(tmp_path, capsys):
     assert run_main(unreachable_server, debug=False) == 2
     err = capsys.readouterr().err
     assert "http://me:***@127.0.0.1:9" in err and secret not in err
+
+
+def test_trial_relay_keeps_the_object_storage_scheme(tmp_path):
+    """Ray reports a checkpoint on object storage by its path inside the pyarrow filesystem (`bucket/runs/...`);
+    an accuracy trial hands that path to PBT (its exploits) and to the copy of the best trial's best.pt, which read
+    it as a local folder and failed. The relay hands on the s3:// URI; a local checkpoint stays a local path."""
+    import queue
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from raytrain_yolo.sweep.accuracy import TrialRelay
+
+    s3 = pafs.S3FileSystem(endpoint_override="127.0.0.1:1", region="us-east-1", scheme="http")  # never contacted
+    q = queue.Queue()
+    TrialRelay(q, "s3://bucket/runs/sweep/trials").after_report(
+        None, [{"epoch": 2}], Checkpoint("bucket/runs/sweep/trials/t1/checkpoint_x", filesystem=s3))
+    assert q.get_nowait() == ({"epoch": 2}, "s3://bucket/runs/sweep/trials/t1/checkpoint_x")
+    TrialRelay(q, str(tmp_path)).after_report(None, [{"epoch": 1}], Checkpoint(str(tmp_path / "checkpoint_y")))
+    assert q.get_nowait() == ({"epoch": 1}, str(tmp_path / "checkpoint_y"))
+    TrialRelay(q, str(tmp_path)).after_report(None, [{"epoch": 1}], None)
+    assert q.get_nowait() == ({"epoch": 1}, None)

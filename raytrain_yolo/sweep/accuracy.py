@@ -222,11 +222,13 @@ class TrialRelay(UserCallback):
     """Ray Train callback (runs in the Train controller): hand rank 0's metrics and the checkpoint's path to
     the trial function through a queue. Like Tune's own TuneReportCallback, which cannot carry a checkpoint."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, storage_path: str):
         self.queue = queue
+        self.storage_path = storage_path  # Ray's checkpoint path has no scheme on object storage: put it back
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+        path = storage.as_uri(checkpoint.path, self.storage_path) if checkpoint else None
+        self.queue.put((dict(metrics[0]), path))
 
 
 def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | None = None) -> None:
@@ -244,7 +246,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
 
     def train():
         try:
-            outcome["summary"] = launch(spec, callbacks=[TrialRelay(queue)]).summary
+            outcome["summary"] = launch(spec, callbacks=[TrialRelay(queue, spec.storage_path)]).summary
         except BaseException as e:  # noqa: BLE001 - handed to the trial's thread below
             outcome["error"] = e
 
@@ -572,8 +574,9 @@ def write_outputs(spec: RunSpec, plan: HpoPlan, rows: list[dict], best: dict | N
             try:
                 storage.copy_file(f"{best['checkpoint']}/best.pt", f"{run_dir}/best.pt")
                 paths["weights"] = f"{run_dir}/best.pt"
-            except (OSError, FileNotFoundError):
-                pass
+            except OSError as e:  # the sweep's results stand without it; say why it is missing
+                print(f"warning: no best.pt beside best.yaml: {storage.redact(str(e).splitlines()[0])}",
+                      file=sys.stderr, flush=True)
     plot_trials(rows, plan, paths["plot"])
     storage.write_text(paths["json"], json.dumps({"rows": rows, "best": best}, indent=2, default=str))
     return paths
