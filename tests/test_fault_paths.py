@@ -4,6 +4,7 @@ interface names, and credentials inside URIs. Real MLflow stores and files; no R
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,28 @@ def test_trial_relay_keeps_the_object_storage_scheme(tmp_path):
     assert q.get_nowait() == ({"epoch": 1}, str(tmp_path / "checkpoint_y"))
     TrialRelay(q, str(tmp_path)).after_report(None, [{"epoch": 1}], None)
     assert q.get_nowait() == ({"epoch": 1}, None)
+
+
+def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):
+    """On object storage every attempt trains in a new temporary folder; Ultralytics rewrites best.pt only when
+    fitness improves, so a restart that did not put it back had no best.pt (summary, --register-model, PBT) until
+    the run improved again. Rank 0 puts back best.pt and results.csv; other ranks write nothing."""
+    from ray.train import Checkpoint
+
+    from raytrain_yolo.train.worker import STATE_FILE, forget_restored, unpack
+
+    ckpt = tmp_path / "checkpoint_000001"
+    ckpt.mkdir()
+    (ckpt / STATE_FILE).write_text(json.dumps({"epoch": 1, "history": [{"epoch": 1}]}))
+    for name, data in (("last.pt", b"last"), ("best.pt", b"best"), ("results.csv", b"epoch\n1\n")):
+        (ckpt / name).write_bytes(data)
+    fresh = tmp_path / "attempt-2"  # this attempt's save_dir: empty, as on object storage
+    state = unpack(Checkpoint(str(ckpt)), fresh, rank=0)
+    assert (fresh / "weights" / "best.pt").read_bytes() == b"best"
+    assert (fresh / "results.csv").read_bytes() == b"epoch\n1\n"
+    assert state["epoch"] == 1 and open(state["last_pt"], "rb").read() == b"last"
+    forget_restored(state)
+    other = unpack(Checkpoint(str(ckpt)), tmp_path / "rank-1", rank=1)
+    assert not (tmp_path / "rank-1").exists()
+    forget_restored(other)
+    assert not any(p.exists() for p in (Path(state["restored_dir"]), Path(other["restored_dir"])))

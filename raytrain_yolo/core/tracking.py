@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -167,6 +168,10 @@ class RunTracker:
                     self.client.log_artifact(self.run_id, str(path))
                 if self.spec.tracking.register_model and summary.get("best_checkpoint"):
                     self._register(self.spec.tracking.register_model)
+                elif self.spec.tracking.register_model:
+                    print(f"warning: --register-model {self.spec.tracking.register_model}: not registered, the run "
+                          "has no best.pt (it trained no epoch, or was saved with save=False)", file=sys.stderr,
+                          flush=True)
         finally:
             self.client.set_terminated(self.run_id, status=status)
 

@@ -202,20 +202,31 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
     Returns its state (`epoch` = epochs done, `history`) with `last_pt` set to a local copy of Ultralytics'
     `last.pt`, which holds model, EMA, optimizer, scaler, epoch, best fitness and the early-stopping state, in
     the temporary folder `restored_dir`: `forget_restored(state)` removes it once Ultralytics has loaded it.
-    Rank 0 also puts back the checkpoint's `results.csv`, so it keeps one row per epoch.
+    Rank 0 also puts back what Ultralytics keeps beside its weights (see `unpack`).
     """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and spec.resume_from:  # a new run seeded from another run's checkpoint (PBT exploit)
         ckpt = ray.train.Checkpoint(spec.resume_from)
     if ckpt is None:
         return None
+    return unpack(ckpt, save_dir, rank)
+
+
+def unpack(ckpt: "ray.train.Checkpoint", save_dir: Path, rank: int) -> dict[str, Any]:
+    """The checkpoint's state, its files in a new temporary folder (`restored_dir`, `last_pt` in it). Rank 0 puts
+    back into `save_dir` what Ultralytics only rewrites when it changes: `results.csv` (one row per epoch) and
+    `weights/best.pt` (rewritten only when fitness improves). With --storage-path on object storage `save_dir` is a
+    new temporary folder on every attempt: without this a restarted run had no best.pt until it improved again."""
     local = Path(tempfile.mkdtemp(prefix=RESTORE_PREFIX))
     try:
         ckpt.to_directory(str(local))
         state = json.loads((local / STATE_FILE).read_text())
-        if rank == 0 and (local / "results.csv").is_file():
-            save_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(local / "results.csv", save_dir / "results.csv")
+        if rank == 0:
+            for src, dest in ((local / "results.csv", save_dir / "results.csv"),
+                              (local / "best.pt", save_dir / "weights" / "best.pt")):
+                if src.is_file():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dest)
     except BaseException:
         shutil.rmtree(local, ignore_errors=True)
         raise
