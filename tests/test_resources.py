@@ -83,6 +83,17 @@ def test_the_default_worker_count_fits_what_is_free(busy_cluster, tmp_path):
     assert spec.scaling.num_workers == 1 and spec.scaling.use_gpu is False
 
 
+def test_sweeps_start_as_many_trials_as_the_free_resources_hold(busy_cluster, tmp_path):
+    """2 CPUs, 1 held by another job: two trials of 1 worker x 0.9 CPUs (+0.1 for each trial) fit the cluster's
+    total but not what is free. Counting the total started both; the second one's workers found no CPUs, waited and
+    were recorded failed. Both sweeps size their concurrency with this one count."""
+    from raytrain_yolo.sweep.accuracy import HpoPlan, fit_resources
+
+    spec = spec_for(tmp_path, 1)
+    spec.scaling.cpus_per_worker = 0.9
+    assert fit_resources(spec, HpoPlan(space={}, epochs=1, trials=2)) == 1
+
+
 def test_a_wait_ends_when_the_other_job_leaves(busy_cluster, tmp_path):
     ray, holder = busy_cluster
     threading.Timer(2.0, lambda: ray.kill(holder)).start()

@@ -413,22 +413,21 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
 
 
 def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
-    """Workers per trial from the cluster, and how many trials fit side by side (each also runs a 0.1-CPU
-    trial driver: on a small CPU machine the workers get what is left, see sweep/throughput.py)."""
+    """Workers per trial from the cluster, and how many trials its free resources hold side by side (each also
+    runs a 0.1-CPU trial driver: on a small CPU machine the workers get what is left, see sweep/throughput.py)."""
     import ray
 
-    from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU
     from raytrain_yolo.core.preflight import resolve_scaling
+    from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU, trials_side_by_side
 
-    total = ray.cluster_resources()
-    cpus, gpus = float(total.get("CPU", 0)), int(total.get("GPU", 0))
+    cpus = float(ray.cluster_resources().get("CPU", 0))
     s = spec.scaling
     resolve_scaling(spec)
     if not s.use_gpu:
         s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / s.num_workers * 20) / 20)
         if s.cpus_per_worker <= 0:
             raise UserError(f"{s.num_workers} workers per trial leave no CPU on this {cpus:g}-CPU cluster: lower --num-workers")
-    fit = gpus // s.num_workers if s.use_gpu else int(cpus // (s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPU))
+    fit = trials_side_by_side(s.use_gpu, s.num_workers, s.cpus_per_worker)
     return max(1, min(plan.max_concurrent or fit, plan.trials))
 
 

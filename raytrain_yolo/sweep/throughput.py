@@ -101,6 +101,19 @@ def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: Sw
     return as_trial(spec, base, trial_name)
 
 
+def trials_side_by_side(use_gpu: bool, workers_per_trial: int, cpus_per_worker: float) -> int:
+    """How many trials the cluster's *free* resources hold at once now (at least 1): each trial's workers and the
+    trial itself (TRIAL_DRIVER_CPU). On a shared cluster, counting the total would start trials whose workers find
+    no free CPUs or GPUs, wait, and are then recorded failed; Tune holds the others until one ends."""
+    import ray
+
+    free = ray.available_resources()
+    if use_gpu:
+        return max(1, int(free.get("GPU", 0) + 1e-6) // workers_per_trial)
+    need = workers_per_trial * cpus_per_worker + TRIAL_DRIVER_CPU
+    return max(1, int((float(free.get("CPU", 0)) + 1e-6) // need))
+
+
 def as_trial(spec: RunSpec, base: RunSpec, name: str) -> RunSpec:
     """What every sweep's trial run shares: its folder under the sweep's `trials/`, no untrained validation, and a
     bounded wait for the CPUs a trial Tune just stopped or paused still holds (its Train controller dies with the
@@ -223,8 +236,7 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     resolve_train_args(base)  # validate the base configuration once, before any trial
     grid = space.grid() or dataclasses.asdict(default_space(s.use_gpu, most_workers, max_node_cpus, _gpu_mem_gb()))
     if budget.max_concurrent is None:
-        per_trial = most_workers
-        budget.max_concurrent = max(1, gpus // per_trial if s.use_gpu else int(cpus // (per_trial * s.cpus_per_worker + TRIAL_DRIVER_CPU)))
+        budget.max_concurrent = trials_side_by_side(s.use_gpu, most_workers, s.cpus_per_worker)
     storage.check_writable(base.run_dir)
 
     tracker = RunTracker(base) if base.tracking.enabled else None
