@@ -180,3 +180,20 @@ def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):
     assert not (tmp_path / "rank-1").exists()
     forget_restored(other)
     assert not any(p.exists() for p in (Path(state["restored_dir"]), Path(other["restored_dir"])))
+
+
+def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch):
+    """A fixed-size run with --max-failures waits --restart-wait for a lost node's replacement, in worker-group
+    start timeouts; without --max-failures it waits for none (the check before training waited as the user
+    allowed); an elastic run keeps Ray's unlimited starts. The multi-node test runs the slow replacement itself."""
+    from raytrain_yolo.train.launch import START_TIMEOUT_ENV, start_attempts
+
+    monkeypatch.setenv(START_TIMEOUT_ENV, "60")
+    assert start_attempts(RunSpec(max_failures=1)) == 10  # the default: 600 s
+    assert start_attempts(RunSpec(max_failures=1, restart_wait_s=90)) == 2
+    assert start_attempts(RunSpec(max_failures=0)) == 0
+    assert start_attempts(RunSpec(max_failures=1, scaling=ScalingSpec(num_workers=2, min_workers=1))) == -1
+    with pytest.raises(UserError, match=r"--restart-wait -1 must be 0 or more seconds"):
+        from raytrain_yolo.core.preflight import check_run
+
+        check_run(RunSpec(max_failures=1, restart_wait_s=-1, tracking=TrackingSpec(enabled=False)))

@@ -62,6 +62,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     ray_g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
                        help="wait this long for an autoscaling cluster to have the workers' CPUs/GPUs "
                        "(default 0: a request the cluster cannot meet fails at once)")
+    ray_g.add_argument("--restart-wait", type=float, metavar="SECONDS",
+                       help="with --max-failures: how long a restart waits for its workers to be placed again, "
+                       "e.g. while an autoscaler replaces a lost node (default 600)")
     ray_g.add_argument("--process-group-timeout", type=float, metavar="SECONDS",
                        help="how long ranks wait for each other in a collective, e.g. while rank 0 builds the label "
                        "cache of a large dataset (default 10800, Ultralytics' 3 hours)")
@@ -140,6 +143,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "max_failures"): ns.max_failures,
         (None, "keep_checkpoints"): ns.keep_checkpoints,
         (None, "resource_wait_s"): ns.wait_for_resources,
+        (None, "restart_wait_s"): getattr(ns, "restart_wait", None),
         (None, "loader"): ns.loader if isinstance(ns.loader, str) else None,  # a list is a tune knob
     }
     for (section, key), value in flags.items():

@@ -105,6 +105,9 @@ class RunSpec:
     max_failures: int = 0
     keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
     resource_wait_s: float = 0  # >0: wait this long for an autoscaling cluster to have the resources
+    # After a failure (with --max-failures), how long a fixed-size run waits for its worker group to be placed
+    # again: a lost node replaced by an autoscaler or a spot pool takes minutes, not Ray Train's 60 s start timeout.
+    restart_wait_s: float = 600
     allow_bad_labels: bool = False  # let Ultralytics skip images whose labels are malformed
     allow_node_local: bool = False  # skip the check that every node sees --storage-path, the tracking store, data=
     validate_untrained: bool | None = None  # None: only for the synthetic dataset

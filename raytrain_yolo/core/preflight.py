@@ -700,6 +700,8 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
         raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
     if spec.scaling.resize_check_s < 0:
         raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
+    if spec.restart_wait_s < 0:
+        raise UserError(f"--restart-wait {spec.restart_wait_s:g} must be 0 or more seconds")
     if spec.max_failures < -1:
         raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
     train_args = resolve_train_args(spec)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,20 @@ class LaunchResult:
     spec: RunSpec
     summary: dict[str, Any]
     summary_path: str
+
+
+def start_attempts(spec: RunSpec) -> int:
+    """Ray Train's `controller_failure_limit`: how many worker-group starts may time out (each after
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run ends. Elastic runs: unlimited (Ray's default; they start
+    with what is there and grow). Without --max-failures: none (the check before training waited as
+    --wait-for-resources allowed). With it: as many as fit in --restart-wait, so a restart outlasts a node's
+    replacement (minutes) and then ends the run in one line."""
+    if spec.scaling.min_workers:
+        return -1
+    if spec.max_failures == 0:
+        return 0
+    timeout = float(os.environ.get(START_TIMEOUT_ENV) or MIN_START_TIMEOUT_S)
+    return max(0, math.ceil(spec.restart_wait_s / timeout))
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None,
@@ -57,10 +72,9 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
         run_config=RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
-            # A worker group that cannot start within the timeout above fails the run instead of being retried
-            # forever. Elastic runs keep Ray's default: they start with what is there and grow.
+            # A worker group that cannot start within the timeout above is retried only as start_attempts says.
             failure_config=FailureConfig(max_failures=spec.max_failures,
-                                         controller_failure_limit=-1 if s.min_workers else 0),
+                                         controller_failure_limit=start_attempts(spec)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints,
                 # Ray keeps the latest checkpoint whatever its score; with validation off there is no fitness.
