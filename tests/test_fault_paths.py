@@ -197,3 +197,4 @@ def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch
         from raytrain_yolo.core.preflight import check_run
 
         check_run(RunSpec(max_failures=1, restart_wait_s=-1, tracking=TrackingSpec(enabled=False)))
+

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -53,7 +52,7 @@ def test_default_local_store_one_run_with_params_metrics_and_loadable_weights(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mlflow.db").is_file()
     summary = load_summary(tmp_path / "runs", "local")
-    assert f"mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
+    assert "mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
     client, run = check_one_finished_run(uri, summary, "local")
     local = client.download_artifacts(run.info.run_id, "weights/last.pt", str(tmp_path))
     assert YOLO(local).task == "detect"
@@ -61,8 +60,10 @@ def test_default_local_store_one_run_with_params_metrics_and_loadable_weights(tm
     assert [v.run_id for v in versions] == [run.info.run_id]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server for the module (tests use experiments of their own in it)."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -113,3 +114,107 @@ def test_run_killed_mid_way_is_marked_failed(tmp_path):
     assert out.strip().splitlines()[-1].startswith("error: training failed"), out[-2000:]
     _, runs = mlflow_runs(uri)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+
+class CuttableLink:
+    """A real TCP path to the MLflow server that the test cuts (new connections refused, open ones closed, as when
+    a server is restarted or a network partitions) and restores: the server and its store stay as they were."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target = target.rsplit(":", 1)[1]
+        self.port = free_port()
+        self.listener = None
+        self.conns: list = []
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.listener = self._socket.create_server(("127.0.0.1", self.port))
+        self._threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        try:  # wakes the accept() blocked in the other thread (close alone leaves the port listening on Linux)
+            self.listener.shutdown(self._socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = self._socket.create_connection(("127.0.0.1", int(self.target)))
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capsys, monkeypatch):
+    """Issue 22: the path to a real MLflow server is cut between epochs and restored: rank 0's logger says so
+    once, keeps the epochs it could not send and sends them, in order, once the server answers; what never reached
+    it is named (for summary.json). The driver's end of the run does not fail either."""
+    from mlflow import MlflowClient
+
+    from raytrain_yolo.core.config import RunSpec, TrackingSpec
+    from raytrain_yolo.core.tracking import EpochLogger, RunTracker
+
+    # MLflow's own retries (7, with backoff, by default) would make the first failure take minutes here.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    link = CuttableLink(mlflow_server)
+    link.up()
+    try:
+        client = MlflowClient(mlflow_server)  # the test's own view, never cut
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = EpochLogger(link.uri, run_id)
+        logger.log_epoch({"epoch": 1, "lr/pg0": 0.1, "metrics/mAP50(B)": 0.5})
+        link.cut()
+        logger.log_epoch({"epoch": 2, "lr/pg0": 0.2, "metrics/mAP50(B)": 0.6})
+        logger.log_epoch({"epoch": 3, "lr/pg0": 0.3, "metrics/mAP50(B)": 0.7})
+        out = capsys.readouterr().out
+        assert out.count("does not answer") == 1 and "training goes on" in out, out
+        assert logger.unsent() == ["epoch 2's metrics", "epoch 3's metrics"]
+        link.up()
+        logger.log_epoch({"epoch": 4, "lr/pg0": 0.4, "metrics/mAP50(B)": 0.8})
+        assert "answers again" in capsys.readouterr().out and logger.unsent() == []
+        history = client.get_metric_history(run_id, "metrics/mAP50B")
+        assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7), (4, 0.8)]
+        link.cut()
+        logger.log_epoch({"epoch": 5, "lr/pg0": 0.5})
+        assert logger.unsent() == ["epoch 5's metrics"]
+        tracker = RunTracker(RunSpec(tracking=TrackingSpec(uri=link.uri)))
+        tracker.client, tracker.run_id = MlflowClient(link.uri), run_id
+        assert tracker.finish("FINISHED", {"best_checkpoint": None}) == ["summary.json", "run status FINISHED"]
+        assert "did not get summary.json" in capsys.readouterr().err
+        assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard the end: it says so
+    finally:
+        link.cut()

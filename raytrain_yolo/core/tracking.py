@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,29 +62,42 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_reachable(uri: str, experiment: str | None = None) -> None:
-    """Say before training, not after an hour, that the tracking server does not answer, or that `experiment` was
-    deleted (MLflow keeps a deleted experiment's name, refuses new runs in it and refuses to create it again).
-
-    Raises UserError naming the URI (credentials redacted) or the experiment, and the fix."""
+@contextmanager
+def _probing():
+    """MLflow's HTTP client without its own retries and with a short timeout (PROBE_ENV), for this block only:
+    a question whose answer may be "the server is down" must not wait minutes for MLflow's backoff."""
     saved = {k: os.environ.get(k) for k in PROBE_ENV}
     os.environ.update(PROBE_ENV)
     try:
-        client = _client(uri)
-        client.search_experiments(max_results=1)
-        exp = client.get_experiment_by_name(experiment) if experiment else None
-    except Exception as e:  # noqa: BLE001 - any failure here means: cannot track
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"MLflow tracking URI {redact(uri)} does not answer ({redact(first)}): start the server, fix --tracking-uri, "
-            "or pass --no-tracking"
-        ) from None
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return redact(text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+def check_reachable(uri: str, experiment: str | None = None) -> None:
+    """Say before training, not after an hour, that the tracking server does not answer, or that `experiment` was
+    deleted (MLflow keeps a deleted experiment's name, refuses new runs in it and refuses to create it again).
+
+    Raises UserError naming the URI (credentials redacted) or the experiment, and the fix."""
+    try:
+        with _probing():
+            client = _client(uri)
+            client.search_experiments(max_results=1)
+            exp = client.get_experiment_by_name(experiment) if experiment else None
+    except Exception as e:  # noqa: BLE001 - any failure here means: cannot track
+        raise UserError(
+            f"MLflow tracking URI {redact(uri)} does not answer ({_first_line(e)}): start the server, fix "
+            "--tracking-uri, or pass --no-tracking"
+        ) from None
     if exp is not None and exp.lifecycle_stage == "deleted":
         raise UserError(
             f"MLflow experiment '{experiment}' in {redact(uri)} is deleted: restore it with `mlflow experiments restore "
@@ -157,23 +171,39 @@ class RunTracker:
             log_params(self.client, self.run_id, {**extra_params, **versions()})
         return self.run_id
 
-    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> list[str]:
+        """Log the summary, register the model (--register-model), end the run with `status`. A tracking server
+        that does not answer ends nothing: one line says so, and the return value names what did not reach it."""
         if not self.run_id:
-            return
-        try:
-            if summary is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "summary.json"
-                    path.write_text(redact(json.dumps(summary, indent=2, default=str)))
-                    self.client.log_artifact(self.run_id, str(path))
-                if self.spec.tracking.register_model and summary.get("best_checkpoint"):
-                    self._register(self.spec.tracking.register_model)
-                elif self.spec.tracking.register_model:
-                    print(f"warning: --register-model {self.spec.tracking.register_model}: not registered, the run "
-                          "has no best.pt (it trained no epoch, or was saved with save=False)", file=sys.stderr,
-                          flush=True)
-        finally:
-            self.client.set_terminated(self.run_id, status=status)
+            return []
+        unsent: list[str] = []
+        steps = []
+        if summary is not None:
+            steps.append(("summary.json", lambda: self._log_summary(summary)))
+            if self.spec.tracking.register_model and summary.get("best_checkpoint"):
+                steps.append((f"model version of {self.spec.tracking.register_model}",
+                              lambda: self._register(self.spec.tracking.register_model)))
+            elif self.spec.tracking.register_model:
+                print(f"warning: --register-model {self.spec.tracking.register_model}: not registered, the run "
+                      "has no best.pt (it trained no epoch, or was saved with save=False)", file=sys.stderr,
+                      flush=True)
+        steps.append((f"run status {status}", lambda: self.client.set_terminated(self.run_id, status=status)))
+        for what, call in steps:
+            try:
+                with _probing() if unsent else nullcontext():
+                    call()
+            except Exception as e:  # noqa: BLE001 - the training is done; tracking never undoes it
+                if not unsent:
+                    print(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}): run "
+                          f"{self.run_id} did not get {what}", file=sys.stderr, flush=True)
+                unsent.append(what)
+        return unsent
+
+    def _log_summary(self, summary: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "summary.json"
+            path.write_text(redact(json.dumps(summary, indent=2, default=str)))
+            self.client.log_artifact(self.run_id, str(path))
 
     def failed(self, e: BaseException) -> None:
         """End the run after an exception: KILLED for Ctrl-C, else FAILED."""
@@ -218,15 +248,48 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, str]:
 
 
 class EpochLogger:
-    """Rank 0 side: Ultralytics arguments once, metrics every epoch (step=epoch), artifacts at the end."""
+    """Rank 0 side: Ultralytics arguments once, metrics every epoch (step=epoch), artifacts at the end.
+
+    A tracking server that stops answering mid-run (restarted, redeployed, a network cut longer than MLflow's own
+    retries) never stops training: what could not be sent is kept, in order, said once on the console, and sent
+    when the server answers again (tried at each epoch, without MLflow's retries while it is down) or at the end.
+    `unsent()` names what never reached it, for the summary."""
 
     def __init__(self, uri: str, run_id: str, log_args: bool = True):
+        self.uri = uri
         self.client = _client(uri)
         self.run_id = run_id
         self.log_args = log_args
+        self.pending: list[tuple[str, Any]] = []  # (what, call) in the order they happened, not yet sent
+        self.down = False
         # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
-        # from and trains an epoch again that an earlier attempt had already logged.
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))}
+        # from and trains an epoch again that an earlier attempt had already logged. (A server down right now:
+        # nothing known, and such a repeated epoch may be logged twice.)
+        self.logged: set[int] = set()
+        self._send("the run's logged epochs", lambda: self.logged.update(
+            m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))))
+
+    def _send(self, what: str, call) -> None:
+        """Send what waits, then `call`; on the first failure keep the rest for the next try."""
+        self.pending.append((what, call))
+        with _probing() if self.down else nullcontext():
+            while self.pending:
+                try:
+                    self.pending[0][1]()
+                except Exception as e:  # noqa: BLE001 - tracking never ends training
+                    if not self.down:
+                        print(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}); "
+                              "training goes on, and what it misses is sent when it answers again", flush=True)
+                    self.down = True
+                    return
+                self.pending.pop(0)
+        if self.down:
+            print(f"mlflow: tracking server {redact(self.uri)} answers again; sent what it had missed", flush=True)
+            self.down = False
+
+    def unsent(self) -> list[str]:
+        """What never reached MLflow (empty when everything did)."""
+        return [what for what, _ in self.pending]
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
         """On restart: log the epochs the checkpoint has but MLflow missed."""
@@ -241,9 +304,13 @@ class EpochLogger:
         params["data/val_images"] = len(trainer.test_loader.dataset)
         params["data/nc"] = trainer.data.get("nc")
         params["device_name"] = _device_name(trainer)
-        kept = log_params(self.client, self.run_id, params)
-        if kept:  # a retry: MLflow keeps what the first attempt logged
-            print(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}", flush=True)
+
+        def send() -> None:
+            kept = log_params(self.client, self.run_id, params)
+            if kept:  # a retry: MLflow keeps what the first attempt logged
+                print(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}", flush=True)
+
+        self._send("the Ultralytics arguments", send)
 
     def log_epoch(self, metrics: dict[str, Any], trainer=None) -> None:
         from mlflow.entities import Metric
@@ -257,15 +324,17 @@ class EpochLogger:
             for k, v in metrics.items()
             if k not in ("epoch", "window") and isinstance(v, (int, float))
         ]
-        self.client.log_batch(self.run_id, metrics=items)
+        self._send(f"{'window' if metrics.get('window') else 'epoch'} {step}'s metrics",
+                   lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_outputs(self, trainer) -> None:
-        for name in ("last.pt", "best.pt"):
-            if (trainer.wdir / name).is_file():
-                self.client.log_artifact(self.run_id, str(trainer.wdir / name), "weights")
-        for f in sorted(trainer.save_dir.iterdir()):
-            if f.is_file() and f.suffix in {".csv", ".yaml", ".png", ".jpg"}:
-                self.client.log_artifact(self.run_id, str(f))
+        """The weights and Ultralytics' result files, after the last epoch (and whatever still waits)."""
+        files = [(trainer.wdir / name, "weights") for name in ("last.pt", "best.pt") if (trainer.wdir / name).is_file()]
+        files += [(f, None) for f in sorted(trainer.save_dir.iterdir())
+                  if f.is_file() and f.suffix in {".csv", ".yaml", ".png", ".jpg"}]
+        for path, folder in files:
+            self._send(f"artifact {folder + '/' if folder else ''}{path.name}",
+                       lambda path=path, folder=folder: self.client.log_artifact(self.run_id, str(path), folder))
 
 
 def _device_name(trainer) -> str:

@@ -128,7 +128,10 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
             tracker.failed(e)
         raise
     if tracker:
-        tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
+        unsent = tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
+        if unsent:
+            summary["tracking_unsent"] = [*summary["tracking_unsent"], *unsent]
+            write_summary(path, summary)
     return LaunchResult(spec, summary, path)
 
 
@@ -246,6 +249,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
         "workers": ret.get("workers"),
         "history": history,
         "error": str(result.error).splitlines()[0] if result.error else None,
+        "tracking_unsent": ret.get("tracking_unsent") or [],  # what never reached MLflow (a server outage)
     }
     return summary
 
@@ -282,6 +286,8 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
     for key in ("tracking_uri", "mlflow_run_id"):
         if summary.get(key):
             rows.append((key.replace("_", " "), summary[key]))
+    if summary.get("tracking_unsent"):
+        rows.append(("not in mlflow", ", ".join(summary["tracking_unsent"])))
     if summary.get("log_file"):
         rows.append(("log", summary["log_file"]))
     rows.append(("summary", path))

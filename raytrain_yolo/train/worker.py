@@ -336,6 +336,8 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     trainer.train()
     if logger:
         logger.log_outputs(trainer)
+        if logger.unsent():
+            print(f"mlflow: never reached the tracking server: {', '.join(logger.unsent())}", flush=True)
 
     facts = {
         "rank": rank,
@@ -358,6 +360,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         "history": reporter.history,
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
+        "tracking_unsent": logger.unsent() if logger else [],
         "save_dir": str(trainer.save_dir),
         "data": data_yaml,
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
