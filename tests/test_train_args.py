@@ -69,18 +69,27 @@ def mixed_shapes(tmp_path: Path) -> Path:
     return dst / "data.yaml"
 
 
-def test_rect_time_and_cfg_under_two_ranks(tmp_path):
-    """One 2-rank run with all three: it ends (a hang is this test's timeout), rect is turned off with Ultralytics'
-    own warning, the time limit stops it with both ranks holding the same weights, and the cfg file's values
-    trained. time=0.002 h (7 s) is several epochs of 16 images at 64 px on 2 CPU workers, so the per-epoch
-    re-estimate of the epoch count runs at least once before the limit."""
+# Non-default values of Ultralytics training arguments that DDP must honour on every rank (optimiser, schedule,
+# loss gains, augmentation, seed), trained together in the one 2-rank run below: each must reach Ultralytics'
+# own args.yaml unchanged, and the ranks must end with the same weights.
+HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_lr": True, "warmup_epochs": 0.5,
+            "close_mosaic": 1, "nbs": 16, "box": 5.0, "cls": 0.7, "mosaic": 0.5, "degrees": 5.0, "seed": 3}
+
+
+def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
+    """One 2-rank run with rect, time and cfg, and HONOURED: it ends (a hang is this test's timeout), rect is turned
+    off with Ultralytics' own warning, the time limit stops it with both ranks holding the same weights, the cfg
+    file's values trained, and every HONOURED value is what Ultralytics ran with. time=0.002 h (7 s) is several
+    epochs of 16 images at 64 px on 2 CPU workers, so the per-epoch re-estimate of the epoch count runs at least
+    once before the limit."""
     mixed_shapes(tmp_path)
     hyp_file(tmp_path)
     # data= and cfg= relative to the command's working directory, which the workers (on the session's head) do not
     # share: each path argument is resolved once, on the driver.
     proc = run_cli("fit", "--cpu", "--num-workers", 2, "--no-tracking", "--storage-path", "runs",
                    "--name", "args", "data=mixed/data.yaml", "model=yolo26n.yaml", "imgsz=64", "batch=8", "epochs=50",
-                   "rect=True", "time=0.002", "cfg=hyp.yaml", "workers=0", timeout=420, cwd=tmp_path)
+                   "rect=True", "time=0.002", "cfg=hyp.yaml", "workers=0",
+                   *(f"{k}={v}" for k, v in HONOURED.items()), timeout=420, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = load_summary(tmp_path / "runs", "args")
     log = (tmp_path / "runs" / "args" / "run.log").read_text()
@@ -89,6 +98,10 @@ def test_rect_time_and_cfg_under_two_ranks(tmp_path):
     ranks = {w["rank"]: w["params_sha256"] for w in s["workers"]}
     assert len(ranks) == 2 and ranks[0] == ranks[1], ranks
     assert s["train_args"]["lr0"] == 0.0042 and s["train_args"]["fliplr"] == 0.25
+    ran = yaml.safe_load((Path(s["ultralytics_dir"]) / "args.yaml").read_text())
+    assert {k: ran[k] for k in HONOURED} == HONOURED
+    # (args.yaml keeps rect=True: Ultralytics writes it before its DDP setup turns rect off, as in its own DDP.)
+    assert ran["lr0"] == 0.0042 and ran["fliplr"] == 0.25
 
 
 def test_a_finished_run_asked_for_more_epochs_is_refused_with_the_command_that_continues(task_run, capsys,
