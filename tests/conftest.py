@@ -128,6 +128,25 @@ def run_cli(module: str, *args: str, timeout: float = 900, env: dict | None = No
     )
 
 
+def refused_in_process(module: str, argv: list, capfd, monkeypatch) -> str:
+    """Run `raytrain_yolo.<module>.main(argv)` in this process, as `python -m` would, for a command that must be
+    refused before Ray starts (RAY_ADDRESS names a port nothing listens on: one that got as far as Ray would end in
+    another error): assert exit 2, a last line `error: ...` and no traceback; return that line. (A subprocess per
+    case paid seconds of imports each.)"""
+    import importlib
+
+    monkeypatch.setenv("RAY_ADDRESS", NO_RAY)
+    capfd.readouterr()
+    try:
+        rc = importlib.import_module(f"raytrain_yolo.{module}").main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert rc == 2 and last.startswith("error: ") and "Traceback" not in err, (argv, rc, err[-1500:])
+    return last
+
+
 def load_summary(storage: Path, name: str) -> dict:
     return json.loads((storage / name / "summary.json").read_text())
 
