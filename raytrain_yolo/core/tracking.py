@@ -78,6 +78,17 @@ def _probing():
                 os.environ[k] = v
 
 
+@contextmanager
+def failed_on_error(tracker: "RunTracker | None"):
+    """A sweep's body: when it raises, its MLflow run ends FAILED (KILLED for Ctrl-C) and the error goes on."""
+    try:
+        yield
+    except BaseException as e:
+        if tracker:
+            tracker.failed(e)
+        raise
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return redact(text.splitlines()[0][:200] if text else type(e).__name__)

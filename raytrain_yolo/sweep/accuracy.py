@@ -433,8 +433,8 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
 
 def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
     """Run (or resume) the sweep; write results.parquet, best.yaml, best.pt and map.png under `<storage>/<name>/`."""
-    from raytrain_yolo.core.tracking import RunTracker
     from raytrain_yolo.core.cluster import connect_ray
+    from raytrain_yolo.core.tracking import RunTracker, failed_on_error
 
     connect_ray()
     concurrent = fit_resources(spec, plan)
@@ -448,7 +448,7 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
                        "ray/num_workers": spec.scaling.num_workers, "ray/use_gpu": spec.scaling.use_gpu,
                        "hpo/max_concurrent": concurrent})
         spec.tracking.parent_run_id = tracker.run_id
-    try:
+    with failed_on_error(tracker):
         results = build_tuner(spec, plan, concurrent).fit()
         rows = [summarize_trial(r, plan) for r in results]
         rows.sort(key=lambda r: (r["status"] != "finished", -_num(r["best"]), -_num(r["final"])))
@@ -456,10 +456,6 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
         if tracker:
             close_trial_runs(spec, rows)
         paths = write_outputs(spec, plan, rows, best)
-    except BaseException as e:
-        if tracker:
-            tracker.failed(e)
-        raise
     if tracker:
         tracker.finished(paths.values())
     return HpoResult(rows, best, paths)

@@ -200,19 +200,41 @@ def summarize_trial(result, knobs_present: list[str], budget: SweepBudget) -> di
 
 def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepResult:
     """Run the sweep and write results.parquet, best.yaml and throughput.png under `<storage>/<name>/`."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from raytrain_yolo.core.tracking import RunTracker, resolve_uri
     from raytrain_yolo.core.cluster import connect_ray
-    from raytrain_yolo.core.preflight import LOCAL_CPU_WORKERS, resolve_scaling
+    from raytrain_yolo.core.tracking import RunTracker, failed_on_error, resolve_uri
 
     connect_ray(base.verbose)
     base.name = check_name(base.name or default_name("tune"))
     base.storage_path = storage.normalise(base.storage_path)
     if base.tracking.enabled:  # trials run in folders of their own: give them this sweep's store, resolved here
         base.tracking.uri = resolve_uri(base)
+    grid, max_node_cpus = size_trials(base, space, budget)
+    storage.check_writable(base.run_dir)
+
+    tracker = RunTracker(base) if base.tracking.enabled else None
+    if tracker:
+        tracker.start({f"sweep/{k}": ",".join(map(str, v)) for k, v in grid.items()} | {
+            "sweep/window_steps": budget.window_steps, "sweep/windows": budget.windows})
+        base.tracking.parent_run_id = tracker.run_id
+    with failed_on_error(tracker):
+        grid_results = build_tuner(base, grid, budget, max_node_cpus).fit()
+        rows = [summarize_trial(r, list(grid), budget) for r in grid_results]
+        rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
+        best = next((r for r in rows if r["status"] == "ok"), None)
+        paths = write_outputs(base, rows, best, list(grid))
+    if tracker:
+        tracker.finished(paths.values())
+    return SweepResult(rows, best, paths)
+
+
+def size_trials(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> tuple[dict[str, list], int]:
+    """Fit the trials to the cluster, once, before any starts: the device and worker count when not given, each
+    worker's CPUs next to the trial itself, the widest trial checked against what is free now, the base arguments
+    validated, and how many trials run side by side. Returns the grid to sweep and the largest node's CPUs."""
+    import ray
+
+    from raytrain_yolo.core.preflight import LOCAL_CPU_WORKERS, resolve_scaling
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_node_cpus = int(max((n["Resources"].get("CPU", 0) for n in nodes), default=1))
     total = ray.cluster_resources()
@@ -237,42 +259,31 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     grid = space.grid() or dataclasses.asdict(default_space(s.use_gpu, most_workers, max_node_cpus, _gpu_mem_gb()))
     if budget.max_concurrent is None:
         budget.max_concurrent = trials_side_by_side(s.use_gpu, most_workers, s.cpus_per_worker)
-    storage.check_writable(base.run_dir)
+    return grid, max_node_cpus
 
-    tracker = RunTracker(base) if base.tracking.enabled else None
-    if tracker:
-        tracker.start({f"sweep/{k}": ",".join(map(str, v)) for k, v in grid.items()} | {
-            "sweep/window_steps": budget.window_steps, "sweep/windows": budget.windows})
-        base.tracking.parent_run_id = tracker.run_id
-    try:
-        scheduler = (
-            # max_t one past the budget: a trial that keeps up ends on its own (clean Train shutdown, summary,
-            # FINISHED MLflow run); ASHA only stops the slow ones, at its rungs.
-            ASHAScheduler(time_attr="window", max_t=budget.windows + 1, grace_period=budget.grace_windows,
-                          reduction_factor=2)
-            if budget.early_stop else FIFOScheduler()
-        )
-        param_space = {k: tune.grid_search(v) for k, v in grid.items()}
-        param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
-                                        max_concurrent_trials=budget.max_concurrent),
-            run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path, verbose=1),
-        )
-        grid_results = tuner.fit()
-        rows = [summarize_trial(r, list(grid), budget) for r in grid_results]
-        rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
-        best = next((r for r in rows if r["status"] == "ok"), None)
-        paths = write_outputs(base, rows, best, list(grid))
-    except BaseException as e:
-        if tracker:
-            tracker.failed(e)
-        raise
-    if tracker:
-        tracker.finished(paths.values())
-    return SweepResult(rows, best, paths)
+
+def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_node_cpus: int):
+    """Ray Tune's grid search over `grid`, one `run_trial` per point; ASHA stops the slow points at its rungs
+    (--early-stop), else every point runs its windows."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    scheduler = (
+        # max_t one past the budget: a trial that keeps up ends on its own (clean Train shutdown, summary,
+        # FINISHED MLflow run); ASHA only stops the slow ones, at its rungs.
+        ASHAScheduler(time_attr="window", max_t=budget.windows + 1, grace_period=budget.grace_windows,
+                      reduction_factor=2)
+        if budget.early_stop else FIFOScheduler()
+    )
+    param_space = {k: tune.grid_search(v) for k, v in grid.items()}
+    param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
+    return tune.Tuner(
+        tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=budget.max_concurrent),
+        run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path, verbose=1),
+    )
 
 
 def _gpu_mem_gb() -> float:
