@@ -186,9 +186,10 @@ def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch
     """A fixed-size run with --max-failures waits --restart-wait for a lost node's replacement, in worker-group
     start timeouts; without --max-failures it waits for none (the check before training waited as the user
     allowed); an elastic run keeps Ray's unlimited starts. The multi-node test runs the slow replacement itself."""
-    from raytrain_yolo.train.launch import START_TIMEOUT_ENV, start_attempts
+    from raytrain_yolo.train import launch
+    from raytrain_yolo.train.launch import start_attempts
 
-    monkeypatch.setenv(START_TIMEOUT_ENV, "60")
+    monkeypatch.setattr(launch, "_USER_START_TIMEOUT", None)  # Ray Train's start timeout: 60 s, as by default
     assert start_attempts(RunSpec(max_failures=1)) == 10  # the default: 600 s
     assert start_attempts(RunSpec(max_failures=1, restart_wait_s=90)) == 2
     assert start_attempts(RunSpec(max_failures=0)) == 0

@@ -15,7 +15,7 @@ from typing import Any
 from raytrain_yolo.core import console, preflight, storage
 from raytrain_yolo.core.cluster import worker_env
 from raytrain_yolo.core.config import RunSpec
-from raytrain_yolo.core.tracking import RunTracker
+from raytrain_yolo.core.tracking import RunTracker, failed_on_error
 from raytrain_yolo.data import sync
 
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
@@ -42,8 +42,13 @@ def start_attempts(spec: RunSpec) -> int:
         return -1
     if spec.max_failures == 0:
         return 0
-    timeout = float(os.environ.get(START_TIMEOUT_ENV) or MIN_START_TIMEOUT_S)
-    return max(0, math.ceil(spec.restart_wait_s / timeout))
+    return max(0, math.ceil(spec.restart_wait_s / start_timeout_s(spec)))
+
+
+def start_timeout_s(spec: RunSpec) -> float:
+    """How long Ray Train waits for one worker-group start: the user's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else
+    the larger of 60 s and --wait-for-resources."""
+    return float(_USER_START_TIMEOUT) if _USER_START_TIMEOUT else max(MIN_START_TIMEOUT_S, spec.resource_wait_s)
 
 
 def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None,
@@ -56,7 +61,7 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
 
     s = spec.scaling
     if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
-        os.environ[START_TIMEOUT_ENV] = f"{max(MIN_START_TIMEOUT_S, spec.resource_wait_s):g}"
+        os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
     config = {"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking,
               "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress}
     return TorchTrainer(
@@ -104,7 +109,7 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
     if tracker:
         run_id = tracker.start(run_params(spec, train_args, task))
         tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
-    try:
+    with failed_on_error(tracker):
         untrained = None
         if _want_untrained(spec):
             with console.output_to(None if spec.verbose else log_file):
@@ -123,10 +128,6 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
         path = f"{spec.run_dir}/summary.json"
         write_summary(path, summary)
-    except BaseException as e:
-        if tracker:
-            tracker.failed(e)
-        raise
     if tracker:
         unsent = tracker.finish("FAILED" if summary.get("error") else "FINISHED", summary)
         if unsent:
