@@ -248,7 +248,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
         out = output or f"{out_dir}/predictions"
         found["out"] = out = out if storage.is_uri(out) else storage.normalise(out)
         found["replace"] = check_output(out)
-        storage.check_writable(out)
+        storage.check_writable(out, "--output" if output else "--storage-path")
         found["images"] = paths, _, prefix = list_images(source)
         local = {"source": os.path.commonpath(paths) if len(paths) > 1 else paths[0]} if not prefix else {}
         return local, out  # the read and write tasks run on any node

@@ -263,6 +263,15 @@ def test_device_loader_trains_under_ray_ddp(tmp_path):
         seen = Counter(i for r in (0, 1) for i in ranks[r]["samples"][e]["indices"])
         assert set(seen) == set(range(n_train)) and max(seen.values()) == 1, e
     assert ranks[0]["samples"][0]["indices"] != ranks[0]["samples"][1]["indices"]  # reshuffled each epoch
+    # --trace-samples records what each rank really trained on: the order its sampler names for that epoch (once
+    # test_gpu_path's one-worker fit of its own).
+    from torch.utils.data import DistributedSampler
+
+    for r in (0, 1):
+        for e in range(epochs):
+            expected = DistributedSampler(range(n_train), num_replicas=2, rank=r, shuffle=True, seed=0)
+            expected.set_epoch(e)
+            assert ranks[r]["samples"][e]["indices"] == list(expected), (r, e)
 
 
 @pytest.mark.quick

@@ -1,5 +1,6 @@
-"""Issue: run on a cluster. A real local Ray head with token authentication, two `fit` jobs submitted through
-the Jobs API (`ray job submit` and the Python SDK), and the cluster/ files checked against what reads them.
+"""Issue: run on a cluster. A real local Ray head with token authentication, jobs submitted through the Jobs API
+(`fit` with `ray job submit --working-dir`, `val` and `predict` with the Python SDK and no working_dir: the package
+is installed on the cluster's Python), and the cluster/ files checked against what reads them.
 
 The head (tests/raycluster.py, 2 CPUs) is the session's token head, shared with test_hpo.py's job test: started as
 `ray start --head --block` in its own session and process group and stopped when the session ends, also when a test
@@ -294,16 +295,12 @@ def test_ray_job_submit_cli_with_working_dir_and_runtime_env(head, tmp_path):
     assert not uploaded & {".git", ".venv", "runs", "mlflow.db"}, uploaded
 
 
-def test_job_submission_sdk_without_working_dir(head, tmp_path):
-    """The package is installed on the cluster's Python, so the entrypoint needs no upload at all."""
-    storage, db, name = tmp_path / "runs", tmp_path / "mlflow.db", "sdk"
-    logs = submit_and_wait(head, fit_command(storage, name, db), "sdk")
-    check_finished_run(logs, storage, name, db)
-
-
 def test_val_and_predict_as_jobs(head, task_run, tmp_path):
-    """`val` and `predict` submitted through the Jobs API join the job's cluster (RAY_ADDRESS): val's metrics and
-    predict's Parquet rows are those Ultralytics gives for the same checkpoint and images."""
+    """`val` and `predict` submitted through the Jobs API's Python SDK, without a working_dir (the package is
+    installed on the cluster's Python, so the entrypoint needs no upload), join the job's cluster (RAY_ADDRESS):
+    val's metrics and predict's Parquet rows are those Ultralytics gives for the same checkpoint and images. (A
+    `fit` job through the SDK was a test of its own: the SDK's submission path is this one, and `fit` as a job is
+    test_ray_job_submit_cli_with_working_dir_and_runtime_env's.)"""
     import pyarrow.parquet as pq
 
     from raytrain_yolo.core.config import SyntheticSpec

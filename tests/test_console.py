@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, load_summary
 
-EPOCHS = 3
+EPOCHS = 2  # one line per epoch: two epochs tell lines apart from a single line
 NETAUDIT = Path(__file__).parent / "netaudit"
 
 

@@ -30,11 +30,18 @@ def ddp_run(tmp_path_factory):
 def test_one_and_two_workers_reach_comparable_losses(ddp_run):
     """Issue 2: DDP scaling is right. The same run (data, seed, global batch) on one worker trains like the 2-rank
     run above: a loss scaled by 0 (no learning) or by 2x (a double step) shows up as a gap far beyond run-to-run
-    noise. (Once test_scaling.py's own pair of runs; the 2-rank side is this module's run.)"""
+    noise. (Once test_scaling.py's own pair of runs; the 2-rank side is this module's run.)
+
+    One worker, Ultralytics' loader: Ultralytics never calls `set_epoch` at world size 1, and --trace-samples must
+    still show each epoch training on every image once, in a new order (once test_gpu_path's own fit)."""
     _, storage, two = ddp_run
-    proc = run_cli("fit", "--num-workers", 1, "--storage-path", storage, "--name", "ddp1", *RUN)
+    proc = run_cli("fit", "--num-workers", 1, "--storage-path", storage, "--name", "ddp1", "--trace-samples", *RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = load_summary(storage, "ddp1")
+    orders = [e["indices"] for e in one["workers"][0]["samples"]]
+    assert [e["epoch"] for e in one["workers"][0]["samples"]] == list(range(EPOCHS))
+    assert all(sorted(o) == list(range(N_TRAIN)) for o in orders), "each epoch trains on every image once"
+    assert orders[0] != orders[1], "one worker replayed epoch 1's order"
     assert one["world_size"] == 1 and two["world_size"] == 2
     for s in (one, two):
         assert total_train_loss(s["history"][-1]) < total_train_loss(s["history"][0]), "both must learn"
@@ -97,13 +104,12 @@ def test_checkpoints_hold_the_last_and_the_best_epoch(ddp_run):
     assert YOLO(s["last_checkpoint"]).task == "detect"
 
 
-def test_two_gloo_ranks_give_the_one_rank_gradient(ddp_run, tmp_path):
+def test_two_gloo_ranks_give_the_one_rank_gradient(ddp_run, ray_local, tmp_path):
     """The first optimizer step's gradient, of a known loss, on the same 4 images: 2 DDP ranks (2 images each)
     must give what 1 rank gives. A loss scaled by 0 (the CPU world size Ultralytics derives), by 2 too many or
     too few, or ranks that do not all-reduce, all fail here. The loss is a sum over images of the squared
     outputs with BatchNorm on running statistics, so that it is exactly additive over the images; the model
     starts from the trained checkpoint on both sides."""
-    import ray
     import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -164,14 +170,10 @@ def test_two_gloo_ranks_give_the_one_rank_gradient(ddp_run, tmp_path):
         trainer.add_callback("on_train_batch_start", eval_batchnorm)
         trainer.train()
 
-    ray.init(num_cpus=2, log_to_driver=False)
-    try:
-        for world in (1, 2):
-            TorchTrainer(probe, train_loop_config={"args": args, "out": str(tmp_path)},
-                         scaling_config=ScalingConfig(num_workers=world, use_gpu=False),
-                         run_config=RunConfig(storage_path=str(tmp_path / "ray"), name=f"grad{world}")).fit()
-    finally:
-        ray.shutdown()
+    for world in (1, 2):  # on the session's shared head (ray_local), not a local Ray of its own
+        TorchTrainer(probe, train_loop_config={"args": args, "out": str(tmp_path)},
+                     scaling_config=ScalingConfig(num_workers=world, use_gpu=False),
+                     run_config=RunConfig(storage_path=str(tmp_path / "ray"), name=f"grad{world}")).fit()
     one, r0, r1 = (torch.load(tmp_path / f, weights_only=True) for f in ("w1-r0.pt", "w2-r0.pt", "w2-r1.pt"))
     assert one.norm() > 0, "no gradient at all"
     assert torch.equal(r0, r1), "the ranks must hold the same all-reduced gradient"

@@ -7,6 +7,7 @@ import ast
 import inspect
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_summary, mlflow_runs, run_cli, start_cli, wait_for
+from raycluster import http_status
 from test_faults import registered_checkpoint
 
 EPOCHS = 3
@@ -58,16 +60,29 @@ def write_space(tmp_path, space=SPACE):
 
 
 @pytest.fixture(scope="module")
-def asha(tmp_path_factory, seed_model):
+def asha(tmp_path_factory, seed_model, token_head):
+    """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's token head (once a test of its own,
+    a sweep more): `tune --objective map` joins the cluster it runs on and leaves it up, and --metric picks what the
+    sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from test_cluster import job_env_vars
+
+    head = token_head
     storage = tmp_path_factory.mktemp("hpo")
     uri = f"sqlite:///{storage / 'mlflow.db'}"
-    proc = run_cli(
-        "tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1,
-        "--space", write_space(storage), *DATA, f"epochs={EPOCHS}", f"model={seed_model.name}",
-        "--storage-path", storage, "--name", "asha", "--tracking-uri", uri, timeout=900, cwd=seed_model.parent,
-    )  # model= relative to the sweep's working directory: every trial runs in a folder of its own
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
+    cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3,
+           "--max-concurrent", 1, "--metric", "mAP50", "--space", write_space(storage), *DATA, f"epochs={EPOCHS}",
+           f"model={seed_model.name}", "--storage-path", storage, "--name", "asha", "--tracking-uri", uri]
+    client = JobSubmissionClient(head.url, headers=head.auth_headers)
+    sid = client.submit_job(entrypoint=f"cd {shlex.quote(str(seed_model.parent))} && {shlex.join(map(str, cmd))}",
+                            runtime_env={"env_vars": {**job_env_vars(head), "PYTHONPATH": str(ROOT)}})
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = wait_for(lambda: (s := client.get_job_status(sid)) in done and s, timeout=900, interval=2, what=sid)
+    logs = client.get_job_logs(sid)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"
+    return logs, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
 
 
 @pytest.mark.quick
@@ -134,8 +149,8 @@ def test_same_name_with_another_space_is_refused(asha, seed_model, tmp_path):
     from raytrain_yolo.core.errors import UserError
 
     storage = asha[1]
-    same = ("--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1, *DATA, f"epochs={EPOCHS}",
-            f"model={seed_model}", "--name", "asha")
+    same = ("--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1, "--metric", "mAP50", *DATA,
+            f"epochs={EPOCHS}", f"model={seed_model}", "--name", "asha")
     assert plan(storage, "--space", write_space(tmp_path), *same)[1].trials == 3  # the same sweep: it continues
     with pytest.raises(UserError, match=r"sweep 'asha' in .* was started with other --space: pass the same ones to "
                                         r"continue it, or use a new --name"):
@@ -145,8 +160,8 @@ def test_same_name_with_another_space_is_refused(asha, seed_model, tmp_path):
 
 
 def test_asha_stops_a_lagging_trial_early(asha):
-    proc, storage, _, rows = asha
-    assert len(rows) == 3 and {r["metric"] for r in rows} == {"fitness"}
+    logs, storage, _, rows = asha
+    assert len(rows) == 3 and {r["metric"] for r in rows} == {"metrics/mAP50(B)"}
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["epochs"] < EPOCHS and "ASHA" in r["reason"] for r in stopped)
     assert sum(r["epochs_trained"] for r in rows) < 3 * EPOCHS
@@ -156,7 +171,11 @@ def test_asha_stops_a_lagging_trial_early(asha):
     best = max(finished, key=lambda r: r["best"])
     assert best["lr0"] == 0.002 and best["best"] > 0 and rows[0]["trial"] == best["trial"]
     assert (storage / "asha" / "map.png").stat().st_size > 1000
-    assert "stopped early" in proc.stdout
+    assert "stopped early" in logs
+    # --metric: the best row's best and final are that metric's, as the trial's own run recorded it each epoch.
+    history = load_summary(storage / "asha" / "trials", best["trial"])["history"]
+    assert len(history) == EPOCHS and best["final"] == pytest.approx(history[-1]["metrics/mAP50(B)"], abs=1e-9)
+    assert best["best"] == pytest.approx(max(h["metrics/mAP50(B)"] for h in history), abs=1e-9)
 
 
 def test_best_yaml_reproduces_the_best_trial(asha, tmp_path):
@@ -276,32 +295,3 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
         assert match and any(match[0][4][k] != trained[k] for k in searched), (trained, policy)
     _, runs = mlflow_runs(uri)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
-
-
-def test_ray_job_submit_on_a_running_cluster_which_stays_up(token_head, tmp_path):
-    """`tune --objective map` as a `ray job submit` entrypoint joins the cluster it runs on, and leaves it up;
-    --metric picks what the sweep follows."""
-    head = token_head
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from raycluster import http_status
-    from test_cluster import job_env_vars
-
-    client = JobSubmissionClient(head.url, headers=head.auth_headers)
-    cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", "1", "--trials", "1",
-           "--scheduler", "none", "--metric", "mAP50", "--space", str(write_space(tmp_path)), *map(str, DATA), "epochs=2",
-           "--storage-path", str(tmp_path), "--name", "job", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    sid = client.submit_job(entrypoint=" ".join(cmd),
-                            runtime_env={"env_vars": {**job_env_vars(head), "PYTHONPATH": str(ROOT)}})
-    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (s := client.get_job_status(sid)) in done and s, timeout=600, interval=2, what=sid)
-    logs = client.get_job_logs(sid)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    rows = pq.read_table(tmp_path / "job" / "results.parquet").to_pylist()
-    assert len(rows) == 1 and rows[0]["status"] == "finished"
-    # --metric: the row's best and final are that metric's, as the trial's own run recorded it each epoch.
-    history = load_summary(tmp_path / "job" / "trials", rows[0]["trial"])["history"]
-    assert rows[0]["metric"] == "metrics/mAP50(B)" and len(history) == 2
-    assert rows[0]["final"] == pytest.approx(history[-1]["metrics/mAP50(B)"], abs=1e-9)
-    assert rows[0]["best"] == pytest.approx(max(h["metrics/mAP50(B)"] for h in history), abs=1e-9)
-    assert http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"

@@ -13,6 +13,7 @@ import pytest
 from conftest import load_summary, run_cli
 from raytrain_yolo.core.config import ScalingSpec
 from test_datasync import s3, upload  # noqa: F401 - the moto server fixture
+from test_tracking import check_one_finished_run
 
 pytestmark = pytest.mark.usefixtures("s3")  # first: the local Ray's workers inherit its endpoint and keys
 
@@ -33,18 +34,34 @@ CONF = 0.001  # a 1-epoch model is unsure of everything: a low threshold keeps o
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """One 1-epoch, 1-worker fit of 64 px images, registered as NAME version 1. Its cwd is a temporary folder, so
-    the store's artifacts (./mlruns beside a sqlite store) stay out of the repository."""
+    """One 1-epoch, 1-worker fit of 64 px images, registered as NAME version 1, with the default local store: no
+    --tracking-uri and no MLFLOW_TRACKING_URI, so the store is `mlflow.db` in the working directory (a temporary
+    folder: the store's artifacts, ./mlruns beside it, stay out of the repository), and the storage path `runs` is
+    relative to it."""
     base = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    proc = run_cli("fit", "--cpu", "--num-workers", 1, "--storage-path", base / "runs", "--name", "reg",
-                   "--tracking-uri", uri, "--register-model", NAME, "--no-validate-untrained", "--synthetic-train", 16, "--synthetic-val", 8,
+    proc = run_cli("fit", "--cpu", "--num-workers", 1, "--storage-path", "runs", "--name", "reg",
+                   "--register-model", NAME, "--no-validate-untrained", "--synthetic-train", 16, "--synthetic-val", 8,
                    "--synthetic-size", 64, "model=yolo26n.yaml", "epochs=1", "imgsz=64", "batch=8", cwd=base,
-                   timeout=600)
+                   env={"MLFLOW_TRACKING_URI": None}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = load_summary(base / "runs", "reg")
     assert summary["best_checkpoint"], summary
-    return uri, summary, base
+    return f"sqlite:///{base / 'mlflow.db'}", summary, base, proc
+
+
+def test_default_local_store_one_run_with_params_metrics_and_loadable_weights(registered):
+    """The store is `mlflow.db` in the working directory and has the one run, its parameters and metrics, weights
+    and the registered model (once test_tracking's own run, a launch more)."""
+    from ultralytics import YOLO
+
+    uri, summary, base, proc = registered
+    assert (base / "mlflow.db").is_file()
+    assert "mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
+    client, run = check_one_finished_run(uri, summary, "reg", epochs=1, workers=1, batch=8, images=(16, 8))
+    local = client.download_artifacts(run.info.run_id, "weights/last.pt", str(base))
+    assert YOLO(local).task == "detect"
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
 
 
 def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path):
@@ -54,7 +71,7 @@ def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path)
     from raytrain_yolo.predict import predict
     from raytrain_yolo.val import validate
 
-    uri, s, _ = registered
+    uri, s, _, _ = registered
     versions = MlflowClient(uri).search_model_versions(f"name='{NAME}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", s["mlflow_run_id"])]
     one = ScalingSpec(num_workers=1, use_gpu=False)
@@ -85,7 +102,7 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
 
     from raytrain_yolo.predict import predict
 
-    _, s, _ = registered
+    _, s, _, _ = registered
     folder = Path(s["data"]).parent / "images" / "val"
     upload(boto3.client("s3"), folder, "jobs/images")  # the moto server the module's s3 fixture started
     one = ScalingSpec(num_workers=1, use_gpu=False)
@@ -94,6 +111,11 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
     local = predict(s["best_checkpoint"], str(folder), str(tmp_path / "preds"), one, conf=CONF, batch=4)
     assert remote["images"] == local["images"] == len(list(folder.glob("*.jpg"))) > 0
     assert remote["output"] == "s3://datasets/jobs/preds"
+    # A bucket that does not exist is found before Ray does any work, and named as the user named it.
+    from raytrain_yolo.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"^cannot write to --output s3://no-such-bucket/preds \("):
+        predict(s["best_checkpoint"], str(folder), "s3://no-such-bucket/preds", one, conf=CONF, batch=4)
 
     s3fs, root = pafs.FileSystem.from_uri("s3://datasets/jobs/preds")
     assert s3fs.get_file_info(f"{root}/_summary.json").type == pafs.FileType.File

@@ -60,17 +60,36 @@ def check_two_nodes(cluster, summary: dict) -> None:
     assert workers[0]["params_sha256"] == workers[1]["params_sha256"], "DDP must keep the ranks in sync"
 
 
-def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cluster):
-    """The dataset is in the object store: each worker node copies it to its own /tmp once."""
+def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cluster, tmp_path):
+    """`ray job submit --working-dir .` from outside the cluster: Ray ships this checkout to the head and the worker
+    nodes. The dataset is in the object store: each worker node copies it to its own /tmp once; checkpoints go to
+    S3, metrics to the MLflow server. (The job was a test of its own, with the dataset on the shared folder: that
+    folder is now the data of test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns.)"""
+    from ray.job_submission import JobSubmissionClient
+
     src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
     s3 = cluster.s3()
     for f in src.rglob("*"):
         if f.is_file() and f.suffix != ".cache":
             s3.upload_file(str(f), BUCKET, f"datasets/shapes/{f.relative_to(src)}")
-    proc = cluster.fit("--cpu", "--num-workers", 2, f"data=s3://{BUCKET}/datasets/shapes/data.yaml",
-                       f"epochs={EPOCHS}", "imgsz=64", "batch=16", "--storage-path", f"s3://{BUCKET}/runs",
-                       "--name", "place", "--tracking-uri", cluster.tracking_uri, "--register-model", "shapes-mn")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    rt = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    rt_path = tmp_path / "runtime_env.yaml"
+    rt_path.write_text(yaml.safe_dump(rt))
+    sid = f"raytrain-yolo-mn-{uuid.uuid4().hex[:8]}"
+    env = {**cluster.script_env(), **cluster.env}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.jobs_url, "--submission-id", sid,
+         "--working-dir", ".", "--runtime-env", str(rt_path), "--",
+         "python", "-m", "raytrain_yolo.fit", "--cpu", "--num-workers", "2",
+         f"data=s3://{BUCKET}/datasets/shapes/data.yaml", f"epochs={EPOCHS}", "imgsz=64", "batch=16",
+         "--storage-path", f"s3://{BUCKET}/runs", "--name", "place", "--tracking-uri", cluster.tracking_uri,
+         "--register-model", "shapes-mn"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
+    token = (cluster.dir / "home" / ".ray" / "auth_token").read_text().strip()
+    info = JobSubmissionClient(cluster.jobs_url, headers={"Authorization": f"Bearer {token}"}).get_job_info(sid)
+    assert info.runtime_env["working_dir"].startswith("gcs://_ray_pkg_"), info.runtime_env
     s = s3_summary(cluster, "place")
     assert s["world_size"] == 2 and s["epochs_completed"] == EPOCHS and not s["error"]
     check_two_nodes(cluster, s)
@@ -87,6 +106,7 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
     client, runs = mlflow_runs(cluster.tracking_uri)
     run = next(r for r in runs if r.info.run_id == s["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "place"
+    assert run.data.tags.get("ray.job_submission_id") == sid
     assert [m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0")] == list(range(1, EPOCHS + 1))
     stored = cluster.s3_keys("mlflow", "artifacts/")
     assert any(k.endswith(f"{run.info.run_id}/artifacts/weights/best.pt") for k in stored), stored[:20]
@@ -142,40 +162,6 @@ print(json.dumps([answers, check_nodes(spec, None, None)]))
     assert skipped == [], "--allow-node-local skips the check"
 
 
-def test_ray_job_submit_ships_the_code_data_on_the_shared_folder(cluster, tmp_path):
-    """`ray job submit --working-dir .` from outside the cluster: Ray ships this checkout to the head and the
-    worker nodes, the dataset is on the shared folder, checkpoints go to S3, metrics to the MLflow server."""
-    from ray.job_submission import JobSubmissionClient
-
-    src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
-    data = cluster.shared / "datasets" / "shapes"
-    shutil.copytree(src, data)
-    (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
-    rt = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    rt_path = tmp_path / "runtime_env.yaml"
-    rt_path.write_text(yaml.safe_dump(rt))
-    sid = f"raytrain-yolo-mn-{uuid.uuid4().hex[:8]}"
-    env = {**cluster.script_env(), **cluster.env}
-    env.pop("RAY_ADDRESS")
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster.jobs_url, "--submission-id", sid,
-         "--working-dir", ".", "--runtime-env", str(rt_path), "--",
-         "python", "-m", "raytrain_yolo.fit", "--cpu", "--num-workers", "2", f"data={data / 'data.yaml'}",
-         f"epochs={EPOCHS}", "imgsz=64", "batch=16", "--storage-path", f"s3://{BUCKET}/runs", "--name", "job",
-         "--tracking-uri", cluster.tracking_uri],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
-    s = s3_summary(cluster, "job")
-    assert s["epochs_completed"] == EPOCHS and s["train_args"]["data"] == str(data / "data.yaml")
-    check_two_nodes(cluster, s)
-    client, runs = mlflow_runs(cluster.tracking_uri)
-    run = next(r for r in runs if r.info.run_id == s["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags.get("ray.job_submission_id") == sid
-    token = (cluster.dir / "home" / ".ray" / "auth_token").read_text().strip()
-    info = JobSubmissionClient(cluster.jobs_url, headers={"Authorization": f"Bearer {token}"}).get_job_info(sid)
-    assert info.runtime_env["working_dir"].startswith("gcs://_ray_pkg_"), info.runtime_env
-
-
 def registered_checkpoints(cluster, name: str) -> int:
     """Checkpoints Ray has registered for the run (its snapshot in the object store lists them)."""
     try:
@@ -186,15 +172,14 @@ def registered_checkpoints(cluster, name: str) -> int:
 
 
 def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch: bool = False, down_s: float = 0,
-                      env: dict | None = None) -> str:
+                      env: dict | None = None, data: tuple = ("--synthetic-train", 32, "--synthetic-val", 8)) -> str:
     """Start a fit, kill worker node 2 (every process in it) after the first checkpoint, bring it back and wait for
     the fit; return the driver's log. `one_worker_epoch`: bring node 2 back only once the group that Ray started
     without it has trained and checkpointed an epoch (else, on a slow machine, the group may grow back before the
     one-worker group finished any epoch). `down_s`: keep node 2 down at least this long (a slow replacement)."""
     log = cluster.dir / f"{name}.log"
     fit = cluster.start_on_head(
-        sys.executable, "-m", "raytrain_yolo.fit", "--cpu", "--synthetic-train", 32, "--synthetic-val", 8,
-        f"epochs={epochs}", "imgsz=64", *flags, "--storage-path", f"s3://{BUCKET}/runs", "--name", name,
+        sys.executable, "-m", "raytrain_yolo.fit", "--cpu", *data, f"epochs={epochs}", "imgsz=64", *flags, "--storage-path", f"s3://{BUCKET}/runs", "--name", name,
         "--tracking-uri", cluster.tracking_uri, log_path=log, env=env)
     try:
         wait_for(lambda: registered_checkpoints(cluster, name) >= 1 or fit.poll() is not None, 600,
@@ -249,10 +234,17 @@ def test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns(
     """--num-workers 2 --max-failures 1: node 2 dies after the first checkpoint and is replaced slowly: it stays
     down 25 s, more than two of Ray Train's worker-group start timeouts (10 s here, 60 s by default; each one used
     to end a fixed-size run). The restart waits for it within --restart-wait, and the run resumes on both nodes
-    from the checkpoint."""
+    from the checkpoint. The dataset is on the shared folder, the same path on every node."""
+    src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
+    data = cluster.shared / "datasets" / "shapes"
+    shutil.copytree(src, data)
+    (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
     run_losing_node_2(cluster, "fixed", 3, "--num-workers", 2, "--max-failures", 1, "--restart-wait", 120,
-                      down_s=25, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
-    check_two_nodes(cluster, check_every_epoch_once(cluster, "fixed", 3))
+                      down_s=25, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"},
+                      data=(f"data={data / 'data.yaml'}", "batch=16"))
+    s = check_every_epoch_once(cluster, "fixed", 3)
+    assert s["train_args"]["data"] == str(data / "data.yaml")
+    check_two_nodes(cluster, s)
 
 
 def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(cluster):

@@ -105,7 +105,11 @@ def test_predict_refuses_bad_input_in_one_line(task_run, tmp_path, capfd, monkey
         ((f"model={s['last_checkpoint']}",), "no source= given"),
         (("model=models:/nothing/1", f"source={tmp_path}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
          "not found in the MLflow registry"),
+        # an --output that cannot be written (here: under a file), named as the user named it (issue 21, part 5)
+        ((f"model={s['last_checkpoint']}", f"source={tmp_path / 'empty'}", "--output", tmp_path / "a-file" / "preds"),
+         f"cannot write to --output {tmp_path / 'a-file' / 'preds'} ("),
     ]
+    (tmp_path / "a-file").write_text("not a folder")
     for args, words in cases:
         last = refused_in_process("predict", ["--storage-path", tmp_path, *args], capfd, monkeypatch)
         assert words in last, (args, last)

@@ -1,4 +1,5 @@
-"""Issue 3: every run, metric and checkpoint recorded in MLflow, once; local store, HTTP server, failures."""
+"""Issue 3: every run, metric and checkpoint recorded in MLflow, once; HTTP server, failures. (The default local
+store, with a registered model, is test_job_sources.py's `registered` run, which its val and predict tests use.)"""
 
 from __future__ import annotations
 
@@ -18,46 +19,31 @@ PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metri
              "train/cls_loss", "lr/pg0", "throughput/images_per_second", "throughput/epoch_seconds")
 
 
-def check_one_finished_run(uri: str, summary: dict, name: str):
+def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int = EPOCHS, workers: int = 2,
+                           batch: int = 16, images: tuple[int, int] = (64, 16)):
+    """The store has exactly this one run, FINISHED, with its parameters (the defaults: SMALL's), each per-epoch
+    metric once per epoch, and its artifacts."""
     client, runs = mlflow_runs(uri)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == name
     assert summary["mlflow_run_id"] == run.info.run_id and summary["tracking_uri"] == uri
     p = run.data.params
-    assert p["ray/num_workers"] == "2" and p["ray/backend"] == "gloo" and p["ray/cpus_per_worker"] == "1.0"
-    assert p["batch"] == "16" and p["epochs"] == str(EPOCHS) and p["optimizer"] == "SGD"
-    assert p["data/train_images"] == "64" and p["data/val_images"] == "16" and p["device_name"] == "cpu"
+    assert p["ray/num_workers"] == str(workers) and p["ray/backend"] == "gloo" and p["ray/cpus_per_worker"] == "1.0"
+    assert p["batch"] == str(batch) and p["epochs"] == str(epochs) and p["optimizer"] == "SGD"
+    assert (p["data/train_images"], p["data/val_images"]) == tuple(map(str, images)) and p["device_name"] == "cpu"
     for pkg in ("ray", "ultralytics", "torch", "mlflow"):
         assert p[f"version/{pkg}"], pkg
-    assert run.data.tags["ray.world_size"] == "2" and run.data.tags["ray.result_path"] == summary["ray_result_path"]
+    assert run.data.tags["ray.world_size"] == str(workers)
+    assert run.data.tags["ray.result_path"] == summary["ray_result_path"]
     for key in PER_EPOCH:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert steps == list(range(1, EPOCHS + 1)), (key, steps)
+        assert steps == list(range(1, epochs + 1)), (key, steps)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.csv", "args.yaml", "summary.json", "weights"} <= top
     weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
     assert weights == {"weights/best.pt", "weights/last.pt"}
     return client, run
-
-
-def test_default_local_store_one_run_with_params_metrics_and_loadable_weights(tmp_path):
-    """No --tracking-uri and no MLFLOW_TRACKING_URI: the store is `mlflow.db` in the working directory, the storage
-    path is relative to it, and that store has the one run, its metrics, weights and registered model."""
-    from ultralytics import YOLO
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli("fit", *SMALL, "--storage-path", "runs", "--name", "local", "--register-model", "shapes-detector",
-                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": None})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "mlflow.db").is_file()
-    summary = load_summary(tmp_path / "runs", "local")
-    assert "mlflow run id" in proc.stdout and summary["mlflow_run_id"] in proc.stdout
-    client, run = check_one_finished_run(uri, summary, "local")
-    local = client.download_artifacts(run.info.run_id, "weights/last.pt", str(tmp_path))
-    assert YOLO(local).task == "detect"
-    versions = client.search_model_versions("name='shapes-detector'")
-    assert [v.run_id for v in versions] == [run.info.run_id]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""Issue 4: a real Ray Tune throughput sweep over real training trials on CPU workers."""
+"""Issue 4: a real Ray Tune throughput sweep over real training trials on CPU workers.
+
+The sweep runs as the README shows it, minus the size: no --num-workers, no --tracking-uri and no --storage-path,
+from a fresh folder (once test_resources' default sweep, a launch of its own): each trial's workers and the trial
+itself must fit the machine together (they did not: it hung), and the store and the runs land in that folder.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,32 @@ WINDOWS = 3
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("tune")
-    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    cwd = tmp_path_factory.mktemp("tune")
     proc = run_cli(
-        "tune", "--cpu", "--num-workers", 1, "--batch", "8,2", "--loader", "ultralytics,device", "--amp", "fp32,bf16",
+        "tune", "--cpu", "--batch", "8,2", "--loader", "ultralytics,device", "--amp", "fp32,bf16",
         "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
-        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--storage-path", storage, "--name", "sweep",
-        "--tracking-uri", uri, timeout=1200,
+        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep", timeout=1200, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, storage, uri
+    return proc, cwd / "runs" / "raytrain", f"sqlite:///{cwd / 'mlflow.db'}"
+
+
+def test_the_default_sweep_fits_the_machine_and_keeps_one_store_in_its_folder(sweep):
+    _, storage, uri = sweep
+    best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
+    assert best["scaling"]["num_workers"] == 2, best["scaling"]  # the fit default, with CPUs shared out
+    summaries = [load_summary(storage / "sweep" / "trials", t.name) for t in (storage / "sweep" / "trials").iterdir()
+                 if (t / "summary.json").is_file()]
+    # The trials that ran to the end wrote one (those ASHA stopped did not): two workers each.
+    assert summaries and all(s["world_size"] == 2 for s in summaries)
+    # One store for the sweep, in the folder the command ran from, with each trial nested under the sweep's run.
+    assert all(s["tracking_uri"] == uri for s in summaries)
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {s["mlflow_run_id"] for s in summaries} <= children
+    assert not list(storage.glob("sweep/trials/*/mlflow.db"))
 
 
 def test_results_table_one_row_per_trial(sweep):
@@ -51,7 +72,7 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
     best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
     fastest = max(ok, key=lambda r: r["images_per_second"])
     assert (best["train"]["batch"], best["loader"]) == (fastest["batch"], fastest["loader"])
-    assert best["train"]["optimizer"] == "SGD" and best["scaling"]["num_workers"] == 1
+    assert best["train"]["optimizer"] == "SGD" and best["scaling"]["num_workers"] == 2
     proc = run_cli("fit", "--config", storage / "sweep" / "best.yaml", "epochs=1", "--storage-path", tmp_path,
                    "--name", "from-best", "--no-tracking")
     assert proc.returncode == 0, proc.stderr[-3000:]

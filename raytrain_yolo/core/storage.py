@@ -75,8 +75,9 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def check_writable(run_dir: str) -> None:
-    """Fail before training, not after the first epoch, when outputs cannot be written."""
+def check_writable(run_dir: str, flag: str = "--storage-path") -> None:
+    """Fail before training, not after the first epoch, when outputs cannot be written (a bucket that does not
+    exist, a folder without permission): `UserError` naming `flag`, the option the user set it with."""
     probe = f"{run_dir}/.write-probe-{uuid.uuid4().hex[:8]}"
     try:
         write_text(probe, "ok")
@@ -84,7 +85,7 @@ def check_writable(run_dir: str) -> None:
         fs.delete_file(p)
     except (OSError, PermissionError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot write to --storage-path {redact(run_dir)} ({redact(first)}): choose a writable "
+        raise UserError(f"cannot write to {flag} {redact(run_dir)} ({redact(first)}): choose a writable "
                         "path") from None
 
 
