@@ -41,8 +41,13 @@ def assert_complete_once(storage: Path, name: str, uri: str):
     return s
 
 
-def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path, mlflow_server):
+    """Logged to a real MLflow server over HTTP (the session's): after the restart the server has exactly the one
+    run, FINISHED, with its parameters, each per-epoch metric once per epoch and its artifacts (test_tracking's
+    checks; the server's run was once a launch of its own there)."""
+    from test_tracking import check_one_finished_run
+
+    uri = mlflow_server
     log = tmp_path / "fit.log"
     # The workers' temporary folder, this test's own (Ray's session folder stays where it always is).
     worker_tmp = Path(tempfile.mkdtemp(prefix="rt-faults-"))
@@ -61,6 +66,7 @@ def test_worker_killed_with_max_failures_restarts_from_the_checkpoint(tmp_path):
         shutil.rmtree(worker_tmp, ignore_errors=True)
     assert rc == 0, log.read_text()[-3000:]
     s = assert_complete_once(tmp_path, "ft", uri)
+    check_one_finished_run(uri, s, "ft", epochs=EPOCHS)
     assert victim not in [w["pid"] for w in s["workers"]], "the finished run must be the restarted worker group"
     assert not left, f"each restored checkpoint's local copy must be removed once loaded: {left}"
 

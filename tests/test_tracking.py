@@ -1,28 +1,23 @@
-"""Issue 3: every run, metric and checkpoint recorded in MLflow, once; HTTP server, failures. (The default local
-store, with a registered model, is test_job_sources.py's `registered` run, which its val and predict tests use.)"""
+"""Issue 3: every run, metric and checkpoint recorded in MLflow, once; failures. (The default local store, with a
+registered model, is test_job_sources.py's `registered` run, which its val and predict tests use; a real MLflow
+server over HTTP is test_faults.py's worker-killed run, which this module's checks run on.)"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import urllib.request
 
-import pytest
-
-from conftest import free_port, load_summary, mlflow_runs, run_cli, start_cli, train_worker_pids, wait_for
+from conftest import free_port, mlflow_runs, start_cli, train_worker_pids, wait_for
 
 EPOCHS = 2
-SMALL = ("--cpu", "--no-validate-untrained", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, f"epochs={EPOCHS}", "imgsz=96")
 PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB", "train/box_loss",
              "train/cls_loss", "lr/pg0", "throughput/images_per_second", "throughput/epoch_seconds")
 
 
 def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int = EPOCHS, workers: int = 2,
                            batch: int = 16, images: tuple[int, int] = (64, 16)):
-    """The store has exactly this one run, FINISHED, with its parameters (the defaults: SMALL's), each per-epoch
-    metric once per epoch, and its artifacts."""
+    """The store's default experiment has exactly this one run, FINISHED, with its parameters (the defaults: 2
+    workers, batch 16, 64 training and 16 val images), each per-epoch metric once per epoch, and its artifacts."""
     client, runs = mlflow_runs(uri)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
@@ -44,41 +39,6 @@ def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int = EPO
     weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
     assert weights == {"weights/best.pt", "weights/last.pt"}
     return client, run
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """One real MLflow server for the module (tests use experiments of their own in it)."""
-    tmp_path = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 90, what="mlflow server")
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def test_http_server(tmp_path, mlflow_server):
-    proc = run_cli("fit", *SMALL, "--storage-path", tmp_path, "--name", "http",
-                   env={"MLFLOW_TRACKING_URI": mlflow_server})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = load_summary(tmp_path, "http")
-    check_one_finished_run(mlflow_server, summary, "http")
 
 
 def test_run_killed_mid_way_is_marked_failed(tmp_path):
