@@ -112,3 +112,17 @@ def test_the_fit_is_per_node_not_the_cluster_sum():
     # The default worker count counts what each node has free: 3 + 1 free CPUs hold one 2-CPU worker, not two.
     uneven = {"10.0.0.1": {"CPU": 3.0}, "10.0.0.2": {"CPU": 1.0}}
     assert _fit_scaling(cpu_spec(None, 2), total, {"CPU": 4.0}, nodes=nodes, nodes_free=uneven).scaling.num_workers == 1
+
+
+@pytest.mark.quick
+def test_trial_workers_share_the_cpus_left_beside_the_trial():
+    """Both sweeps size each CPU worker with one rule: the 0.1-CPU trial driver first, then equal shares in steps of
+    0.05 CPU, never above --cpus-per-worker; nothing left is one line."""
+    from raytrain_yolo.sweep.throughput import worker_cpus_beside_trial
+
+    assert worker_cpus_beside_trial(2, 2, 1.0) == 0.95  # (2 - 0.1) / 2, rounded down to 0.05
+    assert worker_cpus_beside_trial(2, 1, 1.0) == 1.0  # room for more: --cpus-per-worker caps it
+    assert worker_cpus_beside_trial(16, 3, 4.0) == 4.0
+    with pytest.raises(UserError, match=r"^4 workers per trial do not fit the cluster's 0\.2 CPUs next to the trial "
+                                        r"itself: lower --num-workers$"):
+        worker_cpus_beside_trial(0.2, 4, 1.0)

@@ -418,15 +418,13 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
     import ray
 
     from raytrain_yolo.core.preflight import resolve_scaling
-    from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU, trials_side_by_side
+    from raytrain_yolo.sweep.throughput import trials_side_by_side, worker_cpus_beside_trial
 
     cpus = float(ray.cluster_resources().get("CPU", 0))
     s = spec.scaling
     resolve_scaling(spec)
     if not s.use_gpu:
-        s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / s.num_workers * 20) / 20)
-        if s.cpus_per_worker <= 0:
-            raise UserError(f"{s.num_workers} workers per trial leave no CPU on this {cpus:g}-CPU cluster: lower --num-workers")
+        s.cpus_per_worker = worker_cpus_beside_trial(cpus, s.num_workers, s.cpus_per_worker)
     fit = trials_side_by_side(s.use_gpu, s.num_workers, s.cpus_per_worker)
     return max(1, min(plan.max_concurrent or fit, plan.trials))
 

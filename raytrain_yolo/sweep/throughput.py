@@ -101,6 +101,17 @@ def trial_spec(base: RunSpec, knobs: dict[str, Any], trial_name: str, budget: Sw
     return as_trial(spec, base, trial_name)
 
 
+def worker_cpus_beside_trial(cpus: float, workers: int, cpus_per_worker: float) -> float:
+    """Each CPU worker's share when `workers` of them and their trial (TRIAL_DRIVER_CPU) share the cluster's `cpus`:
+    at most `cpus_per_worker`, in steps of 0.05 CPU (seen: a 1-CPU driver starves 2 x 1-CPU workers). Both sweeps
+    size their trials with it. Raises UserError when nothing is left for the workers."""
+    share = min(cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / workers * 20) / 20)
+    if share <= 0:
+        raise UserError(f"{workers} workers per trial do not fit the cluster's {cpus:g} CPUs next to the trial "
+                        "itself: lower --num-workers")
+    return share
+
+
 def trials_side_by_side(use_gpu: bool, workers_per_trial: int, cpus_per_worker: float) -> int:
     """How many trials the cluster's *free* resources hold at once now (at least 1): each trial's workers and the
     trial itself (TRIAL_DRIVER_CPU). On a shared cluster, counting the total would start trials whose workers find
@@ -245,12 +256,8 @@ def size_trials(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> tuple[
     if s.num_workers is None and not space.num_workers:
         s.num_workers = max(gpus, 1) if s.use_gpu else LOCAL_CPU_WORKERS
     most_workers = max(space.num_workers or [s.num_workers])
-    # Leave room for the trial driver next to its workers (seen: a 1-CPU driver starves 2 x 1-CPU workers).
-    if not s.use_gpu:
-        s.cpus_per_worker = min(s.cpus_per_worker, math.floor((cpus - TRIAL_DRIVER_CPU) / most_workers * 20) / 20)
-        if s.cpus_per_worker <= 0:
-            raise UserError(f"{most_workers} workers per trial do not fit the cluster's {cpus:g} CPUs next to the "
-                            "trial itself: lower --num-workers")
+    if not s.use_gpu:  # room for the trial driver next to its workers
+        s.cpus_per_worker = worker_cpus_beside_trial(cpus, most_workers, s.cpus_per_worker)
     # The largest trial must fit the free resources now, beside the trial itself; each trial checks again.
     widest = RunSpec.from_dict(base.to_dict())
     widest.scaling.num_workers = most_workers
