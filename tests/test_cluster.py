@@ -48,16 +48,19 @@ def job_env_vars(head: Head) -> dict:
             "PYTHONUNBUFFERED": "1"}
 
 
-def submit_and_wait(head: Head, argv: list[str], what: str) -> str:
+def submit_and_wait(head: Head, argv: list, what: str, cwd: Path | None = None, timeout: float = JOB_TIMEOUT) -> str:
     """Submit `argv` through the Jobs API SDK (no working_dir: the package is installed on the cluster's Python),
-    wait for it to end, and return its logs; it must have SUCCEEDED."""
+    run from `cwd` when given, wait for it to end, and return its logs; it must have SUCCEEDED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(head.url, headers=head.auth_headers)
-    sid = client.submit_job(entrypoint=shlex.join(argv), runtime_env={"env_vars": job_env_vars(head)},
+    entrypoint = shlex.join(map(str, argv))
+    if cwd is not None:
+        entrypoint = f"cd {shlex.quote(str(cwd))} && {entrypoint}"
+    sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env_vars(head)},
                             submission_id=f"raytrain-yolo-{what}-{uuid.uuid4().hex[:8]}")
     done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=JOB_TIMEOUT, interval=2,
+    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=timeout, interval=2,
                       what=f"job {sid}")
     logs = client.get_job_logs(sid)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]

@@ -7,7 +7,6 @@ import ast
 import inspect
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ROOT, load_summary, mlflow_runs, run_cli, start_cli, wait_for
+from conftest import load_summary, mlflow_runs, run_cli, start_cli, wait_for
 from raycluster import http_status
 from test_faults import registered_checkpoint
 
@@ -64,23 +63,16 @@ def asha(tmp_path_factory, seed_model, token_head):
     """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's token head (once a test of its own,
     a sweep more): `tune --objective map` joins the cluster it runs on and leaves it up, and --metric picks what the
     sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from test_cluster import job_env_vars
+    from test_cluster import submit_and_wait
 
     head = token_head
     storage = tmp_path_factory.mktemp("hpo")
     uri = f"sqlite:///{storage / 'mlflow.db'}"
-    cmd = ["python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3,
-           "--max-concurrent", 1, "--metric", "mAP50", "--space", write_space(storage), *DATA, f"epochs={EPOCHS}",
-           f"model={seed_model.name}", "--storage-path", storage, "--name", "asha", "--tracking-uri", uri]
-    client = JobSubmissionClient(head.url, headers=head.auth_headers)
-    sid = client.submit_job(entrypoint=f"cd {shlex.quote(str(seed_model.parent))} && {shlex.join(map(str, cmd))}",
-                            runtime_env={"env_vars": {**job_env_vars(head), "PYTHONPATH": str(ROOT)}})
-    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (s := client.get_job_status(sid)) in done and s, timeout=900, interval=2, what=sid)
-    logs = client.get_job_logs(sid)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = submit_and_wait(head, [
+        "python", "-m", "raytrain_yolo.tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3,
+        "--max-concurrent", 1, "--metric", "mAP50", "--space", write_space(storage), *DATA, f"epochs={EPOCHS}",
+        f"model={seed_model.name}", "--storage-path", storage, "--name", "asha", "--tracking-uri", uri,
+    ], "asha", cwd=seed_model.parent, timeout=900)
     assert http_status(f"{head.url}/api/jobs/", head.auth_headers) == 200, "the cluster must still be up"
     return logs, storage, uri, pq.read_table(storage / "asha" / "results.parquet").to_pylist()
 

@@ -9,15 +9,14 @@ import signal
 
 from conftest import free_port, mlflow_runs, start_cli, train_worker_pids, wait_for
 
-EPOCHS = 2
 PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB", "train/box_loss",
              "train/cls_loss", "lr/pg0", "throughput/images_per_second", "throughput/epoch_seconds")
 
 
-def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int = EPOCHS, workers: int = 2,
+def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int, workers: int = 2,
                            batch: int = 16, images: tuple[int, int] = (64, 16)):
     """The store's default experiment has exactly this one run, FINISHED, with its parameters (the defaults: 2
-    workers, batch 16, 64 training and 16 val images), each per-epoch metric once per epoch, and its artifacts."""
+    workers, batch 16, 64 training and 16 val images), each per-epoch metric once per `epochs`, and its artifacts."""
     client, runs = mlflow_runs(uri)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
