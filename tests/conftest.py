@@ -27,6 +27,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # clients (test_cluster.py, test_hpo.py) name their mode and token explicitly.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
+# What each launch pays for and no test checks (issue 20, measured on 2 cores: ~3 s and 3-6 s of a ~50 s launch):
+# - Ray Train's preemption watcher, one more actor process per run (cloud preemption notices; no test has them);
+# - Ultralytics' own MLflow and Ray Tune integrations, which its trainer imports on rank 0 when the settings file
+#   enables them (the default) and which our trainer then drops (adapter._DUPLICATE_CALLBACK_MODULES). The tests
+#   get a settings file of their own with those two off (the root user's stays untouched), and
+#   test_tracking.test_ultralytics_own_tracking_callbacks_are_dropped turns them on to check the drop itself.
+# The multi-node clusters (tests/multinode.py) keep Ray's defaults (they pass no RAY_* variable through), and
+# test_console's new-user run keeps both defaults.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+if "YOLO_CONFIG_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    import raytrain_yolo  # noqa: F401  (sets YOLO_OFFLINE before Ultralytics is imported)
+
+    os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="raytrain-yolo-tests-ultralytics-")
+    atexit.register(shutil.rmtree, os.environ["YOLO_CONFIG_DIR"], True)
+    from ultralytics.utils import SETTINGS  # after YOLO_CONFIG_DIR: writes its defaults there
+
+    SETTINGS.update(mlflow=False, raytune=False)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def synthetic_cache(tmp_path_factory):

@@ -42,9 +42,9 @@ def fit_command(storage: Path, name: str, db: Path) -> list[str]:
             "--tracking-uri", f"sqlite:///{db}"]
 
 
-def job_env_vars(head: Head) -> dict:
-    """Reuse the session's synthetic dataset; keep Ultralytics' settings file out of the real HOME."""
-    return {"RAYTRAIN_YOLO_CACHE": os.environ["RAYTRAIN_YOLO_CACHE"], "YOLO_CONFIG_DIR": str(head.base / "yolo-config"),
+def job_env_vars() -> dict:
+    """Reuse the session's synthetic dataset and Ultralytics settings file (conftest.py: not the real HOME's)."""
+    return {"RAYTRAIN_YOLO_CACHE": os.environ["RAYTRAIN_YOLO_CACHE"], "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"],
             "PYTHONUNBUFFERED": "1"}
 
 
@@ -57,7 +57,7 @@ def submit_and_wait(head: Head, argv: list, what: str, cwd: Path | None = None, 
     entrypoint = shlex.join(map(str, argv))
     if cwd is not None:
         entrypoint = f"cd {shlex.quote(str(cwd))} && {entrypoint}"
-    sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env_vars(head)},
+    sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env_vars()},
                             submission_id=f"raytrain-yolo-{what}-{uuid.uuid4().hex[:8]}")
     done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=timeout, interval=2,
@@ -265,7 +265,7 @@ def test_ray_job_submit_cli_with_working_dir_and_runtime_env(head, tmp_path):
 
     # cluster/runtime_env.yaml as users pass it, plus this session's env vars.
     rt = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    rt["env_vars"] = {**rt.get("env_vars", {}), **job_env_vars(head)}
+    rt["env_vars"] = {**rt.get("env_vars", {}), **job_env_vars()}
     rt_path = tmp_path / "runtime_env.yaml"
     rt_path.write_text(yaml.safe_dump(rt))
     storage, db, name = tmp_path / "runs", tmp_path / "mlflow.db", "cli"

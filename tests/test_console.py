@@ -36,8 +36,10 @@ def default_fit(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("newuser")
     audit = cwd / "network-attempts.log"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "YOLO_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}  # Ray's defaults
-    env.update(PYTHONUNBUFFERED="1", NETAUDIT_LOG=str(audit),
+           if k not in ("RAY_ADDRESS", "YOLO_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
+                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}  # Ray's defaults
+    # A new user's Ultralytics settings: its defaults, written on first use (the suite's own has MLflow off, conftest).
+    env.update(PYTHONUNBUFFERED="1", NETAUDIT_LOG=str(audit), YOLO_CONFIG_DIR=str(cwd / "ultralytics-settings"),
                PYTHONPATH=os.pathsep.join([str(NETAUDIT), str(ROOT), env.get("PYTHONPATH", "")]))
     prefix = _isolated()
     proc = subprocess.run(
@@ -53,6 +55,9 @@ def default_fit(tmp_path_factory):
 def test_one_line_per_epoch_then_the_table(default_fit):
     proc, storage, summary, _, _ = default_fit
     out = proc.stdout.splitlines()
+    if out and out[0].startswith("Creating new Ultralytics Settings"):  # a new machine: Ultralytics says so, once
+        notice, out = out[:3], out[3:]
+        assert "yolo settings" in notice[-1], proc.stdout
     log = storage / "first" / "run.log"
     assert str(log) in out[0], "the first line names the log file"
     epochs = [line for line in out if line.startswith("epoch ")]

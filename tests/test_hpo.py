@@ -212,11 +212,12 @@ def tune_statuses(run_dir) -> dict[str, str]:
 
 
 def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path):
-    """Two trials of 2-worker DDP runs, one after the other; the driver (and the local Ray it started) dies
-    while the second trains. The same command restores the Tune experiment: the first trial is not run
-    again, the second resumes from its Ray Train checkpoint, and MLflow has each epoch once."""
+    """Two trials, one after the other; the driver (and the local Ray it started) dies while the second trains.
+    The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
+    Ray Train checkpoint, and MLflow has each epoch once. One worker per trial (once 2): what is restored here is
+    Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults' driver-killed run."""
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 2, "--trials", 2, "--max-concurrent", 1,
+    cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
            "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
            "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
     run_dir = tmp_path / "again"
@@ -244,7 +245,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     assert set(rows) == {done, busy} and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows.values())
     assert finished_summary.stat().st_mtime_ns == before, "a finished trial must not run again"
     resumed = load_summary(run_dir / "trials", busy)
-    assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 2
+    assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 1
     client, runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from conftest import free_port, mlflow_runs, start_cli, train_worker_pids, wait_for
 
 PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB", "train/box_loss",
@@ -163,3 +165,33 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard the end: it says so
     finally:
         link.cut()
+
+
+@pytest.mark.quick
+def test_ultralytics_own_tracking_callbacks_are_dropped(synthetic_cache, tmp_path):
+    """With Ultralytics' MLflow and Ray Tune integrations on in its settings (its defaults; the suite's own settings
+    file turns them off, conftest.py), its trainer registers their callbacks and ours drops them: they would log
+    every epoch to MLflow a second time under other names, and report to a Tune session that is not theirs."""
+    import torch
+    from ultralytics.models import yolo
+    from ultralytics.utils import SETTINGS
+
+    from raytrain_yolo.core.config import SyntheticSpec
+    from raytrain_yolo.data.synthetic import ensure_synthetic
+    from raytrain_yolo.train.adapter import _DUPLICATE_CALLBACK_MODULES, trainer_class
+
+    def integration_callbacks(trainer) -> set[str]:
+        return {f.__module__ for fns in trainer.callbacks.values() for f in fns
+                if f.__module__.startswith(_DUPLICATE_CALLBACK_MODULES)}
+
+    args = dict(model="yolo26n.yaml", data=str(ensure_synthetic(SyntheticSpec(train=4, val=4, imgsz=64))),
+                imgsz=64, workers=0, device="cpu", plots=False, project=str(tmp_path))
+    saved = {k: SETTINGS[k] for k in ("mlflow", "raytune")}
+    SETTINGS.update(mlflow=True, raytune=True)
+    try:
+        theirs = yolo.detect.DetectionTrainer(overrides=args)
+        ours = trainer_class("detect")(overrides=args, device=torch.device("cpu"), world_size=1)
+    finally:
+        SETTINGS.update(saved)
+    assert integration_callbacks(theirs) == set(_DUPLICATE_CALLBACK_MODULES)  # what there is to drop
+    assert integration_callbacks(ours) == set()
