@@ -5,6 +5,7 @@ its schedule from it) and `cfg=FILE` (Ultralytics' way to load arguments from a 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def mixed_shapes(tmp_path: Path) -> Path:
 
 
 # Non-default values of Ultralytics training arguments that DDP must honour on every rank (optimiser, schedule,
-# loss gains, augmentation, early stopping, checkpointing, validation, seed), trained together in the one 2-rank run
+# loss gains, augmentation, early stopping, checkpointing, validation, seed, and what shapes the data and the model:
+# single_cls, fraction, freeze, multi_scale, cache, workers), trained together in the one 2-rank run
 # below: each must reach Ultralytics' own args.yaml unchanged, and the ranks must end with the same weights. (The
 # other tasks' loss gains and augmentations are honoured the same way; for detect they change nothing.)
 HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_lr": True, "warmup_epochs": 0.5,
@@ -80,7 +82,8 @@ HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_l
             "mixup": 0.1, "cutmix": 0.1, "bgr": 0.1, "copy_paste": 0.1, "copy_paste_mode": "mixup", "erasing": 0.3,
             "auto_augment": "augmix", "dropout": 0.1, "pose": 10.0, "kobj": 0.9, "rle": 0.9, "angle": 0.9,
             "overlap_mask": False, "mask_ratio": 2, "iou": 0.6, "max_det": 100, "patience": 30, "save_period": 5,
-            "deterministic": False}
+            "deterministic": False, "single_cls": True, "fraction": 0.75, "freeze": 2, "multi_scale": 0.25,
+            "cache": "ram", "workers": 0, "exist_ok": True, "pretrained": False, "conf": 0.005, "cls_pw": 0.5}
 
 # Every other key of Ultralytics' default.yaml, by what happens to it here, and where that is checked. Together with
 # HONOURED and RAY_OWNED_KEYS (refused in one line) they are the installed Ultralytics' keys, each once: a key a new
@@ -97,9 +100,8 @@ ADJUSTED = {  # changed the way Ultralytics' own multi-GPU path changes it, or d
     "save": "save=False refused before Ray: a restart needs last.pt (test_fault_paths)",
 }
 PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types)
-    "task", "mode", "epochs", "imgsz", "cache", "workers", "exist_ok", "pretrained", "cls_remap", "verbose",
-    "single_cls", "fraction", "profile", "freeze", "multi_scale", "compile", "channels_last", "val", "split",
-    "save_json", "conf", "plots", "lr0", "fliplr", "distill_model", "dis", "cls_pw", "dlog", "dgrad", "dlam",
+    "task", "mode", "epochs", "imgsz", "cls_remap", "verbose", "profile", "compile", "channels_last", "val", "split",
+    "save_json", "plots", "lr0", "fliplr", "distill_model", "dis", "dlog", "dgrad", "dlam",
 }
 NOT_FOR_TRAINING = {  # predict, export and tracking settings: accepted, and unused by Ultralytics' trainer as by ours
     "quantize", "dnn", "nms", "source", "vid_stride", "stream_buffer", "visualize", "augment", "agnostic_nms",
@@ -151,12 +153,15 @@ def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
     # share: each path argument is resolved once, on the driver.
     proc = run_cli("fit", "--cpu", "--num-workers", 2, "--no-tracking", "--storage-path", "runs",
                    "--name", "args", "data=mixed/data.yaml", "model=yolo26n.yaml", "imgsz=64", "batch=8", "epochs=50",
-                   "rect=True", "time=0.002", "cfg=hyp.yaml", "workers=0",
+                   "rect=True", "time=0.002", "cfg=hyp.yaml",
                    *(f"{k}={v}" for k, v in HONOURED.items()), timeout=420, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = load_summary(tmp_path / "runs", "args")
     log = (tmp_path / "runs" / "args" / "run.log").read_text()
     assert "'rect=True' is incompatible with Multi-GPU training, setting 'rect=False'" in log
+    # What single_cls and freeze did, in Ultralytics' own words on rank 0 (not only their values in args.yaml).
+    assert "Overriding class names with single class." in log and re.search(r"Overriding model.yaml nc=\d+ with nc=1", log)
+    assert "Freezing layer 'model.1." in log and "Freezing layer 'model.2." not in log
     assert 1 <= s["epochs_completed"] < 50, s["epochs_completed"]  # the time limit ended it, not epochs=50
     ranks = {w["rank"]: w["params_sha256"] for w in s["workers"]}
     assert len(ranks) == 2 and ranks[0] == ranks[1], ranks
