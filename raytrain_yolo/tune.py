@@ -52,7 +52,8 @@ def build_parser() -> OneLineParser:
     g.add_argument("--compile", type=str_list, help="e.g. false,true")
     g.add_argument("--channels-last", type=str_list, help="e.g. false,true")
     g.add_argument("--deterministic", type=str_list, help="e.g. true,false")
-    g.add_argument("--loader", type=str_list, help="ultralytics, device (see fit --help)")
+    g.add_argument("--loader", type=str_list, help="ultralytics, device, device-decoded, device-jpeg, device-stream "
+                   "(see fit --help)")
     b = p.add_argument_group("budget")
     b.add_argument("--window-steps", type=int, help="steady steps per measurement window (default 10)")
     b.add_argument("--windows", type=int, help="windows per trial (default 4)")

@@ -48,8 +48,10 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (NCCL)")
     dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers (gloo)")
     if not sweep:  # tune has --loader among its knobs
-        ray_g.add_argument("--loader", help="ultralytics (default: Ultralytics' CPU dataloader) or device (decode once "
-                           "into GPU memory and augment each batch there; detect task)")
+        ray_g.add_argument("--loader", help="ultralytics (default: Ultralytics' CPU dataloader) or device (augment each "
+                           "batch on the GPU, the images held decoded there when they fit, else as JPEG bytes "
+                           "decoded per batch; detect task); device-decoded, device-jpeg or device-stream name the "
+                           "store")
     ray_g.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default 1)")
     ray_g.add_argument(
         "--storage-path",

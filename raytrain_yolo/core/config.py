@@ -46,7 +46,9 @@ RAY_OWNED_KEYS = {
     "resume": "rerun the same command with the same --name to resume",
 }
 AMP_MODES = ("fp16", "bf16", "fp32")
-LOADERS = ("ultralytics", "device")  # device: decode once into device memory, augment batches there (loader.py)
+# device: augment batches on the training device, the images held decoded there when they fit, else compressed
+# (train/loader.py); device-decoded, device-jpeg, device-stream name the store instead of letting it be chosen.
+LOADERS = ("ultralytics", "device", "device-decoded", "device-jpeg", "device-stream")
 CACHE_MODES = ("ram", "disk")
 
 
@@ -347,7 +349,7 @@ def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> None:
     """`--loader device` implements the detect task's default augmentations; refuse what it would silently drop."""
     if loader not in LOADERS:
         raise UserError(f"--loader {loader} is not one of {', '.join(LOADERS)}")
-    if loader == "device":
+    if loader.startswith("device"):
         if task != "detect":
             raise UserError(f"--loader device augments detection boxes only, not task={task}: use --loader ultralytics")
         from raytrain_yolo.train.augment import unsupported

@@ -219,8 +219,8 @@ def trainer_class(task: str, loader: str = "ultralytics") -> type:
             f"Ultralytics {ULTRALYTICS_VERSION} has no {base.__name__}.{', .'.join(missing)}, which raytrain_yolo "
             "adapts: install the Ultralytics version raytrain_yolo pins (pyproject.toml)"
         )
-    mixins = (RayTrainerMixin, DeviceLoaderMixin) if loader == "device" else (RayTrainerMixin,)
-    return type(f"Ray{base.__name__}", (*mixins, base), {})
+    mixins = (RayTrainerMixin, DeviceLoaderMixin) if loader.startswith("device") else (RayTrainerMixin,)
+    return type(f"Ray{base.__name__}", (*mixins, base), {"device_loader": loader})
 
 
 def ddp_wrap(module: nn.Module, device_index: int | None, find_unused: bool, static_graph: bool) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`--loader device`: the training set decoded once into device memory, augmented per batch by `augment.py`.
+"""`--loader device`: the training set held on the training device's side, augmented per batch by `augment.py`.
 
 Ultralytics' trainer only needs a few things from its train loader: iteration, `len`, `sampler` (with
 `set_epoch`), `batch_size`, `drop_last`, `num_workers`, `reset()`, and `dataset.close_mosaic()` and
@@ -6,9 +6,18 @@ Ultralytics' trainer only needs a few things from its train loader: iteration, `
 Validation keeps Ultralytics' loader.
 
 Images come from Ultralytics' own dataset: its label parsing and cache, and `load_image`, which resizes the
-long side to imgsz. They are stored as one uint8 tensor (N, 3, imgsz, imgsz), RGB, with gray padding. That
-is about 1.2 MB per image at 640 px, so a 4096-image set takes 5 GB. When the set does not fit in half the
-free device memory, the loader refuses and names `--loader ultralytics` as the fix.
+long side to imgsz. Where they are kept (store.py) is chosen per run, `--loader device` choosing by size:
+- decoded: one uint8 tensor (N, 3, imgsz, imgsz) in device memory, RGB, gray padding, about 1.2 MB per image at
+  640 px; every rank holds the whole set and takes DistributedSampler's share of it each epoch, as Ultralytics'
+  own loader does. Used when the set fits in half the free device memory (`--loader device-decoded` insists on it).
+- jpeg: the files' JPEG bytes in host memory, decoded on the device per batch (`--loader device-jpeg`), when the
+  decoded set does not fit and the compressed shard does (half the available host memory, shared by the node's
+  ranks);
+- stream: the bytes read from disk per batch (`--loader device-stream`), when neither fits.
+With jpeg and stream each rank holds only a fixed shard of the set (`ShardSampler`): a random split made once
+from the seed, shuffled anew each epoch within the shard, so no image bytes move between ranks. The difference
+from DistributedSampler: a rank sees the same images every epoch (every image is still trained once per epoch
+across the ranks, and mosaic partners come from the rank's own shard).
 """
 
 from __future__ import annotations
@@ -23,47 +32,67 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from raytrain_yolo.train.augment import GRAY, AugmentHyp, Labels, augment
+from raytrain_yolo.train.store import EncodedStore
 
 STORE_FRACTION = 0.5  # of free device memory the decoded images may take
+HOST_FRACTION = 0.5  # of available host memory the node's compressed shards may take together
 LOAD_CHUNK = 256  # images decoded into host memory before each copy to the device
+STORES = ("decoded", "jpeg", "stream")
 
 
 class DeviceDataset:
-    """The decoded training images and their boxes, ready for batched augmentation."""
+    """The training images (one of STORES) and their boxes, ready for batched augmentation.
 
-    def __init__(self, source, hyp: AugmentHyp, device: torch.device):
+    ids: the dataset positions this rank holds (its shard), in order; None for all of them. Every table here is
+    indexed by position in `ids`.
+    """
+
+    def __init__(self, source, hyp: AugmentHyp, device: torch.device, store: str = "decoded",
+                 ids: list[int] | None = None):
         self.source = source  # an Ultralytics YOLODataset (its transforms are never called)
         self.hyp = hyp
-        n, s = len(source.labels), hyp.imgsz
+        self.ids = list(range(len(source.labels))) if ids is None else list(ids)
+        self.kind = store
+        source.augment = False  # only read images: no mosaic buffer, no per-image cache kept in the source
+        if store == "decoded":
+            self.images, self.hw = self._decode_all(device)
+        else:
+            shapes = torch.tensor([source.labels[i]["shape"] for i in self.ids], dtype=torch.long)
+            self.images = EncodedStore([source.im_files[i] for i in self.ids], shapes, hyp.imgsz, device,
+                                       lambda k: source.load_image(self.ids[k])[0], stream=store == "stream")
+            self.hw = self.images.hw
+        self.boxes = _labels_table(self.labels, self.hw)
+
+    def _decode_all(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s = len(self.ids), self.hyp.imgsz
         check_fits(n, s, device)
-        self.images = torch.full((n, 3, s, s), GRAY, dtype=torch.uint8, device=device)
-        self.hw = torch.zeros(n, 2, dtype=torch.long)
+        images = torch.full((n, 3, s, s), GRAY, dtype=torch.uint8, device=device)
+        hw = torch.zeros(n, 2, dtype=torch.long)
         staging = torch.empty((min(n, LOAD_CHUNK), 3, s, s), dtype=torch.uint8)  # host memory stays bounded
 
-        def load(j, i):
-            im, _, (h, w) = source.load_image(i)
+        def load(j, k):
+            im, _, (h, w) = self.source.load_image(self.ids[k])
             staging[j, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))  # BGR->RGB
-            self.hw[i] = torch.tensor([h, w])
+            hw[k] = torch.tensor([h, w])
 
-        source.augment = False  # only read images: no mosaic buffer, no per-image cache kept in the source
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # cv2 decode/resize release the GIL
             for lo in range(0, n, LOAD_CHUNK):
-                ids = range(lo, min(n, lo + LOAD_CHUNK))
+                ks = range(lo, min(n, lo + LOAD_CHUNK))
                 staging.fill_(GRAY)
-                list(pool.map(load, range(len(ids)), ids))
-                self.images[lo:lo + len(ids)].copy_(staging[:len(ids)])
-        self.boxes = _labels_table(source.labels, self.hw)
+                list(pool.map(load, range(len(ks)), ks))
+                images[lo:lo + len(ks)].copy_(staging[:len(ks)])
+        return images, hw
 
     @property
-    def labels(self):
-        return self.source.labels
+    def labels(self) -> list[dict]:
+        return [self.source.labels[i] for i in self.ids]
 
     @property
     def im_files(self) -> list[str]:
-        return self.source.im_files
+        return [self.source.im_files[i] for i in self.ids]
 
     def __len__(self) -> int:
-        return len(self.source.labels)
+        return len(self.ids)
 
     def close_mosaic(self, hyp=None) -> None:
         """Called by Ultralytics' trainer for the last `close_mosaic` epochs."""
@@ -71,7 +100,7 @@ class DeviceDataset:
 
     def batch(self, idx: list[int], gen: torch.Generator) -> dict:
         out = augment(self.images, self.hw, self.boxes, torch.tensor(idx), self.hyp, gen)
-        files = [self.source.im_files[i] for i in idx]
+        files = [self.source.im_files[self.ids[i]] for i in idx]
         shapes = [tuple(int(v) for v in self.hw[i]) for i in idx]
         s = self.hyp.imgsz
         return {**out, "im_file": files, "ori_shape": shapes, "resized_shape": [(s, s)] * len(idx)}
@@ -100,17 +129,40 @@ class EpochSampler(DistributedSampler):
         return self.epoch
 
 
+class ShardSampler(EpochSampler):
+    """A fixed shard of the dataset per rank, shuffled anew each epoch within it (see the module docstring).
+
+    `shard`: the dataset positions this rank holds, a random split made once from `seed` (the same split on every
+    rank; shard sizes differ by at most one). Each pass yields positions *within* the shard, `num_samples` of them
+    (DistributedSampler's per-rank count: a shorter shard repeats its first image of the epoch), so that every
+    rank takes the same number of steps.
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        split = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.shard = sorted(split[rank::num_replicas])
+        if not self.shard:
+            raise ValueError(f"{n} training images cannot give each of {num_replicas} ranks a shard")
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        order = torch.randperm(len(self.shard), generator=gen).tolist()
+        return iter(order + order[:self.num_samples - len(order)])
+
+
 class DeviceLoader:
-    """Iterates batches of `DeviceDataset` in DistributedSampler order, one rank's share per epoch."""
+    """Iterates batches of `DeviceDataset`, one rank's share per epoch: DistributedSampler's order over the whole
+    set (the default), or a `ShardSampler`'s over the rank's shard (then `dataset` holds just that shard)."""
 
     num_workers = 0
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, rank: int, world_size: int, seed: int,
-                 drop_last: bool = False):
+                 drop_last: bool = False, sampler: EpochSampler | None = None):
         self.dataset = dataset
         self.batch_size = batch_size
         self.drop_last = drop_last  # as Ultralytics under compile=: no odd-sized last batch to recompile for
-        self.sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.sampler = sampler or EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.rank, self.seed = rank, seed
 
     def __len__(self) -> int:
@@ -128,20 +180,58 @@ class DeviceLoader:
         """Ultralytics calls this after close_mosaic; nothing is prefetched, so nothing to drop."""
 
     def close(self) -> None:
-        self.dataset.images = self.dataset.images[:0]
+        """Ultralytics calls this when training ends: let the images go."""
+        images = self.dataset.images
+        if isinstance(images, torch.Tensor):
+            self.dataset.images = images[:0]
+        else:
+            images.release()
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def decoded_fits(n: int, imgsz: int, device: torch.device) -> bool:
+    """Whether n decoded images at imgsz fit in STORE_FRACTION of the device's free memory."""
+    return n * 3 * imgsz * imgsz <= STORE_FRACTION * _free_bytes(device)
 
 
 def check_fits(n: int, imgsz: int, device: torch.device) -> None:
-    need = n * 3 * imgsz * imgsz
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > STORE_FRACTION * free:
+    """The decoded store's check: refuse, naming the fixes, when its images do not fit."""
+    if not decoded_fits(n, imgsz, device):
+        need, free = n * 3 * imgsz * imgsz, _free_bytes(device)
         raise MemoryError(
-            f"--loader device needs {need / 1e9:.1f} GB for {n} images at imgsz={imgsz} but {device.type} has "
-            f"{free / 1e9:.1f} GB free: use --loader ultralytics, a smaller imgsz, or fraction=<0..1>"
+            f"--loader device-decoded needs {need / 1e9:.1f} GB for {n} images at imgsz={imgsz} but {device.type} "
+            f"has {free / 1e9:.1f} GB free: use --loader device (keeps them compressed when they do not fit), "
+            "--loader ultralytics, a smaller imgsz, or fraction=<0..1>"
         )
+
+
+def host_budget() -> float:
+    """Bytes of host memory one rank's compressed shard may hold: HOST_FRACTION of what is available, shared by
+    the ranks of this node (LOCAL_WORLD_SIZE, which Ray Train sets)."""
+    return HOST_FRACTION * _free_bytes(torch.device("cpu")) / max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+
+
+def choose_store(loader: str, files: list[str], imgsz: int, device: torch.device, world_size: int) -> str:
+    """One of STORES. `--loader device` takes the first that fits: decoded (all images, this device), jpeg (this
+    rank's shard of the files' bytes, host memory), else stream; `--loader device-KIND` takes KIND, and refuses
+    jpeg whose shard does not fit (decoded refuses in check_fits)."""
+    kind = loader.removeprefix("device").removeprefix("-") or "auto"
+    if kind == "decoded" or (kind == "auto" and decoded_fits(len(files), imgsz, device)):
+        return "decoded"
+    if kind == "stream":
+        return "stream"
+    shard = sum(os.path.getsize(f) for f in files) / max(world_size, 1)
+    if shard <= host_budget():
+        return "jpeg"
+    if kind == "jpeg":
+        raise MemoryError(f"--loader device-jpeg needs {shard / 1e9:.1f} GB of host memory per rank for the "
+                          f"compressed images, more than {host_budget() / 1e9:.1f} GB: use --loader device-stream")
+    return "stream"
 
 
 def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
@@ -161,10 +251,13 @@ def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
 
 
 def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
-    """The train loader for an Ultralytics detection trainer (see adapter.DeviceLoaderMixin)."""
+    """The train loader for an Ultralytics detection trainer (see adapter.DeviceLoaderMixin); the store chosen by
+    `trainer.device_loader` (`device`, or `device-KIND`), said once on rank 0."""
+    import time
+
     import torch.distributed as dist
     from ultralytics.data import build_yolo_dataset
-    from ultralytics.utils import LOCAL_RANK
+    from ultralytics.utils import LOCAL_RANK, LOGGER
     from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
     args = trainer.args
@@ -172,6 +265,20 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
     cfg = type(args)(**{**vars(args), "cache": False})  # the device store is the cache
     with torch_distributed_zero_first(LOCAL_RANK):  # as Ultralytics: one rank writes the labels *.cache
         source = build_yolo_dataset(cfg, img_path, batch_size, trainer.data, mode="train", rect=False, stride=gs)
-    dataset = DeviceDataset(source, AugmentHyp.from_args(args), trainer.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return DeviceLoader(dataset, batch_size, rank, world, int(args.seed), drop_last=bool(args.compile))
+    hyp, seed = AugmentHyp.from_args(args), int(args.seed)
+    start = time.perf_counter()
+    kind = choose_store(getattr(trainer, "device_loader", "device"), source.im_files, hyp.imgsz, trainer.device, world)
+    if kind == "decoded":
+        sampler, dataset = None, DeviceDataset(source, hyp, trainer.device)
+    else:
+        sampler = ShardSampler(len(source.labels), world, rank, seed)
+        dataset = DeviceDataset(source, hyp, trainer.device, kind, sampler.shard)
+    if rank == 0:
+        held = (dataset.images.numel() if kind == "decoded" else dataset.images.held_bytes) / 1e6
+        where = trainer.device.type if kind == "decoded" else "host"
+        extra = "" if kind == "decoded" or not dataset.images.fallbacks else (
+            f", {dataset.images.fallbacks} not JPEG (decoded on the CPU)")
+        LOGGER.info(f"device loader: {kind} store, {len(dataset)} of {len(source.labels)} images on this rank{extra}, "
+                    f"{held:.1f} MB in {where} memory, ready in {time.perf_counter() - start:.1f} s")
+    return DeviceLoader(dataset, batch_size, rank, world, seed, drop_last=bool(args.compile), sampler=sampler)
