@@ -131,7 +131,8 @@ class Reporter:
     def on_train_epoch_end(self, trainer) -> None:
         self.meter.close_epoch()
         if trainer.traced_files is not None:  # the images this rank really trained on (--trace-samples)
-            index = {f: i for i, f in enumerate(trainer.train_loader.dataset.im_files)}
+            dataset = trainer.train_loader.dataset  # positions in the whole set (a device loader's shard has a `source`)
+            index = {f: i for i, f in enumerate(getattr(dataset, "source", dataset).im_files)}
             self.samples.append({"epoch": trainer.epoch, "indices": [index[f] for f in trainer.traced_files]})
             trainer.traced_files.clear()
 
