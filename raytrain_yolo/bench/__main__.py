@@ -1,0 +1,5 @@
+import sys
+
+from raytrain_yolo.bench.cli import main
+
+sys.exit(main())
