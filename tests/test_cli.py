@@ -80,8 +80,6 @@ def test_every_readme_command_parses():
     commands = readme_commands()
     assert {job for job, _ in commands} >= {"fit", "val", "predict", "tune"}, commands
     for job, argv in commands:
-        module = importlib.import_module(f"raytrain_yolo.{job}")
-        if job == "bench":
-            continue  # bench's parser lives in main(): its flags are covered by its own smoke test
+        module = importlib.import_module(f"raytrain_yolo.{job}" + (".cli" if job == "bench" else ""))
         ns = module.build_parser().parse_args(argv)
         parse_key_values(getattr(ns, "overrides", []) or [])
