@@ -5,12 +5,14 @@
 # Run there:     bash experiments/gpu-check.sh $OUT        (carry .devkit; KIT=path if it lies elsewhere)
 # Every row goes to $OUT/bench/bench.{json,md} as soon as it is measured, most informative first, so a run cut
 # short still brings back what it measured:
-#   1. the device loader at the largest batches, decoded store and JPEG store side by side (issue 24: >= 0.9)
-#   2. both stores alone over the 4096-image set: bytes per image, where held, time to ready, first batch
-#   3. the GPU-only step at the same batches (issue 23: the wall), augmentation alone
-#   4. the COCO-sized set (120,000 JPEGs at 640 px, made there while 1-3 run): the JPEG store's start-up and
+#   1. the device loader at the largest batches, decoded store and JPEG store side by side (issue 24: >= 0.9),
+#      then both stores alone over the 4096-image set: bytes per image, where held, time to ready, first batch
+#   2. the COCO-sized set (120,000 JPEGs at 640 px, made there while 1 runs): the JPEG store's start-up and
 #      bytes, then training images/s on it (issue 24's target: it trains at all on one card)
-#   5. mAP after the same epochs: Ultralytics' loader, the decoded store, the JPEG store; then compile=True
+#   3. issue 23's step-time switches at the largest batch, each alone and all together (--prefetch, compile,
+#      CUDA graphs, NCHW), then the GPU-only step at the same batches
+#   4. mAP after the same epochs: Ultralytics' loader, the decoded store, the JPEG store; then compile=True
+# The timeouts (T1..T4, seconds) add up to about 13 minutes with the kit's start: leave T4 out for a rerun.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
@@ -41,9 +43,10 @@ bench() {  # bench PARTS TIMEOUT: one call of the benchmark, appending to the sa
     >> "$OUT/bench.log" 2>&1
   echo "bench $1 exit $?" >> "$OUT/bench.log"
 }
-bench device,store,gpu,augment "${T1:-300}"
+bench device,store "${T1:-240}"
 wait $big_pid
-bench big "${T2:-200}"
-bench map,compile "${T3:-240}"
+bench big "${T2:-150}"
+bench switches,gpu "${T3:-200}"
+bench map,compile "${T4:-200}"
 grep -E '^\[bench\]|Error|exit' "$OUT/bench.log" | cut -c1-400
 cat "$OUT/bench/bench.md" 2>/dev/null

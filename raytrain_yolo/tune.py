@@ -54,6 +54,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--deterministic", type=str_list, help="e.g. true,false")
     g.add_argument("--loader", type=str_list, help="ultralytics, device, device-decoded, device-jpeg, device-stream "
                    "(see fit --help)")
+    g.add_argument("--prefetch", type=str_list, help="device loaders: false,true (see fit --help)")
     b = p.add_argument_group("budget")
     b.add_argument("--window-steps", type=int, help="steady steps per measurement window (default 10)")
     b.add_argument("--windows", type=int, help="windows per trial (default 4)")
@@ -97,7 +98,7 @@ def space_and_budget(ns):
     budget = SweepBudget(**{k: v for k, v in raw.items() if k in budget_keys})
     flags = {"batch": ns.batch, "workers": ns.workers, "amp": ns.amp, "cache": ns.cache, "compile": _bools(ns.compile),
              "channels_last": _bools(ns.channels_last), "deterministic": _bools(ns.deterministic),
-             "num_workers": ns.num_workers, "loader": ns.loader}
+             "num_workers": ns.num_workers, "loader": ns.loader, "prefetch": _bools(ns.prefetch)}
     for k, v in flags.items():
         if v:
             setattr(space, k, v)

@@ -203,6 +203,8 @@ def test_pt_of_another_task(fails, tmp_path):
     (("--loader", "gpu"), ("--loader gpu", "ultralytics, device")),
     (("--loader", "device", "mixup=0.5"), ("mixup=0.5", "--loader ultralytics")),
     (("--loader", "device", "model=yolo26n-pose.yaml"), ("task=pose", "--loader ultralytics")),
+    (("--loader", "device-tiles"), ("--loader device-tiles is not one of", "device-jpeg")),
+    (("--prefetch",), ("--prefetch builds batches of --loader device", "add --loader device")),
 ])
 @pytest.mark.quick
 def test_bad_arguments(fails, args, words):

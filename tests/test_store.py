@@ -155,3 +155,36 @@ def test_the_store_is_chosen_by_what_fits(mixed_yaml, monkeypatch):
         choose("device-jpeg", files, S, CPU, 2)
     trainer = trainer_class("detect", "device-jpeg")
     assert issubclass(trainer, DeviceLoaderMixin) and trainer.device_loader == "device-jpeg"
+
+
+def test_prefetch_gives_the_same_batches_and_ends_with_the_epoch(mixed_yaml):
+    """--prefetch (issue 23): each batch built one step ahead on a thread gives the very batches, in the same order,
+    as building them in the step; a trainer that stops mid-epoch ends the thread; an error there reaches the step."""
+    import threading
+
+    src = ultralytics_dataset(mixed_yaml, S)
+    ds = DeviceDataset(src, AugmentHyp(imgsz=S), CPU)
+    plain, ahead = (DeviceLoader(ds, batch_size=2, rank=0, world_size=1, seed=4, prefetch=p) for p in (False, True))
+    for epoch in range(2):
+        plain.sampler.set_epoch(epoch)
+        ahead.sampler.set_epoch(epoch)
+        got = list(zip(plain, ahead, strict=True))
+        assert len(got) == 3
+        for a, b in got:
+            assert a["im_file"] == b["im_file"] and all(torch.equal(a[k], b[k]) for k in ("img", "bboxes", "cls"))
+
+    def prefetching() -> bool:
+        return any(t.name == "device-loader-prefetch" for t in threading.enumerate())
+
+    it = iter(ahead)
+    next(it)
+    assert prefetching()
+    it.close()  # what a `break` out of Ultralytics' batch loop does to the generator
+    assert not prefetching()
+
+    def broken(idx, gen):
+        raise RuntimeError("augmentation failed")
+
+    ds.batch = broken
+    with pytest.raises(RuntimeError, match="augmentation failed"):
+        next(iter(ahead))

@@ -9,7 +9,8 @@ still leaves what it measured.
     python -m raytrain_yolo.bench --cpu --images 64 --imgsz 64 --window-steps 2 --windows 2   # smoke test
     python -m raytrain_yolo.bench --only device,gpu,map --out ...   # issue 9: the device loader and its mAP
 
-Parts, in the order they run (cli.py): device (`--loader device` rows, largest batch first), store (the same
+Parts, in the order they run (cli.py): device (`--loader device` rows, largest batch first), switches (issue 23:
+--prefetch, compile, CUDA graphs, NCHW, all, each a device-loader row at the largest batch), store (the same
 with the images kept as JPEG bytes, `--loader device-jpeg`), gpu (GPU-only step), augment (the device loader's
 augmentation alone), native, raytrain, tune, ddp (the GPU-only step under DDP with and without
 `find_unused_parameters`, on a world of 1), map (the same short training run with each loader, validation mAP

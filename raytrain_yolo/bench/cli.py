@@ -49,6 +49,7 @@ def plan(ctx: BenchContext, report: Report) -> list[tuple[str, Callable[[], None
         steps.append(("device", lambda b=b: training.raytrain(ctx, report, f"device-b{b}", b, 0, loader="device")))
         steps.append(("store", lambda b=b: training.raytrain(ctx, report, f"device-jpeg-b{b}", b, 0,
                                                              loader="device-jpeg")))
+    steps += [("switches", row) for row in switch_rows(ctx, report, batches[0])]
     steps += [("store", lambda kind=kind: step.store(ctx, report, kind, batches[0])) for kind in ("decoded", "jpeg")]
     if "device" in ns.only.split(","):
         steps += [("gpu", lambda b=b: step.gpu_only(ctx, report, b)) for b in batches]
@@ -72,6 +73,20 @@ def plan(ctx: BenchContext, report: Report) -> list[tuple[str, Callable[[], None
                                           loader="device-jpeg", data=ctx.big_data(), images=ns.big_images)),
     ]
     return steps
+
+
+# Issue 23's step-time switches, each alone and all together, on the device loader (Ultralytics' own compile modes:
+# "default" compiles the model, "reduce-overhead" also captures CUDA graphs; channels-last is Ultralytics' CUDA
+# default already, so the row turns it off to show what it buys).
+SWITCHES = {"prefetch": ({}, True), "compile": ({"compile": True}, False),
+            "cudagraphs": ({"compile": "reduce-overhead"}, False), "nchw": ({"channels_last": False}, False),
+            "all": ({"compile": "reduce-overhead"}, True)}
+
+
+def switch_rows(ctx: BenchContext, report: Report, batch: int) -> list[Callable[[], None]]:
+    return [lambda name=name, extra=extra, prefetch=prefetch: training.raytrain(
+                ctx, report, f"device-b{batch}-{name}", batch, 0, extra, loader="device", prefetch=prefetch)
+            for name, (extra, prefetch) in SWITCHES.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,9 @@ class Report:
         aug_share = {f"augmentation share of the device-loader step at b{b}":
                      round(ms[f"augment-only-b{b}"] / (1000 * b / ips[f"device-b{b}"]), 3)
                      for b in batches if ms.get(f"augment-only-b{b}") and ips.get(f"device-b{b}")}
-        return {**per_batch, **ddp_cost, **aug_share}
+        switches = {f"{r['row']}/device-b{r['batch']} (a step-time switch)": self._ratio(r["row"], f"device-b{r['batch']}")
+                    for r in self.rows if r.get("kind") == "raytrain" and r["row"].startswith(f"device-b{r.get('batch')}-")}
+        return {**per_batch, **ddp_cost, **aug_share, **switches}
 
     def _store_ratios(self) -> dict[str, float | None]:
         """Issue 24: the JPEG store against the decoded one, same batch (targets: >= 0.9 of the speed, <= 0.2 of

@@ -36,19 +36,21 @@ def native(ctx: BenchContext, report: Report, label: str, batch: int, workers: i
 
 
 def raytrain(ctx: BenchContext, report: Report, label: str, batch: int, workers: int, extra: dict | None = None,
-             loader: str = "ultralytics", data: str | None = None, images: int | None = None) -> None:
+             loader: str = "ultralytics", data: str | None = None, images: int | None = None,
+             prefetch: bool = False) -> None:
     """The same configuration through raytrain_yolo (Ray Train, one worker); `data`/`images`: another set."""
     from raytrain_yolo.train.launch import launch
 
     train = {**ctx.common, "batch": batch, "workers": workers, **(extra or {}), **({"data": data} if data else {})}
     spec = RunSpec(train=train, scaling=ctx.one_worker(), tracking=TrackingSpec(enabled=False),
-                   storage_path=str(ctx.work / "ray"), name=label, loader=loader, window_steps=ctx.ns.window_steps,
-                   max_windows=ctx.ns.windows, validate_untrained=False)
+                   storage_path=str(ctx.work / "ray"), name=label, loader=loader, prefetch=prefetch,
+                   window_steps=ctx.ns.window_steps, max_windows=ctx.ns.windows, validate_untrained=False)
     t0 = time.time()
     summary = launch(spec).summary
     windows = [h[IPS_KEY] for h in summary["history"] if "window" in h]
     mem = max((h.get("system/gpu_mem_gb", 0) for h in summary["history"]), default=None)
-    report.record({"row": label, "kind": "raytrain", "loader": loader, "images": images or ctx.ns.images,
+    report.record({"row": label, "kind": "raytrain", "loader": loader, "prefetch": prefetch,
+                   "images": images or ctx.ns.images,
                    "batch": batch, "workers": workers, "amp": ctx.amp, **(extra or {}),
                    "images_per_second": mean(windows), "windows": windows, "gpu_mem_gb": mem,
                    "wall_s": round(time.time() - t0, 1), "error": summary.get("error")})

@@ -52,6 +52,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                            "batch on the GPU, the images held decoded there when they fit, else as JPEG bytes "
                            "decoded per batch; detect task); device-decoded, device-jpeg or device-stream name the "
                            "store")
+        ray_g.add_argument("--prefetch", action="store_true", default=None,
+                           help="with --loader device: build the next batch while this one trains (a thread, and a "
+                           "side CUDA stream on GPUs)")
     ray_g.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default 1)")
     ray_g.add_argument(
         "--storage-path",
@@ -147,6 +150,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "resource_wait_s"): ns.wait_for_resources,
         (None, "restart_wait_s"): getattr(ns, "restart_wait", None),
         (None, "loader"): ns.loader if isinstance(ns.loader, str) else None,  # a list is a tune knob
+        (None, "prefetch"): ns.prefetch if isinstance(getattr(ns, "prefetch", None), bool) else None,
     }
     for (section, key), value in flags.items():
         if value is not None:

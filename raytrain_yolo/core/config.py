@@ -104,6 +104,7 @@ class RunSpec:
     storage_path: str = "runs/raytrain"
     name: str = ""
     loader: str = "ultralytics"  # one of LOADERS; "device" runs augmentation on the training device
+    prefetch: bool = False  # device loaders: build the next batch while this one trains (train/loader.py)
     max_failures: int = 0
     keep_checkpoints: int = 2  # the best N by fitness, plus always the latest
     resource_wait_s: float = 0  # >0: wait this long for an autoscaling cluster to have the resources

@@ -712,6 +712,9 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
         check_batch(train_args["batch"], 1)
     task = check_model(train_args["model"], train_args.get("task"))
     check_loader(spec.loader, task, train_args)
+    if spec.prefetch and not spec.loader.startswith("device"):
+        raise UserError(f"--prefetch builds batches of --loader device, not of --loader {spec.loader}: "
+                        "add --loader device, or drop --prefetch")
     if not spec.is_synthetic:
         data = str(train_args["data"])
         if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy

@@ -118,11 +118,16 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     loaders = ns.loader
     if loaders and len(loaders) != 1:
         raise UserError("--loader takes one value with --objective map: ultralytics or device")
+    prefetch = ns.prefetch
+    if prefetch and (len(prefetch) != 1 or str(prefetch[0]).lower() not in ("true", "false")):
+        raise UserError("--prefetch takes one value with --objective map: true or false")
     spec = spec_from_args(ns, ns.overrides)
     if workers:
         spec.scaling.num_workers = workers[0]
     if loaders:
         spec.loader = loaders[0]
+    if prefetch:
+        spec.prefetch = str(prefetch[0]).lower() == "true"
     spec.name = spec.name or default_name("hpo")
     if ns.space:
         raw, source = _read_space(ns.space), ns.space

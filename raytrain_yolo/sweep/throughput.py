@@ -24,7 +24,7 @@ from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
 TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "deterministic")
-KNOBS = TRAIN_KNOBS + ("num_workers", "loader")
+KNOBS = TRAIN_KNOBS + ("num_workers", "loader", "prefetch")
 TRIAL_DRIVER_CPU = 0.1  # the trial function only waits on its TorchTrainer; its workers get the rest
 TRIAL_RESOURCE_GRACE_S = 30.0  # a trial waits at most this long for the resources a finished trial still holds
 
@@ -41,7 +41,8 @@ class SweepSpace:
     channels_last: list[bool] = field(default_factory=list)
     deterministic: list[bool] = field(default_factory=list)
     num_workers: list[int] = field(default_factory=list)
-    loader: list[str] = field(default_factory=list)  # ultralytics, device
+    loader: list[str] = field(default_factory=list)  # ultralytics, device, device-decoded, device-jpeg, ...
+    prefetch: list[bool] = field(default_factory=list)  # device loaders: the next batch built during the step
 
     def grid(self) -> dict[str, list]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v}
@@ -86,7 +87,8 @@ def best_config(base: RunSpec, knobs: dict[str, Any]) -> dict[str, Any]:
     scaling = dataclasses.asdict(base.scaling)
     if "num_workers" in knobs:
         scaling["num_workers"] = knobs["num_workers"]
-    out = {"train": train, "scaling": scaling, "loader": knobs.get("loader", base.loader)}
+    out = {"train": train, "scaling": scaling, "loader": knobs.get("loader", base.loader),
+           "prefetch": knobs.get("prefetch", base.prefetch)}
     if base.is_synthetic:
         out["synthetic"] = dataclasses.asdict(base.synthetic)
     return out

@@ -207,8 +207,8 @@ def offline_dataset_check():
         data_utils.check_font = original
 
 
-def trainer_class(task: str, loader: str = "ultralytics") -> type:
-    """The Ray-aware trainer for an Ultralytics task (detect, pose, segment, obb)."""
+def trainer_class(task: str, loader: str = "ultralytics", prefetch: bool = False) -> type:
+    """The Ray-aware trainer for an Ultralytics task (detect, pose, segment, obb); `loader`/`prefetch` as RunSpec's."""
     try:
         base = TASK_TRAINERS[task]
     except KeyError:
@@ -220,7 +220,7 @@ def trainer_class(task: str, loader: str = "ultralytics") -> type:
             "adapts: install the Ultralytics version raytrain_yolo pins (pyproject.toml)"
         )
     mixins = (RayTrainerMixin, DeviceLoaderMixin) if loader.startswith("device") else (RayTrainerMixin,)
-    return type(f"Ray{base.__name__}", (*mixins, base), {"device_loader": loader})
+    return type(f"Ray{base.__name__}", (*mixins, base), {"device_loader": loader, "device_prefetch": prefetch})
 
 
 def ddp_wrap(module: nn.Module, device_index: int | None, find_unused: bool, static_graph: bool) -> nn.Module:

@@ -22,6 +22,7 @@ across the ranks, and mosaic partners come from the rank's own shard).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -158,12 +159,13 @@ class DeviceLoader:
     num_workers = 0
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, rank: int, world_size: int, seed: int,
-                 drop_last: bool = False, sampler: EpochSampler | None = None):
+                 drop_last: bool = False, sampler: EpochSampler | None = None, prefetch: bool = False):
         self.dataset = dataset
         self.batch_size = batch_size
         self.drop_last = drop_last  # as Ultralytics under compile=: no odd-sized last batch to recompile for
         self.sampler = sampler or EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.rank, self.seed = rank, seed
+        self.prefetch = prefetch  # --prefetch: `_prefetched` builds batch i+1 while batch i trains
 
     def __len__(self) -> int:
         n = len(self.sampler) / self.batch_size
@@ -173,8 +175,9 @@ class DeviceLoader:
         epoch = self.sampler.begin_pass()  # runs at the first batch: a created, unused iterator starts no epoch
         gen = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank)
         order = list(self.sampler)
-        for lo in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.dataset.batch(order[lo:lo + self.batch_size], gen)
+        batches = (self.dataset.batch(order[lo:lo + self.batch_size], gen)
+                   for lo in range(0, len(self) * self.batch_size, self.batch_size))
+        yield from (_prefetched(batches, self.dataset.images.device) if self.prefetch else batches)
 
     def reset(self) -> None:
         """Ultralytics calls this after close_mosaic; nothing is prefetched, so nothing to drop."""
@@ -186,6 +189,63 @@ class DeviceLoader:
             self.dataset.images = images[:0]
         else:
             images.release()
+
+
+def _prefetched(batches, device: torch.device):
+    """`batches`, each built one step ahead on a background thread: the host work of augmentation (draws, layout,
+    labels, decoding) overlaps the training step. On CUDA the thread queues its kernels on a side stream and the
+    training stream waits for that batch's event only; the same batches, in the same order, either way."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=1)  # one batch ahead: double buffering
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def produce():
+        try:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for b in batches:
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(side)
+                    while not stop.is_set():
+                        try:
+                            ready.put((b, event, None), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
+            ready.put((None, None, e))
+            return
+        ready.put((None, None, None))
+
+    thread = threading.Thread(target=produce, name="device-loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            b, event, error = ready.get()
+            if error is not None:
+                raise error
+            if b is None:
+                return
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for v in b.values():
+                    if isinstance(v, torch.Tensor) and v.is_cuda:
+                        v.record_stream(current)  # its memory stays the batch's until the step is done with it
+            yield b
+    finally:  # the epoch ended, or the trainer stopped early: the thread ends too
+        stop.set()
+        while thread.is_alive():
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -281,4 +341,5 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
             f", {dataset.images.fallbacks} not JPEG (decoded on the CPU)")
         LOGGER.info(f"device loader: {kind} store, {len(dataset)} of {len(source.labels)} images on this rank{extra}, "
                     f"{held:.1f} MB in {where} memory, ready in {time.perf_counter() - start:.1f} s")
-    return DeviceLoader(dataset, batch_size, rank, world, seed, drop_last=bool(args.compile), sampler=sampler)
+    return DeviceLoader(dataset, batch_size, rank, world, seed, drop_last=bool(args.compile), sampler=sampler,
+                        prefetch=bool(getattr(trainer, "device_prefetch", False)))

@@ -306,7 +306,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
 
     keep_offline()
 
-    Trainer = trainer_class(config["task"], spec.loader)
+    Trainer = trainer_class(config["task"], spec.loader, spec.prefetch)
     overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
     if state:  # Ultralytics' own resume: it restores everything in last.pt and starts at the next epoch
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
