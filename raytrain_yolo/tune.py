@@ -14,8 +14,8 @@ import sys
 
 import yaml
 
-from raytrain_yolo.core.cli import (OneLineParser, add_run_flags, int_list, print_sweep, run_main, spec_from_args,
-                                    stop_ray, str_list)
+from raytrain_yolo.core.cli import (OneLineParser, add_run_flags, bool_list, int_list, print_sweep, run_main,
+                                    spec_from_args, stop_ray, str_list)
 from raytrain_yolo.core.errors import UserError
 
 EPILOG = """\
@@ -65,18 +65,6 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _bools(values):
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        low = str(v).lower()
-        if low not in ("true", "false"):
-            raise UserError(f"'{v}' is not true or false")
-        out.append(low == "true")
-    return out
-
-
 def space_and_budget(ns):
     from raytrain_yolo.sweep.throughput import SweepBudget, SweepSpace
 
@@ -96,9 +84,9 @@ def space_and_budget(ns):
         raise UserError(f"unknown key '{sorted(unknown)[0]}' in {ns.space}: use {', '.join(sorted(space_keys | budget_keys))}")
     space = SweepSpace(**{k: v for k, v in raw.items() if k in space_keys})
     budget = SweepBudget(**{k: v for k, v in raw.items() if k in budget_keys})
-    flags = {"batch": ns.batch, "workers": ns.workers, "amp": ns.amp, "cache": ns.cache, "compile": _bools(ns.compile),
-             "channels_last": _bools(ns.channels_last), "deterministic": _bools(ns.deterministic),
-             "num_workers": ns.num_workers, "loader": ns.loader, "prefetch": _bools(ns.prefetch)}
+    flags = {"batch": ns.batch, "workers": ns.workers, "amp": ns.amp, "cache": ns.cache, "compile": bool_list(ns.compile),
+             "channels_last": bool_list(ns.channels_last), "deterministic": bool_list(ns.deterministic),
+             "num_workers": ns.num_workers, "loader": ns.loader, "prefetch": bool_list(ns.prefetch)}
     for k, v in flags.items():
         if v:
             setattr(space, k, v)

@@ -69,13 +69,11 @@ def store(ctx: BenchContext, report: Report, kind: str, batch: int, big: bool = 
     ready, bytes held per image and where, the first batch, and augmented images/s (decode included)."""
     images = ctx.ns.big_images if big else ctx.ns.images
     loader, ready_s = _device_loader(ctx, ctx.big_data() if big else ctx.data, batch, kind)
-    held = loader.dataset.images
-    held_bytes = held.numel() if kind == "decoded" else held.held_bytes
+    held_bytes, held_in = loader.dataset.held
     seconds, done, first_s = _time_batches(loader, steps, not ctx.ns.cpu)
     report.record({"row": f"store-{kind}" + ("-big" if big else ""), "kind": "store", "store": kind, "images": images,
                    "batch": batch, "mb_per_image": held_bytes / 1e6 / images, "gb_held": held_bytes / 1e9,
-                   "held_in": "device" if kind == "decoded" else "host" if kind == "jpeg" else "disk",
-                   "device_mb_per_image": held_bytes / 1e6 / images if kind == "decoded" else 0.0,
+                   "held_in": held_in, "device_mb_per_image": held_bytes / 1e6 / images if held_in == "device" else 0.0,
                    "ready_s": ready_s, "first_batch_s": first_s, "images_per_second": done / seconds})
     loader.close()
     free_gpu()

@@ -121,6 +121,19 @@ def str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def bool_list(values: list[str] | None) -> list[bool] | None:
+    """A knob's "true,false" values as booleans; one line naming the bad value otherwise."""
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        low = str(v).lower()
+        if low not in ("true", "false"):
+            raise UserError(f"'{v}' is not true or false")
+        out.append(low == "true")
+    return out
+
+
 def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
     """Embedded defaults < --config file < flags and key=value pairs."""
     base: dict[str, Any] = load_config_file(ns.config) if ns.config else {}

@@ -100,7 +100,7 @@ class HpoPlan:
 
 def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
-    from raytrain_yolo.core.cli import spec_from_args
+    from raytrain_yolo.core.cli import bool_list, spec_from_args
     from raytrain_yolo.core.preflight import check_metric, check_space
     from raytrain_yolo.core.preflight import check_run
 
@@ -119,7 +119,7 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     if loaders and len(loaders) != 1:
         raise UserError("--loader takes one value with --objective map: ultralytics or device")
     prefetch = ns.prefetch
-    if prefetch and (len(prefetch) != 1 or str(prefetch[0]).lower() not in ("true", "false")):
+    if prefetch and len(prefetch) != 1:
         raise UserError("--prefetch takes one value with --objective map: true or false")
     spec = spec_from_args(ns, ns.overrides)
     if workers:
@@ -127,7 +127,7 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     if loaders:
         spec.loader = loaders[0]
     if prefetch:
-        spec.prefetch = str(prefetch[0]).lower() == "true"
+        spec.prefetch = bool_list(prefetch)[0]
     spec.name = spec.name or default_name("hpo")
     if ns.space:
         raw, source = _read_space(ns.space), ns.space

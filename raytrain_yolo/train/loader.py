@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from raytrain_yolo.train.augment import GRAY, AugmentHyp, Labels, augment
-from raytrain_yolo.train.store import EncodedStore
+from raytrain_yolo.train.store import EncodedStore, rgb_chw
 
 STORE_FRACTION = 0.5  # of free device memory the decoded images may take
 HOST_FRACTION = 0.5  # of available host memory the node's compressed shards may take together
@@ -73,7 +73,7 @@ class DeviceDataset:
 
         def load(j, k):
             im, _, (h, w) = self.source.load_image(self.ids[k])
-            staging[j, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))  # BGR->RGB
+            staging[j, :, :h, :w] = rgb_chw(im)
             hw[k] = torch.tensor([h, w])
 
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # cv2 decode/resize release the GIL
@@ -83,6 +83,14 @@ class DeviceDataset:
                 list(pool.map(load, range(len(ks)), ks))
                 images[lo:lo + len(ks)].copy_(staging[:len(ks)])
         return images, hw
+
+    @property
+    def held(self) -> tuple[int, str]:
+        """(bytes this rank's store holds, where): "device" (decoded), "host" (jpeg), "disk" (stream: only the
+        non-JPEG images, if any, are held)."""
+        if self.kind == "decoded":
+            return self.images.numel(), "device"
+        return self.images.held_bytes, "host" if self.kind == "jpeg" else "disk"
 
     @property
     def labels(self) -> list[dict]:
@@ -335,11 +343,10 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
         sampler = ShardSampler(len(source.labels), world, rank, seed)
         dataset = DeviceDataset(source, hyp, trainer.device, kind, sampler.shard)
     if rank == 0:
-        held = (dataset.images.numel() if kind == "decoded" else dataset.images.held_bytes) / 1e6
-        where = trainer.device.type if kind == "decoded" else "host"
+        held, where = dataset.held
         extra = "" if kind == "decoded" or not dataset.images.fallbacks else (
             f", {dataset.images.fallbacks} not JPEG (decoded on the CPU)")
         LOGGER.info(f"device loader: {kind} store, {len(dataset)} of {len(source.labels)} images on this rank{extra}, "
-                    f"{held:.1f} MB in {where} memory, ready in {time.perf_counter() - start:.1f} s")
+                    f"{held / 1e6:.1f} MB held ({where}), ready in {time.perf_counter() - start:.1f} s")
     return DeviceLoader(dataset, batch_size, rank, world, seed, drop_last=bool(args.compile), sampler=sampler,
                         prefetch=bool(getattr(trainer, "device_prefetch", False)))

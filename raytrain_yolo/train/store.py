@@ -43,6 +43,11 @@ def load_size(h0: int, w0: int, imgsz: int) -> tuple[int, int]:
     return min(math.ceil(h0 * r), imgsz), min(math.ceil(w0 * r), imgsz)
 
 
+def rgb_chw(im: np.ndarray) -> torch.Tensor:
+    """An OpenCV/Ultralytics BGR HxWx3 image as a (3, H, W) uint8 RGB tensor."""
+    return torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))
+
+
 def is_jpeg(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == JPEG_MAGIC
@@ -102,8 +107,7 @@ class EncodedStore:
         return len(self.jpeg) - sum(self.jpeg)
 
     def _cpu_image(self, i: int) -> torch.Tensor:
-        im = self._load_image(i)  # BGR, already at load size
-        return torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)))
+        return rgb_chw(self._load_image(i))  # already at load size
 
     def _bytes(self, i: int) -> torch.Tensor:
         if self.stream:
