@@ -264,7 +264,7 @@ def task_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """One real MLflow server for the session, over HTTP (test_faults' worker-killed run logs to its default experiment;
+    """One real MLflow server for the session, over HTTP (test_faults' fault run logs to its default experiment;
     other tests use experiments of their own in it)."""
     tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()

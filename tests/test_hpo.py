@@ -18,7 +18,7 @@ import yaml
 
 from conftest import load_summary, mlflow_runs, run_cli, start_cli, wait_for
 from raycluster import http_status
-from test_faults import registered_checkpoint
+from test_faults import registered_checkpoints
 
 EPOCHS = 3
 DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
@@ -215,7 +215,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     """Two trials, one after the other; the driver (and the local Ray it started) dies while the second trains.
     The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
     Ray Train checkpoint, and MLflow has each epoch once. One worker per trial (once 2): what is restored here is
-    Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults' driver-killed run."""
+    Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults'."""
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
            "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
@@ -226,7 +226,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
         status = tune_statuses(run_dir)
         done = [t for t, s in status.items() if s == "TERMINATED"]
         busy = [t for t, s in status.items() if s != "TERMINATED"
-                and registered_checkpoint(run_dir / "trials" / t)]
+                and registered_checkpoints(run_dir / "trials" / t)]
         return (done[0], busy[0]) if done and busy else None
 
     proc = start_cli(*cmd, log_path=tmp_path / "first.log")

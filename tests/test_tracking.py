@@ -1,6 +1,6 @@
 """Issue 3: every run, metric and checkpoint recorded in MLflow, once; failures. (The default local store, with a
 registered model, is test_job_sources.py's `registered` run, which its val and predict tests use; a real MLflow
-server over HTTP is test_faults.py's worker-killed run, which this module's checks run on.)"""
+server over HTTP is test_faults.py's fault run, which this module's checks run on.)"""
 
 from __future__ import annotations
 
