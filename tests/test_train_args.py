@@ -72,7 +72,7 @@ def mixed_shapes(tmp_path: Path) -> Path:
 
 # Non-default values of Ultralytics training arguments that DDP must honour on every rank (optimiser, schedule,
 # loss gains, augmentation, early stopping, checkpointing, validation, seed, and what shapes the data and the model:
-# single_cls, fraction, freeze, multi_scale, cache, workers), trained together in the one 2-rank run
+# single_cls, fraction, freeze, multi_scale, cache, workers; dis with a distill_model teacher), trained together in the one 2-rank run
 # below: each must reach Ultralytics' own args.yaml unchanged, and the ranks must end with the same weights. (The
 # other tasks' loss gains and augmentations are honoured the same way; for detect they change nothing.)
 HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_lr": True, "warmup_epochs": 0.5,
@@ -83,7 +83,8 @@ HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_l
             "auto_augment": "augmix", "dropout": 0.1, "pose": 10.0, "kobj": 0.9, "rle": 0.9, "angle": 0.9,
             "overlap_mask": False, "mask_ratio": 2, "iou": 0.6, "max_det": 100, "patience": 30, "save_period": 5,
             "deterministic": False, "single_cls": True, "fraction": 0.75, "freeze": 2, "multi_scale": 0.25,
-            "cache": "ram", "workers": 0, "exist_ok": True, "pretrained": False, "conf": 0.005, "cls_pw": 0.5}
+            "cache": "ram", "workers": 0, "exist_ok": True, "pretrained": False, "conf": 0.005, "cls_pw": 0.5,
+            "dis": 3.0}
 
 # Every other key of Ultralytics' default.yaml, by what happens to it here, and where that is checked. Together with
 # HONOURED and RAY_OWNED_KEYS (refused in one line) they are the installed Ultralytics' keys, each once: a key a new
@@ -98,10 +99,12 @@ ADJUSTED = {  # changed the way Ultralytics' own multi-GPU path changes it, or d
     "amp": "CUDA only: off on CPU workers, as Ultralytics' own check turns it off without a GPU; fp16/bf16 "
            "refused without one (test_tune)",
     "save": "save=False refused before Ray: a restart needs last.pt (test_fault_paths)",
+    "distill_model": "a local, loadable .pt checked before Ray (nothing downloaded), its path made absolute; the "
+                     "2-rank run here distils from one (test_distill_model_is_a_local_teacher_checked_before_ray)",
 }
 PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types)
     "task", "mode", "epochs", "imgsz", "cls_remap", "verbose", "profile", "compile", "channels_last", "val", "split",
-    "save_json", "plots", "lr0", "fliplr", "distill_model", "dis", "dlog", "dgrad", "dlam",
+    "save_json", "plots", "lr0", "fliplr", "dlog", "dgrad", "dlam",
 }
 NOT_FOR_TRAINING = {  # predict, export and tracking settings: accepted, and unused by Ultralytics' trainer as by ours
     "quantize", "dnn", "nms", "source", "vid_stride", "stream_buffer", "visualize", "augment", "agnostic_nms",
@@ -149,11 +152,12 @@ def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
     once before the limit."""
     mixed_shapes(tmp_path)
     hyp_file(tmp_path)
-    # data= and cfg= relative to the command's working directory, which the workers (on the session's head) do not
-    # share: each path argument is resolved once, on the driver.
+    teacher(tmp_path / "teacher.pt")
+    # data=, cfg= and distill_model= relative to the command's working directory, which the workers (on the session's
+    # head) do not share: each path argument is resolved once, on the driver.
     proc = run_cli("fit", "--cpu", "--num-workers", 2, "--no-tracking", "--storage-path", "runs",
                    "--name", "args", "data=mixed/data.yaml", "model=yolo26n.yaml", "imgsz=64", "batch=8", "epochs=50",
-                   "rect=True", "time=0.002", "cfg=hyp.yaml",
+                   "rect=True", "time=0.002", "cfg=hyp.yaml", "distill_model=teacher.pt",
                    *(f"{k}={v}" for k, v in HONOURED.items()), timeout=420, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = load_summary(tmp_path / "runs", "args")
@@ -162,6 +166,8 @@ def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
     # What single_cls and freeze did, in Ultralytics' own words on rank 0 (not only their values in args.yaml).
     assert "Overriding class names with single class." in log and re.search(r"Overriding model.yaml nc=\d+ with nc=1", log)
     assert "Freezing layer 'model.1." in log and "Freezing layer 'model.2." not in log
+    # Knowledge distillation ran on every rank (its loss is Ultralytics' train/dis_loss), from the driver's teacher.
+    assert all("train/dis_loss" in h for h in s["history"]), s["history"][-1]
     assert 1 <= s["epochs_completed"] < 50, s["epochs_completed"]  # the time limit ended it, not epochs=50
     ranks = {w["rank"]: w["params_sha256"] for w in s["workers"]}
     assert len(ranks) == 2 and ranks[0] == ranks[1], ranks
@@ -169,7 +175,43 @@ def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
     ran = yaml.safe_load((Path(s["ultralytics_dir"]) / "args.yaml").read_text())
     assert {k: ran[k] for k in HONOURED} == HONOURED, {k: (v, ran[k]) for k, v in HONOURED.items() if ran[k] != v}
     # (args.yaml keeps rect=True: Ultralytics writes it before its DDP setup turns rect off, as in its own DDP.)
-    assert ran["lr0"] == 0.0042 and ran["fliplr"] == 0.25
+    assert ran["lr0"] == 0.0042 and ran["fliplr"] == 0.25 and ran["distill_model"] == str(tmp_path / "teacher.pt")
+
+
+def teacher(path: Path) -> Path:
+    """An Ultralytics checkpoint to distil from, written by Ultralytics itself (untrained YOLO26n: what the tests
+    check is where it is read and that distillation runs, not what it teaches)."""
+    from ultralytics import YOLO
+
+    YOLO("yolo26n.yaml").save(path)
+    return path
+
+
+@pytest.mark.quick
+def test_distill_model_is_a_local_teacher_checked_before_ray(tmp_path, monkeypatch):
+    """Ultralytics downloads a teacher it does not find (`distill_model=yolo26s.pt`); nothing is downloaded here, so
+    what is not a local, loadable .pt is refused before Ray in one line naming distill_model=; a relative path is the
+    working directory's, made absolute for the workers."""
+    from raytrain_yolo.core.config import parse_key_values
+    from raytrain_yolo.core.errors import UserError
+    from raytrain_yolo.core.preflight import check_run
+
+    monkeypatch.chdir(tmp_path)
+    teacher(tmp_path / "t.pt")
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+
+    def run(value):
+        spec = RunSpec(train=parse_key_values([f"distill_model={value}"]), tracking=TrackingSpec(enabled=False),
+                       synthetic=SyntheticSpec(train=8, val=4, imgsz=64), storage_path=str(tmp_path / "runs"))
+        return check_run(spec)[1]["distill_model"]
+
+    assert run("t.pt") == str(tmp_path / "t.pt")
+    for value, words in (("yolo26s.pt", "distill_model=yolo26s.pt not found: pass the path of a local .pt file"),
+                         ("yolo26s.yaml", "distill_model=yolo26s.yaml must be the teacher's trained weights, a .pt"),
+                         ("bad.pt", "cannot be loaded")):
+        with pytest.raises(UserError) as e:
+            run(value)
+        assert words in str(e.value) and "\n" not in str(e.value), e.value
 
 
 def test_a_finished_run_asked_for_more_epochs_is_refused_with_the_command_that_continues(task_run, capsys,
@@ -201,7 +243,7 @@ def test_a_finished_run_asked_for_more_epochs_is_refused_with_the_command_that_c
 
 @pytest.mark.quick
 def test_path_arguments_are_made_absolute_once_on_the_driver(tmp_path, monkeypatch):
-    """Issue 21, part 4: data=, model=, cfg= and source= relative to where the command runs are resolved there, in
+    """Issue 21, part 4: data=, model=, cfg=, source= and distill_model= relative to where the command runs are resolved there, in
     every job (key=value pairs and a --config file alike): trials, workers and job entrypoints run elsewhere."""
     from raytrain_yolo import fit, tune
     from raytrain_yolo.core.cli import spec_from_args
@@ -212,9 +254,11 @@ def test_path_arguments_are_made_absolute_once_on_the_driver(tmp_path, monkeypat
     for f, text in (("d/data.yaml", "x"), ("w.pt", "x"), ("hyp.yaml", "lr0: 0.1"), ("run.yaml", "data: d/data.yaml")):
         (tmp_path / f).write_text(text)
     monkeypatch.chdir(tmp_path)
-    kv = parse_key_values(["data=d/data.yaml", "model=w.pt", "cfg=hyp.yaml", "source=imgs", "epochs=3"])
+    kv = parse_key_values(["data=d/data.yaml", "model=w.pt", "cfg=hyp.yaml", "source=imgs", "epochs=3",
+                           "distill_model=w.pt"])
     assert kv == {"data": str(tmp_path / "d" / "data.yaml"), "model": str(tmp_path / "w.pt"),
-                  "cfg": str(tmp_path / "hyp.yaml"), "source": str(tmp_path / "imgs"), "epochs": 3}
+                  "cfg": str(tmp_path / "hyp.yaml"), "source": str(tmp_path / "imgs"), "epochs": 3,
+                  "distill_model": str(tmp_path / "w.pt")}
     # Names Ultralytics resolves itself, URIs and the embedded dataset are not paths here.
     assert parse_key_values(["model=yolo26n.yaml", "data=s3://b/d.yaml"]) == {"model": "yolo26n.yaml",
                                                                              "data": "s3://b/d.yaml"}

@@ -204,7 +204,7 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
     raise UserError(f"{where}: {value!r} is {held}, it must be {must}: {how.format(key=key)}")
 
 
-PATH_KEYS = ("data", "model", "cfg", "source")  # Ultralytics arguments that name a file or folder
+PATH_KEYS = ("data", "model", "cfg", "source", "distill_model")  # Ultralytics arguments that name a file or folder
 
 
 def absolute_paths(args: dict[str, Any]) -> dict[str, Any]:

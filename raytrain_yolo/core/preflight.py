@@ -302,8 +302,6 @@ def check_model(model: str, task: str | None) -> str:
             raise UserError(f"model={name} is not valid YAML: fix its syntax") from None
         found = guess_model_task(cfg)
     elif name.endswith(".pt"):
-        if not Path(name).is_file():
-            raise UserError(f"model={name} not found: pass the path of a local .pt file (nothing is downloaded)")
         found = _checkpoint_task(name)
     else:
         raise UserError(f"model={name} must be a .yaml model config or a .pt checkpoint")
@@ -312,19 +310,35 @@ def check_model(model: str, task: str | None) -> str:
     return found
 
 
-def _checkpoint_task(path: str) -> str:
+def check_teacher(teacher: str) -> str:
+    """Ultralytics' knowledge distillation (`distill_model=`): every rank loads the teacher's weights as Ultralytics'
+    `DistillationModel` does (`load_checkpoint`, which would download a name it does not find). Nothing is
+    downloaded here, so it must be a local, loadable Ultralytics `.pt`; any task, as Ultralytics allows. Returns its
+    absolute path (the workers run elsewhere). Raises UserError naming `distill_model=`."""
+    name = str(teacher)
+    if not name.endswith(".pt"):
+        raise UserError(f"distill_model={name} must be the teacher's trained weights, a .pt checkpoint (a model YAML "
+                        "has none): e.g. distill_model=runs/teacher/weights/best.pt")
+    _checkpoint_task(name, key="distill_model")
+    return str(Path(name).expanduser().resolve())
+
+
+def _checkpoint_task(path: str, key: str = "model") -> str:
+    """The task of a local Ultralytics checkpoint; UserError naming `key=` if it is missing or not one."""
     import torch
 
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"{key}={path} not found: pass the path of a local .pt file (nothing is downloaded)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure here means: not a usable checkpoint
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"model={path} cannot be loaded ({first}): the file is corrupt or not a PyTorch checkpoint") from None
+        raise UserError(f"{key}={path} cannot be loaded ({first}): the file is corrupt or not a PyTorch checkpoint") from None
     from ultralytics.nn.tasks import guess_model_task
 
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, torch.nn.Module):
-        raise UserError(f"model={path} is not an Ultralytics checkpoint (no model inside): pass a YOLO .pt file")
+        raise UserError(f"{key}={path} is not an Ultralytics checkpoint (no model inside): pass a YOLO .pt file")
     return guess_model_task(model)
 
 
@@ -728,6 +742,8 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
             spec.data_root = found.root if found.cwd_relative else ""
     if str(train_args["model"]).endswith(".pt"):
         train_args["model"] = str(Path(train_args["model"]).resolve())
+    if train_args.get("distill_model"):
+        train_args["distill_model"] = check_teacher(train_args["distill_model"])
     storage.check_writable(spec.run_dir)
     if spec.tracking.enabled:
         check_reachable(resolve_uri(spec), spec.tracking.experiment)
