@@ -1,4 +1,5 @@
-"""Issue 6: a worker, then the driver dies; the training finishes, nothing is lost or counted twice."""
+"""Issues 6 and 22: a worker dies, the tracking server goes away, then the driver dies; the training finishes,
+nothing is lost or counted twice."""
 
 from __future__ import annotations
 
@@ -42,39 +43,57 @@ def assert_complete_once(storage: Path, name: str, uri: str):
 
 
 def test_worker_then_driver_killed_the_same_run_finishes_once(tmp_path, mlflow_server):
-    """One 2-rank run meets two faults in turn (once two runs, one fault each: a launch fewer, issue 20):
+    """One 2-rank run meets three faults (once two runs, one fault each: a launch fewer, issue 20):
     1. a worker is SIGKILLed once the first checkpoint is registered: `--max-failures 1` restarts the worker group
        from that checkpoint, and each restore's temporary copy is removed once loaded;
-    2. once the restarted group has registered a later checkpoint, the driver and the local Ray it started are killed
-       (a lost head machine): no summary yet; the same command, run again, resumes from the latest checkpoint.
-    The run logs to a real MLflow server over HTTP (the session's): at the end the server has exactly the one run,
+    2. from that moment the MLflow server is unreachable (the path to it cut: new connections refused, open ones
+       closed), across the restart, the next epoch and 3.: training goes on and says so;
+    3. once the restarted group has registered a later checkpoint, the driver and the local Ray it started are killed
+       (a lost head machine): no summary yet. The server answers again, and the same command, run again, resumes
+       from the latest checkpoint and sends what MLflow missed from the checkpoint's history.
+    The run logs to the session's real MLflow server over HTTP: at the end the server has exactly the one run,
     FINISHED, with its parameters, each per-epoch metric once per epoch and its artifacts (test_tracking's checks)."""
-    from test_tracking import check_one_finished_run
+    from test_tracking import CuttableLink, check_one_finished_run
 
-    uri, run_dir = mlflow_server, tmp_path / "ft"
+    link = CuttableLink(mlflow_server)
+    link.up()
+    uri, run_dir = link.uri, tmp_path / "ft"
     log = tmp_path / "fit.log"
-    # The workers' temporary folder, this test's own (Ray's session folder stays where it always is).
+    # The workers' temporary folder, this test's own (Ray's session folder stays where it always is). MLflow's own
+    # retries (7, with backoff) would hold each call to the cut server for minutes before the run goes on.
     worker_tmp = Path(tempfile.mkdtemp(prefix="rt-faults-"))
-    env = {"TMPDIR": str(worker_tmp), "RAY_TMPDIR": tempfile.gettempdir()}
+    env = {"TMPDIR": str(worker_tmp), "RAY_TMPDIR": tempfile.gettempdir(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     cmd = (*ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri, "--max-failures", 1)
     fit = start_cli("fit", *cmd, log_path=log, env=env)
     try:
-        wait_for(lambda: registered_checkpoints(run_dir) >= 1, 300, what="the first checkpoint")
+        wait_for(lambda: registered_checkpoints(run_dir) >= 1 or fit.poll() is not None, 300,
+                 what="the first checkpoint")
+        assert fit.poll() is None, log.read_text()[-3000:]
         first = wait_for(lambda: train_worker_pids(fit.pid), 30, what="worker pids")
         victim = first[-1]
+        link.cut()
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: registered_checkpoints(run_dir) >= 2, 300, what="a checkpoint after the restart")
+        wait_for(lambda: registered_checkpoints(run_dir) >= 2 or fit.poll() is not None, 300,
+                 what="a checkpoint after the restart")
+        assert fit.poll() is None, log.read_text()[-3000:]
         restarted = set(train_worker_pids(fit.pid))
         left = [p.name for p in worker_tmp.glob("raytrain-yolo-resume-*")]
     finally:
         os.killpg(fit.pid, signal.SIGKILL)  # the driver and the local Ray it started: a lost head machine
         fit.wait(timeout=60)
         shutil.rmtree(worker_tmp, ignore_errors=True)
-    assert restarted and victim not in restarted and not restarted & set(first[:-1]), "a new worker group trains"
-    assert not left, f"each restored checkpoint's local copy must be removed once loaded: {left}"
-    assert not (run_dir / "summary.json").exists(), log.read_text()[-3000:]
-    proc = run_cli("fit", *cmd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = assert_complete_once(tmp_path, "ft", uri)
-    check_one_finished_run(uri, s, "ft", epochs=EPOCHS)
-    assert s["resumed_from_epoch"] >= 2, "the rerun resumes from the restarted group's checkpoint"
+    try:
+        text = log.read_text()
+        assert restarted and victim not in restarted and not restarted & set(first[:-1]), "a new worker group trains"
+        assert not left, f"each restored checkpoint's local copy must be removed once loaded: {left}"
+        assert not (run_dir / "summary.json").exists(), text[-3000:]
+        assert "does not answer" in text and "training goes on" in text, text[-3000:]
+        link.up()
+        proc = run_cli("fit", *cmd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = assert_complete_once(tmp_path, "ft", uri)
+        check_one_finished_run(uri, s, "ft", epochs=EPOCHS)
+        assert s["resumed_from_epoch"] >= 2, "the rerun resumes from the restarted group's checkpoint"
+        assert not s.get("tracking_unsent"), s.get("tracking_unsent")
+    finally:
+        link.cut()

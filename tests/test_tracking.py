@@ -113,17 +113,20 @@ class CuttableLink:
 
     @staticmethod
     def _pipe(src, dst) -> None:
+        import socket
+
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:
             pass
-        finally:
+        finally:  # both ends, and both directions: the peer (a pooled keep-alive connection) sees the close at once
             for s in (src, dst):
                 try:
-                    s.close()
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
 
 def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capsys, monkeypatch):
@@ -142,7 +145,8 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
     try:
         client = MlflowClient(mlflow_server)  # the test's own view, never cut
         run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        logger = EpochLogger(link.uri, run_id)
+        notes: list[str] = []  # what the worker hands to the driver's console
+        logger = EpochLogger(link.uri, run_id, notify=notes.append)
         logger.log_epoch({"epoch": 1, "lr/pg0": 0.1, "metrics/mAP50(B)": 0.5})
         link.cut()
         logger.log_epoch({"epoch": 2, "lr/pg0": 0.2, "metrics/mAP50(B)": 0.6})
@@ -153,6 +157,7 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         link.up()
         logger.log_epoch({"epoch": 4, "lr/pg0": 0.4, "metrics/mAP50(B)": 0.8})
         assert "answers again" in capsys.readouterr().out and logger.unsent() == []
+        assert [n.split(" ", 4)[4].split(" (")[0].split(";")[0] for n in notes] == ["does not answer", "answers again"]
         history = client.get_metric_history(run_id, "metrics/mAP50B")
         assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7), (4, 0.8)]
         link.cut()

@@ -6,7 +6,8 @@ workers print (Ultralytics' progress and tables, Ray Train's own worker logs) go
 output is switched with its own setting, `ray.init(log_to_driver=...)`; nothing is filtered by text.
 
 Rank 0 hands each epoch's metrics to the driver through a `ray.util.queue.Queue` (an actor that asks for no
-CPU, so it never competes with the workers for the cluster).
+CPU, so it never competes with the workers for the cluster), and the few lines the console must show from it
+(the tracking server stopped or started answering) as `{"note": line}`.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class EpochPrinter:
             pass
 
     def show(self, metrics: dict[str, Any]) -> None:
+        if "note" in metrics:  # a line of rank 0's that the console must show (the tracking server is down)
+            self.out.write(("\n" if self.tty else "") + f"{metrics['note']}\n")
+            self.out.flush()
+            return
         if metrics.get("throughput/epoch_seconds"):
             self.epoch_seconds.append(float(metrics["throughput/epoch_seconds"]))
         left = self.epochs - int(metrics["epoch"])

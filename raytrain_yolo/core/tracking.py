@@ -264,10 +264,13 @@ class EpochLogger:
     A tracking server that stops answering mid-run (restarted, redeployed, a network cut longer than MLflow's own
     retries) never stops training: what could not be sent is kept, in order, said once on the console, and sent
     when the server answers again (tried at each epoch, without MLflow's retries while it is down) or at the end.
-    `unsent()` names what never reached it, for the summary."""
+    `unsent()` names what never reached it, for the summary. `notify` also takes those two lines (the server is
+    down, it answers again): the worker hands them to the driver's console, which shows nothing else of rank 0's
+    output."""
 
-    def __init__(self, uri: str, run_id: str, log_args: bool = True):
+    def __init__(self, uri: str, run_id: str, log_args: bool = True, notify=None):
         self.uri = uri
+        self.notify = notify or (lambda line: None)
         self.client = _client(uri)
         self.run_id = run_id
         self.log_args = log_args
@@ -289,14 +292,21 @@ class EpochLogger:
                     self.pending[0][1]()
                 except Exception as e:  # noqa: BLE001 - tracking never ends training
                     if not self.down:
-                        print(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}); "
-                              "training goes on, and what it misses is sent when it answers again", flush=True)
+                        self._say(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}); "
+                                  "training goes on, and what it misses is sent when it answers again")
                     self.down = True
                     return
                 self.pending.pop(0)
         if self.down:
-            print(f"mlflow: tracking server {redact(self.uri)} answers again; sent what it had missed", flush=True)
+            self._say(f"mlflow: tracking server {redact(self.uri)} answers again; sent what it had missed")
             self.down = False
+
+    def _say(self, line: str) -> None:
+        print(line, flush=True)
+        try:
+            self.notify(line)
+        except Exception:  # noqa: BLE001 - a lost console line never stops training
+            pass
 
     def unsent(self) -> list[str]:
         """What never reached MLflow (empty when everything did)."""

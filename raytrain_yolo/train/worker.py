@@ -253,6 +253,18 @@ def _to_console(queue):
     return put
 
 
+def _note_to_console(queue):
+    """A line of rank 0's for the driver's console (console.EpochPrinter prints a `note` as it is); None without a
+    console queue."""
+    if queue is None:
+        return None
+
+    def put(line: str) -> None:
+        queue.put_nowait({"note": line})
+
+    return put
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Train on this worker; rank 0 returns every rank's facts (device, host, parameter digest) to the driver."""
     spec = RunSpec.from_dict(config["spec"])
@@ -323,7 +335,8 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         from raytrain_yolo.core.tracking import EpochLogger
 
         t = config["tracking"]
-        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None)
+        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None,
+                             notify=_note_to_console(config.get("progress")))
         if state:
             logger.sync_history(state["history"])
         trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
