@@ -263,7 +263,11 @@ class EpochLogger:
 
     A tracking server that stops answering mid-run (restarted, redeployed, a network cut longer than MLflow's own
     retries) never stops training: what could not be sent is kept, in order, said once on the console, and sent
-    when the server answers again (tried at each epoch, without MLflow's retries while it is down) or at the end.
+    when the server answers again (tried at each epoch) or at the end. During training every call goes without
+    MLflow's own retries and with a short timeout (PROBE_ENV): with them, rank 0 waited out an outage shorter than
+    their backoff (about 4 minutes) inside the training loop, and every DDP rank with it (measured: a 60 s cut cost
+    60 s of training, experiments/faults.md). Only the end of the run (`log_outputs`) uses MLflow's retries, while
+    the server is believed up.
     `unsent()` names what never reached it, for the summary. `notify` also takes those two lines (the server is
     down, it answers again): the worker hands them to the driver's console, which shows nothing else of rank 0's
     output."""
@@ -276,6 +280,7 @@ class EpochLogger:
         self.log_args = log_args
         self.pending: list[tuple[str, Any]] = []  # (what, call) in the order they happened, not yet sent
         self.down = False
+        self.training = True  # until log_outputs: no call may hold the training loop
         # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
         # from and trains an epoch again that an earlier attempt had already logged. (A server down right now:
         # nothing known, and such a repeated epoch may be logged twice.)
@@ -286,7 +291,7 @@ class EpochLogger:
     def _send(self, what: str, call) -> None:
         """Send what waits, then `call`; on the first failure keep the rest for the next try."""
         self.pending.append((what, call))
-        with _probing() if self.down else nullcontext():
+        with _probing() if self.down or self.training else nullcontext():
             while self.pending:
                 try:
                     self.pending[0][1]()
@@ -350,6 +355,7 @@ class EpochLogger:
 
     def log_outputs(self, trainer) -> None:
         """The weights and Ultralytics' result files, after the last epoch (and whatever still waits)."""
+        self.training = False
         files = [(trainer.wdir / name, "weights") for name in ("last.pt", "best.pt") if (trainer.wdir / name).is_file()]
         files += [(f, None) for f in sorted(trainer.save_dir.iterdir())
                   if f.is_file() and f.suffix in {".csv", ".yaml", ".png", ".jpg"}]
