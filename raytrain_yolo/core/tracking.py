@@ -266,8 +266,9 @@ class EpochLogger:
     when the server answers again (tried at each epoch) or at the end. During training every call goes without
     MLflow's own retries and with a short timeout (PROBE_ENV): with them, rank 0 waited out an outage shorter than
     their backoff (about 4 minutes) inside the training loop, and every DDP rank with it (measured: a 60 s cut cost
-    60 s of training, experiments/faults.md). Only the end of the run (`log_outputs`) uses MLflow's retries, while
-    the server is believed up.
+    60 s of training, experiments/faults.md). At the end of the run (`log_outputs`) the first call that fails waits
+    once for MLflow's retries (by default about 4 minutes, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`/`..._BACKOFF_FACTOR`),
+    as the driver's end of the run does: a server back within that sends everything; after it, the rest is listed.
     `unsent()` names what never reached it, for the summary. `notify` also takes those two lines (the server is
     down, it answers again): the worker hands them to the driver's console, which shows nothing else of rank 0's
     output."""
@@ -281,6 +282,7 @@ class EpochLogger:
         self.pending: list[tuple[str, Any]] = []  # (what, call) in the order they happened, not yet sent
         self.down = False
         self.training = True  # until log_outputs: no call may hold the training loop
+        self.gave_up = False  # after the run, one call waited out MLflow's retries and failed: no more waiting
         # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
         # from and trains an epoch again that an earlier attempt had already logged. (A server down right now:
         # nothing known, and such a repeated epoch may be logged twice.)
@@ -291,11 +293,13 @@ class EpochLogger:
     def _send(self, what: str, call) -> None:
         """Send what waits, then `call`; on the first failure keep the rest for the next try."""
         self.pending.append((what, call))
-        with _probing() if self.down or self.training else nullcontext():
+        patient = not self.training and not self.gave_up
+        with nullcontext() if patient else _probing():
             while self.pending:
                 try:
                     self.pending[0][1]()
                 except Exception as e:  # noqa: BLE001 - tracking never ends training
+                    self.gave_up = self.gave_up or patient
                     if not self.down:
                         self._say(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}); "
                                   "training goes on, and what it misses is sent when it answers again")
