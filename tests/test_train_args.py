@@ -73,7 +73,8 @@ def mixed_shapes(tmp_path: Path) -> Path:
 # Non-default values of Ultralytics training arguments that DDP must honour on every rank (optimiser, schedule,
 # loss gains, augmentation, early stopping, checkpointing, validation, seed, and what shapes the data and the model:
 # single_cls, fraction, freeze, multi_scale, cache, workers; dis with a distill_model teacher; plots, save_json, profile;
-# channels_last, which Ultralytics applies on CUDA only; cls_remap, which acts on a .pt's class names), trained together in the one 2-rank run
+# channels_last, which Ultralytics applies on CUDA only; cls_remap, which acts on a .pt's class names; val=False,
+# validation at the last epoch only), trained together in the one 2-rank run
 # below: each must reach Ultralytics' own args.yaml unchanged, and the ranks must end with the same weights. (The
 # other tasks' loss gains and augmentations are honoured the same way; for detect they change nothing.)
 HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_lr": True, "warmup_epochs": 0.5,
@@ -85,7 +86,8 @@ HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_l
             "overlap_mask": False, "mask_ratio": 2, "iou": 0.6, "max_det": 100, "patience": 30, "save_period": 5,
             "deterministic": False, "single_cls": True, "fraction": 0.75, "freeze": 2, "multi_scale": 0.25,
             "cache": "ram", "workers": 0, "exist_ok": True, "pretrained": False, "conf": 0.005, "cls_pw": 0.5,
-            "dis": 3.0, "profile": True, "channels_last": True, "save_json": True, "plots": False, "cls_remap": False}
+            "dis": 3.0, "profile": True, "channels_last": True, "save_json": True, "plots": False, "cls_remap": False,
+            "val": False}
 
 # Every other key of Ultralytics' default.yaml, by what happens to it here, and where that is checked. Together with
 # HONOURED and RAY_OWNED_KEYS (refused in one line) they are the installed Ultralytics' keys, each once: a key a new
@@ -104,7 +106,7 @@ ADJUSTED = {  # changed the way Ultralytics' own multi-GPU path changes it, or d
                      "2-rank run here distils from one (test_distill_model_is_a_local_teacher_checked_before_ray)",
 }
 PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types)
-    "task", "mode", "epochs", "imgsz", "verbose", "compile", "val", "split", "lr0", "fliplr", "dlog", "dgrad", "dlam",
+    "task", "mode", "epochs", "imgsz", "verbose", "compile", "split", "lr0", "fliplr", "dlog", "dgrad", "dlam",
 }
 NOT_FOR_TRAINING = {  # predict, export and tracking settings: accepted, and unused by Ultralytics' trainer as by ours
     "quantize", "dnn", "nms", "source", "vid_stride", "stream_buffer", "visualize", "augment", "agnostic_nms",
