@@ -129,7 +129,7 @@ class CuttableLink:
                 s.close()
 
 
-def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capsys, monkeypatch):
+def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capfd, monkeypatch):
     """Issue 22: the path to a real MLflow server is cut between epochs and restored: rank 0's logger says so
     once, keeps the epochs it could not send and sends them, in order, once the server answers; what never reached
     it is named (for summary.json). The driver's end of the run does not fail either."""
@@ -151,12 +151,12 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         link.cut()
         logger.log_epoch({"epoch": 2, "lr/pg0": 0.2, "metrics/mAP50(B)": 0.6})
         logger.log_epoch({"epoch": 3, "lr/pg0": 0.3, "metrics/mAP50(B)": 0.7})
-        out = capsys.readouterr().out
+        out = capfd.readouterr().out
         assert out.count("does not answer") == 1 and "training goes on" in out, out
         assert logger.unsent() == ["epoch 2's metrics", "epoch 3's metrics"]
         link.up()
         logger.log_epoch({"epoch": 4, "lr/pg0": 0.4, "metrics/mAP50(B)": 0.8})
-        assert "answers again" in capsys.readouterr().out and logger.unsent() == []
+        assert "answers again" in capfd.readouterr().out and logger.unsent() == []
         assert [n.split(" ", 4)[4].split(" (")[0].split(";")[0] for n in notes] == ["does not answer", "answers again"]
         history = client.get_metric_history(run_id, "metrics/mAP50B")
         assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7), (4, 0.8)]
@@ -166,7 +166,7 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         tracker = RunTracker(RunSpec(tracking=TrackingSpec(uri=link.uri)))
         tracker.client, tracker.run_id = MlflowClient(link.uri), run_id
         assert tracker.finish("FINISHED", {"best_checkpoint": None}) == ["summary.json", "run status FINISHED"]
-        assert "did not get summary.json" in capsys.readouterr().err
+        assert "did not get summary.json" in capfd.readouterr().err
         assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard the end: it says so
     finally:
         link.cut()

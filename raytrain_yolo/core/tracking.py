@@ -311,7 +311,7 @@ class EpochLogger:
             self.down = False
 
     def _say(self, line: str) -> None:
-        print(line, flush=True)
+        _rank0_line(line)
         try:
             self.notify(line)
         except Exception:  # noqa: BLE001 - a lost console line never stops training
@@ -338,7 +338,7 @@ class EpochLogger:
         def send() -> None:
             kept = log_params(self.client, self.run_id, params)
             if kept:  # a retry: MLflow keeps what the first attempt logged
-                print(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}", flush=True)
+                _rank0_line(f"mlflow: kept the first attempt's value of {', '.join(sorted(kept))}")
 
         self._send("the Ultralytics arguments", send)
 
@@ -366,6 +366,14 @@ class EpochLogger:
         for path, folder in files:
             self._send(f"artifact {folder + '/' if folder else ''}{path.name}",
                        lambda path=path, folder=folder: self.client.log_artifact(self.run_id, str(path), folder))
+
+
+def _rank0_line(line: str) -> None:
+    """A line from rank 0 to its log, once. Inside a Ray Train worker the built-in `print` is Ray Train's
+    (RAY_TRAIN_ENABLE_PRINT_PATCH): it sends the line to Train's logger and, with sys.stdout wrapped as Ray wraps
+    it, to the stream too, so the run's log got each line twice. Writing to the process's own stdout is one line,
+    and leaves Ray's patch in place for the user's code."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _device_name(trainer) -> str:
