@@ -11,7 +11,8 @@ is registered:
 - driver: the driver and its local Ray SIGKILLed, then the same command run again (wall: both parts);
 - mlflow-60s: the path to the MLflow server cut for 60 s, MLflow's own retries as they are by default.
 The cost is the command's wall time (to its exit; for mlflow-60s, to the exit or the end of the cut, whichever
-came first) minus the clean run's; one run each on this machine, so differences of a few seconds are noise. Prints a Markdown table (and writes it beside this file, in results/).
+came first) minus the clean run's; one run each on this machine, so differences of a few seconds are noise.
+Prints a Markdown table (and writes it beside this file, in results/).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,32 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import free_port, start_cli, train_worker_pids, wait_for  # noqa: E402
+from conftest import start_cli, start_mlflow_server, train_worker_pids, wait_for  # noqa: E402
 from test_faults import registered_checkpoints  # noqa: E402
 from test_tracking import CuttableLink  # noqa: E402
 
 KINDS = ("worker", "driver", "mlflow-60s")  # after "clean", the reference; or those named on the command line
 ARGS = ("--cpu", "--no-validate-untrained", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16,
         "epochs=4", "imgsz=96")
-
-
-def mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
-                             str(folder / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, 90, what="mlflow server")
-    return proc, url
 
 
 def run(kind: str, work: Path, link: CuttableLink) -> dict:
@@ -104,7 +85,7 @@ def run(kind: str, work: Path, link: CuttableLink) -> dict:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="raytrain-yolo-fault-costs-"))
-    server, url = mlflow_server(work)
+    server, url = start_mlflow_server(work)
     link = CuttableLink(url)
     link.up()
     rows = []

@@ -262,16 +262,14 @@ def task_run(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """One real MLflow server for the session, over HTTP (test_faults' fault run logs to its default experiment;
-    other tests use experiments of their own in it)."""
-    tmp_path = tmp_path_factory.mktemp("mlflow-server")
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real MLflow server on a free loopback port, its store and artifacts in `folder`, started in a session of
+    its own (stop it with os.killpg(proc.pid, ...)); returns (process, URL) once /health answers."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
+         str(folder / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -284,6 +282,18 @@ def mlflow_server(tmp_path_factory):
 
     try:
         wait_for(healthy, 90, what="mlflow server")
+    except BaseException:
+        os.killpg(server.pid, signal.SIGTERM)
+        raise
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server for the session, over HTTP (test_faults' fault run logs to its default experiment;
+    other tests use experiments of their own in it)."""
+    server, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
