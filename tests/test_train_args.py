@@ -51,11 +51,16 @@ def test_cfg_file_is_read_under_the_arguments_given_with_it(tmp_path):
 def mixed_shapes(tmp_path: Path) -> Path:
     """16 training images, half of them cut to 64x32: with rect=True their batches have two shapes, and two ranks
     of one rect sampler get unequal numbers of batches. Labels stay valid (each box lies in the kept half or is
-    dropped)."""
+    dropped). A `test:` split of 2 images (for split=test)."""
     src = ensure_synthetic(SyntheticSpec(train=16, val=4, imgsz=64)).parent
     dst = tmp_path / "mixed"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.cache"))
-    (dst / "data.yaml").write_text((dst / "data.yaml").read_text().replace(f"path: {src}", f"path: {dst}"))
+    (dst / "data.yaml").write_text((dst / "data.yaml").read_text().replace(f"path: {src}", f"path: {dst}")
+                                   + "test: images/test\n")
+    for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):  # a test split of its own: 2 of the 4 val images
+        (dst / kind / "test").mkdir()
+        for f in sorted((dst / kind / "val").glob(f"*{suffix}"))[:2]:
+            shutil.copy(f, dst / kind / "test" / f.name)
     for i, img in enumerate(sorted((dst / "images" / "train").glob("*.jpg"))):
         if i % 2:
             continue
@@ -74,7 +79,8 @@ def mixed_shapes(tmp_path: Path) -> Path:
 # loss gains, augmentation, early stopping, checkpointing, validation, seed, and what shapes the data and the model:
 # single_cls, fraction, freeze, multi_scale, cache, workers; dis with a distill_model teacher; plots, save_json, profile;
 # channels_last, which Ultralytics applies on CUDA only; cls_remap, which acts on a .pt's class names; val=False,
-# validation at the last epoch only), trained together in the one 2-rank run
+# validation at the last epoch only; split=test, the split the trainer validates on; verbose; the depth task's loss
+# gains dlog, dgrad and dlam, which a detect run carries unused as Ultralytics' does), trained together in the one 2-rank run
 # below: each must reach Ultralytics' own args.yaml unchanged, and the ranks must end with the same weights. (The
 # other tasks' loss gains and augmentations are honoured the same way; for detect they change nothing.)
 HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_lr": True, "warmup_epochs": 0.5,
@@ -87,7 +93,7 @@ HONOURED = {"optimizer": "AdamW", "momentum": 0.9, "weight_decay": 0.001, "cos_l
             "deterministic": False, "single_cls": True, "fraction": 0.75, "freeze": 2, "multi_scale": 0.25,
             "cache": "ram", "workers": 0, "exist_ok": True, "pretrained": False, "conf": 0.005, "cls_pw": 0.5,
             "dis": 3.0, "profile": True, "channels_last": True, "save_json": True, "plots": False, "cls_remap": False,
-            "val": False}
+            "val": False, "split": "test", "verbose": False, "dlog": 2.0, "dgrad": 0.25, "dlam": 0.5}
 
 # Every other key of Ultralytics' default.yaml, by what happens to it here, and where that is checked. Together with
 # HONOURED and RAY_OWNED_KEYS (refused in one line) they are the installed Ultralytics' keys, each once: a key a new
@@ -105,8 +111,11 @@ ADJUSTED = {  # changed the way Ultralytics' own multi-GPU path changes it, or d
     "distill_model": "a local, loadable .pt checked before Ray (nothing downloaded), its path made absolute; the "
                      "2-rank run here distils from one (test_distill_model_is_a_local_teacher_checked_before_ray)",
 }
-PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types)
-    "task", "mode", "epochs", "imgsz", "verbose", "compile", "split", "lr0", "fliplr", "dlog", "dgrad", "dlam",
+PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types).
+    # epochs, imgsz, lr0 and fliplr train with non-default values in the 2-rank run below (lr0 and fliplr from its
+    # cfg= file); task and mode are the job's own; compile is the GPU check's (experiments/gpu-check.sh: compiling
+    # YOLO26n on 2 CPU cores takes over 15 minutes)
+    "task", "mode", "epochs", "imgsz", "compile", "lr0", "fliplr",
 }
 NOT_FOR_TRAINING = {  # predict, export and tracking settings: accepted, and unused by Ultralytics' trainer as by ours
     "quantize", "dnn", "nms", "source", "vid_stride", "stream_buffer", "visualize", "augment", "agnostic_nms",
@@ -168,6 +177,8 @@ def test_rect_time_cfg_and_other_arguments_under_two_ranks(tmp_path):
     # What single_cls and freeze did, in Ultralytics' own words on rank 0 (not only their values in args.yaml).
     assert "Overriding class names with single class." in log and re.search(r"Overriding model.yaml nc=\d+ with nc=1", log)
     assert "Freezing layer 'model.1." in log and "Freezing layer 'model.2." not in log
+    # split=test: the trainer's validation set is the test split (Ultralytics' scan of its labels on rank 0).
+    assert re.search(r"Scanning .*labels[/\\]test", log) and not re.search(r"Scanning .*labels[/\\]val", log)
     # Knowledge distillation ran on every rank (its loss is Ultralytics' train/dis_loss), from the driver's teacher.
     assert all("train/dis_loss" in h for h in s["history"]), s["history"][-1]
     assert 1 <= s["epochs_completed"] < 50, s["epochs_completed"]  # the time limit ended it, not epochs=50
@@ -213,6 +224,32 @@ def test_distill_model_is_a_local_teacher_checked_before_ray(tmp_path, monkeypat
                          ("bad.pt", "cannot be loaded")):
         with pytest.raises(UserError) as e:
             run(value)
+        assert words in str(e.value) and "\n" not in str(e.value), e.value
+
+
+@pytest.mark.quick
+def test_split_is_the_split_the_trainer_validates_on(tmp_path):
+    """Ultralytics' trainer validates on data[split]: with split=test that split must exist, and it is the one checked
+    before Ray (a data.yaml without it failed on every rank after Ray started); the embedded dataset has train and val
+    only."""
+    from raytrain_yolo.core.errors import UserError
+    from raytrain_yolo.core.preflight import check_run
+
+    data = mixed_shapes(tmp_path)
+
+    def run(split, data=None):
+        train = {"split": split, **({"data": str(data)} if data else {})}  # no data=: the embedded dataset
+        return check_run(RunSpec(train=train, synthetic=SyntheticSpec(train=8, val=4, imgsz=64),
+                                 tracking=TrackingSpec(enabled=False),
+                                 storage_path=str(tmp_path / "runs")))[1]
+
+    assert run("test", data)["split"] == "test"
+    no_test = data.with_name("no-test.yaml")
+    no_test.write_text(data.read_text().replace("test: images/test\n", ""))
+    for where, words in ((no_test, f"data={no_test} has no 'test:' entry"),
+                         (None, "split=test: the embedded dataset has train and val images only")):
+        with pytest.raises(UserError) as e:
+            run("test", where)
         assert words in str(e.value) and "\n" not in str(e.value), e.value
 
 

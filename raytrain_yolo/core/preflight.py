@@ -729,15 +729,21 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     if spec.prefetch and not spec.loader.startswith("device"):
         raise UserError(f"--prefetch builds batches of --loader device, not of --loader {spec.loader}: "
                         "add --loader device, or drop --prefetch")
+    # Ultralytics' trainer validates on data[split] (split=, default val): that split, not always val, is checked.
+    splits = tuple(dict.fromkeys(("train", str(train_args.get("split") or "val"))))
+    if spec.is_synthetic and splits[-1] not in ("train", "val"):
+        raise UserError(f"split={splits[-1]}: the embedded dataset has train and val images only: use split=val, or "
+                        f"data= a data.yaml with a '{splits[-1]}:' entry")
     if not spec.is_synthetic:
         data = str(train_args["data"])
         if storage.is_uri(data):  # object storage: every node (this one too) checks its own local copy
             from raytrain_yolo.data import sync
 
-            check_data(sync.localize(data), task, spec.allow_bad_labels, single_cls=bool(train_args.get("single_cls")))
+            check_data(sync.localize(data), task, spec.allow_bad_labels, splits,
+                       single_cls=bool(train_args.get("single_cls")))
         else:
             train_args["data"] = str(Path(data).expanduser().resolve())
-            found = check_data(train_args["data"], task, spec.allow_bad_labels,
+            found = check_data(train_args["data"], task, spec.allow_bad_labels, splits,
                                single_cls=bool(train_args.get("single_cls")))
             spec.data_root = found.root if found.cwd_relative else ""
     if str(train_args["model"]).endswith(".pt"):

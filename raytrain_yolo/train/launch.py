@@ -199,7 +199,8 @@ def untrained_metrics(spec: RunSpec, train_args: dict[str, Any], task: str = "de
         data = sync.localize(data)
     model = YOLO(train_args["model"])
     metrics = model.val(
-        data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0
+        data=data, imgsz=train_args.get("imgsz", 640), batch=16, device="cpu", plots=False, verbose=False, workers=0,
+        split=train_args.get("split") or "val",  # the split the trainer validates on
     )
     return {k: float(v) for k, v in metrics.results_dict.items()}
 
