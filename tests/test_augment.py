@@ -8,7 +8,9 @@ perspective and flips.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import cv2
 import numpy as np
@@ -240,17 +242,53 @@ def test_whole_batch_is_ultralytics_format(shapes_yaml):
     assert out["bboxes"].min() >= 0 and out["bboxes"].max() <= 1
 
 
-def test_device_loader_trains_under_ray_ddp(tmp_path):
-    """`fit --loader device` on 2 gloo workers: ranks split each epoch, mosaic closes, the loss falls."""
+def test_device_loader_trains_under_ray_ddp(tmp_path, mlflow_server):
+    """`fit --loader device` on 2 gloo workers: ranks split each epoch, mosaic closes, the loss falls.
+
+    The same run is issue 22's "MLflow server gone for good" cell (a launch of its own would cost ~45 s): it logs to
+    the session's MLflow server through a TCP path that is cut once the first checkpoint is registered and never
+    restored. Training ends complete; the console says once that the server does not answer; the summary names what
+    never reached MLflow: exactly the epochs after those the server has, and the run's end. The run joins the
+    session's head, whose workers do not inherit the driver's environment: MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 (no
+    waiting out MLflow's backoff at the end, about 4 minutes by default) reaches rank 0 with the driver's other
+    MLflow settings (tracking.client_settings), so the run ends within the bound below."""
     from collections import Counter
 
-    from conftest import load_summary, run_cli, total_train_loss
+    from mlflow import MlflowClient
+
+    from conftest import load_summary, shared_head, start_cli, total_train_loss, wait_for
+    from test_faults import registered_checkpoints
+    from test_tracking import CuttableLink
 
     n_train, epochs = 64, 4
-    proc = run_cli("fit", "--cpu", "--num-workers", 2, "--loader", "device", "--storage-path", tmp_path,
-                   "--name", "dev", "--trace-samples", "--no-tracking", "--no-validate-untrained", "--synthetic-train", n_train,
-                   "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96", "close_mosaic=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    link = CuttableLink(mlflow_server)
+    link.up()
+    head = shared_head()
+    head.wait_idle()
+    log = tmp_path / "fit.log"
+    fit = start_cli("fit", "--cpu", "--num-workers", 2, "--loader", "device", "--storage-path", tmp_path,
+                    "--name", "dev", "--trace-samples", "--tracking-uri", link.uri, "--no-validate-untrained",
+                    "--synthetic-train", n_train, "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96",
+                    "close_mosaic=1", log_path=log, env={**head.driver_env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    try:
+        wait_for(lambda: registered_checkpoints(tmp_path / "dev") >= 1 or fit.poll() is not None, 300,
+                 what="the first checkpoint")
+        link.cut()
+        rc = fit.wait(timeout=150)  # the rest of the run; MLflow's default retries at the end would take minutes more
+    finally:
+        link.cut()
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert rc == 0, out[-3000:]
+    s = load_summary(tmp_path, "dev")
+    assert out.count("training goes on") == 1 and "did not get summary.json" in out, out[-3000:]  # rank 0, the driver
+    run = MlflowClient(mlflow_server).get_run(s["mlflow_run_id"])  # the server's own view, never cut
+    sent = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "lr/pg0"))
+    assert sent == list(range(1, len(sent) + 1)) and 1 <= len(sent) < epochs, sent
+    unsent = s["tracking_unsent"]
+    assert [u for u in unsent if u.endswith("'s metrics")] == [f"epoch {e}'s metrics" for e in range(len(sent) + 1, epochs + 1)], unsent
+    assert "run status FINISHED" in unsent and run.info.status == "RUNNING", (unsent, run.info.status)
     worker_log = (tmp_path / "dev" / "run.log").read_text()  # the workers' full output (issue 14's console)
     assert "Closing dataloader mosaic" in worker_log  # Ultralytics' own close_mosaic call
     s = load_summary(tmp_path, "dev")

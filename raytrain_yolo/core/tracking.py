@@ -62,6 +62,20 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def client_settings() -> dict[str, str]:
+    """This process's MLflow client settings: every `MLFLOW_*` environment variable (credentials, TLS, retries and
+    timeouts, the S3 endpoint for artifacts). Ray does not hand a driver's environment to processes on other nodes,
+    so the processes that talk to MLflow for a run (rank 0, a sweep's trials) take them from here, through Ray's
+    object store (not the runtime environment, which Ray's dashboard shows): rank 0 then reaches the server the
+    driver checked, with its credentials and its retry budget."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
+def use_client_settings(settings: dict[str, str] | None) -> None:
+    """Apply `client_settings()` taken on the driver in this process (rank 0, a trial), over its own."""
+    os.environ.update(settings or {})
+
+
 @contextmanager
 def _probing():
     """MLflow's HTTP client without its own retries and with a short timeout (PROBE_ENV), for this block only:

@@ -34,6 +34,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytrain_yolo.core import storage
 from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.tracking import client_settings, use_client_settings
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -243,6 +244,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
 
     from raytrain_yolo.train.launch import launch
 
+    use_client_settings((sweep or {}).get("client_settings"))
     hyp = {k: _plain(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
     spec, exploited, reported = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
@@ -379,7 +381,7 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
     from raytrain_yolo.sweep.throughput import TRIAL_DRIVER_CPU
 
     domains = tune_domains(plan)
-    sweep = {"scheduler": plan.scheduler}
+    sweep = {"scheduler": plan.scheduler, "client_settings": client_settings()}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.to_dict(), sweep=sweep),
                                     {"CPU": TRIAL_DRIVER_CPU})
     path = spec.run_dir

@@ -20,6 +20,7 @@ import yaml
 from raytrain_yolo.core import storage
 from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.tracking import client_settings, use_client_settings
 from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
@@ -152,14 +153,16 @@ def infeasible_reason(spec: RunSpec, max_node_cpus: int) -> str | None:
     return None
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune's function trainable: one real training launch, reporting images/s per window."""
+def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = None) -> None:
+    """Tune's function trainable: one real training launch, reporting images/s per window. `mlflow_settings`: the
+    sweep driver's MLflow client settings (tracking.client_settings)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain_yolo.core.cli import root_cause
     from raytrain_yolo.train.launch import launch
 
+    use_client_settings(mlflow_settings)
     base = RunSpec.from_dict(config["base"])
     budget = SweepBudget(**config["budget"])
     knobs = {k: config[k] for k in KNOBS if k in config}
@@ -287,7 +290,8 @@ def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_n
     param_space = {k: tune.grid_search(v) for k, v in grid.items()}
     param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
     return tune.Tuner(
-        tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+        tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings()),
+                            {"CPU": TRIAL_DRIVER_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
                                     max_concurrent_trials=budget.max_concurrent),

@@ -15,7 +15,7 @@ from typing import Any
 from raytrain_yolo.core import console, preflight, storage
 from raytrain_yolo.core.cluster import worker_env
 from raytrain_yolo.core.config import RunSpec
-from raytrain_yolo.core.tracking import RunTracker, failed_on_error
+from raytrain_yolo.core.tracking import RunTracker, client_settings, failed_on_error
 from raytrain_yolo.data import sync
 
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
@@ -108,7 +108,8 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
     tracking = None
     if tracker:
         run_id = tracker.start(run_params(spec, train_args, task))
-        tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed}
+        tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed,
+                    "client_settings": client_settings()}
     with failed_on_error(tracker):
         untrained = None
         if _want_untrained(spec):

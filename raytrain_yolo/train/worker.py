@@ -332,9 +332,10 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     reporter = Reporter(spec, meter, rank, history=state["history"] if state else None)
     logger = None
     if rank == 0 and config.get("tracking"):
-        from raytrain_yolo.core.tracking import EpochLogger
+        from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
 
         t = config["tracking"]
+        use_client_settings(t.get("client_settings"))
         logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None,
                              notify=_note_to_console(config.get("progress")))
         if state:
