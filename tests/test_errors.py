@@ -185,6 +185,18 @@ def test_pt_of_another_task(fails, tmp_path):
     fails(f"model={tmp_path}/pose.pt", "task=detect", words=("pose model", "task=detect"))
 
 
+@pytest.mark.quick
+def test_a_task_without_a_trainer_here_is_refused_before_ray(fails, tmp_path):
+    """Ultralytics 8.4 also trains classify, semantic and depth models; these jobs have no trainer, validator or rows
+    for them, so one line says so before Ray starts (a classify model went as far as the workers), in fit and in
+    predict alike."""
+    from ultralytics import YOLO
+
+    fails("model=yolo26n-cls.yaml", words=("model=yolo26n-cls.yaml is a classify model", "detect, pose, segment, obb"))
+    YOLO("yolo26n-cls.yaml").save(str(tmp_path / "cls.pt"))
+    fails(f"model={tmp_path}/cls.pt", f"source={tmp_path}", module="predict", tracking=True, words=("is a classify model",))
+
+
 # --- arguments ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, words", [

@@ -307,6 +307,11 @@ def check_model(model: str, task: str | None) -> str:
         raise UserError(f"model={name} must be a .yaml model config or a .pt checkpoint")
     if task and task != found:
         raise UserError(f"model={name} is a {found} model but task={task}: drop task= or use a {task} model")
+    from raytrain_yolo.train.adapter import TASK_TRAINERS
+
+    if found not in TASK_TRAINERS:  # Ultralytics' classify, semantic and depth tasks: no trainer, validator or rows here
+        raise UserError(f"model={name} is a {found} model: these jobs take {', '.join(TASK_TRAINERS)} models; use "
+                        f"one of those, or Ultralytics itself for {found}")
     return found
 
 
