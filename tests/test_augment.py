@@ -267,7 +267,8 @@ def test_device_loader_trains_under_ray_ddp(tmp_path, mlflow_server):
     head.wait_idle()
     log = tmp_path / "fit.log"
     fit = start_cli("fit", "--cpu", "--num-workers", 2, "--loader", "device", "--storage-path", tmp_path,
-                    "--name", "dev", "--trace-samples", "--tracking-uri", link.uri, "--no-validate-untrained",
+                    "--name", "dev", "--trace-samples", "--tracking-uri", link.uri, "--experiment", "mlflow-gone",
+                    "--no-validate-untrained",
                     "--synthetic-train", n_train, "--synthetic-val", 16, f"epochs={epochs}", "batch=16", "imgsz=96",
                     "close_mosaic=1", log_path=log, env={**head.driver_env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     try:
