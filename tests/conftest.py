@@ -197,14 +197,22 @@ def train_worker_pids(parent_pid: int) -> list[int]:
         kids = psutil.Process(parent_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    pids = []
-    for p in kids:
+    return train_workers(p.pid for p in kids)
+
+
+def train_workers(pids) -> list[int]:
+    """Those of `pids` that are Ray Train worker processes (still running)."""
+    import psutil
+
+    found = []
+    for pid in pids:
         try:
-            if p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker"):
-                pids.append(p.pid)
+            cmdline = psutil.Process(pid).cmdline()
         except psutil.Error:
             continue
-    return pids
+        if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
+            found.append(pid)
+    return found
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):

@@ -99,19 +99,10 @@ class MultiNodeCluster:
     def fit(self, *args: str, timeout: float = 600, env: dict | None = None):
         return self.on_head(sys.executable, "-m", "raytrain_yolo.fit", *args, timeout=timeout, env=env)
 
-    def train_worker_pids(self, node: int) -> list[int]:
-        """The Ray Train worker processes in worker node `node` (every process in its network namespace)."""
-        import psutil
-
+    def node_pids(self, node: int) -> list[int]:
+        """Every process in worker node `node` (its network namespace)."""
         listed = subprocess.run(["ip", "netns", "pids", f"{self.name}-n{node}"], capture_output=True, text=True)
-        pids = []
-        for pid in map(int, listed.stdout.split()):
-            try:
-                if psutil.Process(pid).cmdline()[:1] and psutil.Process(pid).cmdline()[0].startswith("ray::RayTrainWorker"):
-                    pids.append(pid)
-            except psutil.Error:
-                continue
-        return pids
+        return [int(pid) for pid in listed.stdout.split()]
 
     def s3(self):
         import boto3

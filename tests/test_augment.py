@@ -284,8 +284,9 @@ def test_device_loader_trains_under_ray_ddp(tmp_path, mlflow_server):
     assert rc == 0, out[-3000:]
     s = load_summary(tmp_path, "dev")
     assert out.count("training goes on") == 1 and "did not get summary.json" in out, out[-3000:]  # rank 0, the driver
-    run = MlflowClient(mlflow_server).get_run(s["mlflow_run_id"])  # the server's own view, never cut
-    sent = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "lr/pg0"))
+    client = MlflowClient(mlflow_server)  # the server's own view, never cut
+    run = client.get_run(s["mlflow_run_id"])
+    sent = sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0"))
     assert sent == list(range(1, len(sent) + 1)) and 1 <= len(sent) < epochs, sent
     unsent = s["tracking_unsent"]
     assert [u for u in unsent if u.endswith("'s metrics")] == [f"epoch {e}'s metrics" for e in range(len(sent) + 1, epochs + 1)], unsent

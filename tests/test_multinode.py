@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_runs, wait_for
+from conftest import mlflow_runs, train_workers, wait_for
 from multinode import BIN, ROOT, start_cluster, stop_cluster, why_not_supported
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
@@ -101,7 +101,7 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
 
         wait_for(arguments_logged, 300, interval=0.3, what="the Ultralytics arguments in MLflow")
         assert registered_checkpoints(cluster, "place") == 0, "the first checkpoint came before the kill"
-        victims = wait_for(lambda: cluster.train_worker_pids(2), 30, what="node 2's worker")
+        victims = wait_for(lambda: train_workers(cluster.node_pids(2)), 30, what="node 2's worker")
         os.kill(victims[0], signal.SIGKILL)
         rc = submit.wait(timeout=600)
     finally:

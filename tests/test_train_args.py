@@ -237,8 +237,8 @@ def test_split_is_the_split_the_trainer_validates_on(tmp_path):
 
     data = mixed_shapes(tmp_path)
 
-    def run(split, data=None):
-        train = {"split": split, **({"data": str(data)} if data else {})}  # no data=: the embedded dataset
+    def run(split, yaml_path=None):
+        train = {"split": split, **({"data": str(yaml_path)} if yaml_path else {})}  # none: the embedded dataset
         return check_run(RunSpec(train=train, synthetic=SyntheticSpec(train=8, val=4, imgsz=64),
                                  tracking=TrackingSpec(enabled=False),
                                  storage_path=str(tmp_path / "runs")))[1]
