@@ -199,3 +199,57 @@ def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch
 
         check_run(RunSpec(max_failures=1, restart_wait_s=-1, tracking=TrackingSpec(enabled=False)))
 
+
+
+def test_the_storage_filesystem_keeps_its_retries_once_pickled(monkeypatch):
+    """Ray Train pickles RunConfig's storage filesystem to its controller and workers. pyarrow's S3FileSystem
+    loses its retry strategy on the way (apache/arrow#47348: 3 attempts again); ours keeps its attempts. Counted
+    as connections to an endpoint that accepts and closes each one (a server going down). test_job_sources runs
+    a whole fit through a 30 s refusal; a negative --storage-wait is refused before Ray."""
+    import os
+    import socket
+    import threading
+
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+
+    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.core.storage import RetryingS3FileSystem, ray_storage, s3_attempts
+
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            seen.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "k",
+                 "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"
+                 }.items():
+        monkeypatch.setenv(k, v)
+
+    def connections(fs) -> int:
+        seen.clear()
+        with pytest.raises(OSError):
+            cloudpickle.loads(cloudpickle.dumps(fs)).get_file_info("bucket/x")
+        return len(seen)
+
+    try:
+        plain = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=4))
+        assert connections(plain) == 3, "pyarrow now keeps retry_strategy when pickled: RetryingS3FileSystem can go"
+        assert connections(RetryingS3FileSystem("s3://bucket/x", 4)) == 4
+    finally:
+        server.close()
+    path, fs = ray_storage("s3://bucket/runs", 120)
+    assert path == "bucket/runs" and isinstance(fs, RetryingS3FileSystem) and fs.attempts == s3_attempts(120)
+    assert ray_storage("/data/runs", 120) == ("/data/runs", None)
+    assert s3_attempts(0) == 3 and s3_attempts(30) < s3_attempts(120) < s3_attempts(600)
+    with pytest.raises(UserError, match=r"^--storage-wait -1 must be 0 or more seconds$"):
+        check_run(RunSpec(storage_wait_s=-1, tracking=TrackingSpec(enabled=False)))

@@ -70,6 +70,9 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     ray_g.add_argument("--restart-wait", type=float, metavar="SECONDS",
                        help="with --max-failures: how long a restart waits for its workers to be placed again, "
                        "e.g. while an autoscaler replaces a lost node (default 600)")
+    ray_g.add_argument("--storage-wait", type=float, metavar="SECONDS",
+                       help="with an s3:// --storage-path: how long an upload keeps retrying while the endpoint "
+                       "does not answer (a restart, a network cut) before the run fails (default 120)")
     ray_g.add_argument("--process-group-timeout", type=float, metavar="SECONDS",
                        help="how long ranks wait for each other in a collective, e.g. while rank 0 builds the label "
                        "cache of a large dataset (default 10800, Ultralytics' 3 hours)")
@@ -162,6 +165,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "keep_checkpoints"): ns.keep_checkpoints,
         (None, "resource_wait_s"): ns.wait_for_resources,
         (None, "restart_wait_s"): getattr(ns, "restart_wait", None),
+        (None, "storage_wait_s"): getattr(ns, "storage_wait", None),
         (None, "loader"): ns.loader if isinstance(ns.loader, str) else None,  # a list is a tune knob
         (None, "prefetch"): ns.prefetch if isinstance(getattr(ns, "prefetch", None), bool) else None,
     }

@@ -111,6 +111,9 @@ class RunSpec:
     # After a failure (with --max-failures), how long a fixed-size run waits for its worker group to be placed
     # again: a lost node replaced by an autoscaler or a spot pool takes minutes, not Ray Train's 60 s start timeout.
     restart_wait_s: float = 600
+    # How long a request to object storage (s3://) keeps retrying while the endpoint does not answer (a restart, a
+    # redeploy, a network cut) before the upload fails and the run with it: pyarrow's own default gives up in ~2 s.
+    storage_wait_s: float = 120
     allow_bad_labels: bool = False  # let Ultralytics skip images whose labels are malformed
     allow_node_local: bool = False  # skip the check that every node sees --storage-path, the tracking store, data=
     validate_untrained: bool | None = None  # None: only for the synthetic dataset

@@ -721,6 +721,8 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
         raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
     if spec.restart_wait_s < 0:
         raise UserError(f"--restart-wait {spec.restart_wait_s:g} must be 0 or more seconds")
+    if spec.storage_wait_s < 0:
+        raise UserError(f"--storage-wait {spec.storage_wait_s:g} must be 0 or more seconds")
     if spec.max_failures < -1:
         raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
     train_args = resolve_train_args(spec)

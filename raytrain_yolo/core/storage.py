@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from pathlib import Path
@@ -39,6 +40,53 @@ def as_uri(path: str, storage_path: str) -> str:
     if is_uri(storage_path) and not is_uri(path):
         return f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
     return path
+
+
+# pyarrow's S3 retry backoff (the AWS SDK's standard mode, measured with pyarrow 25 against an endpoint that refused
+# every connection): a random wait that doubles from about 1 s on each retry and is capped at 20 s, so the
+# first 5 retries wait about 15 s together and every one after that about 20 s.
+_S3_FIRST_RETRIES, _S3_FIRST_RETRIES_S, _S3_MAX_BACKOFF_S = 5, 15.0, 20.0
+
+
+def s3_attempts(wait_s: float) -> int:
+    """Attempts per S3 request for a request to keep retrying about `wait_s` seconds while the endpoint does not
+    answer (pyarrow's default is 3, about 2 s). The backoff is random: a request gives up after about `wait_s` s, at
+    most some 20 s more."""
+    if wait_s <= 0:
+        return 3
+    extra = max(0.0, wait_s - _S3_FIRST_RETRIES_S)
+    return 1 + _S3_FIRST_RETRIES + math.ceil(extra / _S3_MAX_BACKOFF_S)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem for an `s3://` URI (endpoint, region and credentials resolved by pyarrow from the URI
+    and the environment, as Ray does), with `attempts` per request, also once pickled.
+
+    Ray Train pickles `RunConfig(storage_filesystem=...)` to its controller and workers, and pyarrow 25's
+    `S3FileSystem.__reduce__` drops `retry_strategy` (apache/arrow#47348): an unpickled copy retried 3 times, and
+    a storage endpoint that refused connections for a few seconds ended the run (the controller's checkpoint
+    snapshot upload failed, which is not a worker failure). A copy of this class resolves the URI again where it
+    is unpickled (that node's environment, as before) and keeps the attempts.
+    """
+
+    def __init__(self, uri: str, attempts: int):
+        resolved, _ = pafs.FileSystem.from_uri(uri)
+        options = {k: v for k, v in resolved.__reduce__()[1][0].items() if k != "retry_strategy"}
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+        self.uri, self.attempts = uri, attempts
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, (self.uri, self.attempts)
+
+
+def ray_storage(path: str, wait_s: float) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig and Tuner.restore: an `s3://` URI becomes its path in a
+    `RetryingS3FileSystem` whose requests keep retrying about `wait_s` seconds (`--storage-wait`) while the endpoint
+    does not answer; anything else passes through with no filesystem (Ray resolves it as before). Paths that Ray
+    reports back carry no scheme either way (`as_uri` puts it back)."""
+    if not path.startswith("s3://"):
+        return path, None
+    return pafs.FileSystem.from_uri(path)[1], RetryingS3FileSystem(path, s3_attempts(wait_s))
 
 
 def is_file(path: str) -> bool:

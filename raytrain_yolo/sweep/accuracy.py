@@ -384,10 +384,11 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
     sweep = {"scheduler": plan.scheduler, "client_settings": client_settings()}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.to_dict(), sweep=sweep),
                                     {"CPU": TRIAL_DRIVER_CPU})
-    path = spec.run_dir
-    if tune.Tuner.can_restore(path):
-        print(f"resuming the sweep in {storage.redact(path)}", file=sys.stderr, flush=True)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
+    if tune.Tuner.can_restore(spec.run_dir):
+        print(f"resuming the sweep in {storage.redact(spec.run_dir)}", file=sys.stderr, flush=True)
+        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{spec.name}", trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True, storage_filesystem=storage_filesystem)
     if plan.scheduler == "pbt":
         from ray.tune.search import BasicVariantGenerator
 
@@ -413,7 +414,8 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
         tune_config=tune.TuneConfig(metric=plan.metric, mode="max", search_alg=search, scheduler=scheduler,
                                     num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, verbose=1,
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=1,
                                   # PBT may clone any trial's checkpoint it saw at a perturbation: keep them all.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )

@@ -289,13 +289,15 @@ def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_n
     )
     param_space = {k: tune.grid_search(v) for k, v in grid.items()}
     param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
+    storage_path, storage_filesystem = storage.ray_storage(base.storage_path, base.storage_wait_s)
     return tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings()),
                             {"CPU": TRIAL_DRIVER_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
                                     max_concurrent_trials=budget.max_concurrent),
-        run_config=tune.RunConfig(name=base.name, storage_path=base.storage_path, verbose=1),
+        run_config=tune.RunConfig(name=base.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=1),
     )
 
 

@@ -60,6 +60,7 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
     from raytrain_yolo.train.worker import train_loop_per_worker
 
     s = spec.scaling
+    storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
     if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
         os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
     config = {"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking,
@@ -76,7 +77,8 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=spec.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             # A worker group that cannot start within the timeout above is retried only as start_attempts says.
             failure_config=FailureConfig(max_failures=spec.max_failures,
                                          controller_failure_limit=start_attempts(spec)),
