@@ -34,8 +34,13 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 #   get a settings file of their own with those two off (the root user's stays untouched), and
 #   test_tracking.test_ultralytics_own_tracking_callbacks_are_dropped turns them on to check the drop itself.
 # The multi-node clusters (tests/multinode.py) keep Ray's defaults (they pass no RAY_* variable through), and
-# test_console's new-user run keeps both defaults.
+# test_console's new-user run keeps Ray's and Ultralytics' defaults.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a run's
+# end, a failure and each start are noticed up to one interval late, in every launch and every trial. Ray Train
+# passes the variable from the driver to its controller and workers. (A/B on this 2-core machine, 4 runs each of
+# one 3-epoch 2-worker fit: median 35.3 s at 0.5 s against 37.9 s at 2 s, runs varying 27-43 s.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 if "YOLO_CONFIG_DIR" not in os.environ:
     import atexit
     import shutil

@@ -37,7 +37,7 @@ def default_fit(tmp_path_factory):
     audit = cwd / "network-attempts.log"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "YOLO_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
-                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}  # Ray's defaults
+                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}  # Ray's defaults
     # A new user's Ultralytics settings: its defaults, written on first use (the suite's own has MLflow off, conftest).
     env.update(PYTHONUNBUFFERED="1", NETAUDIT_LOG=str(audit), YOLO_CONFIG_DIR=str(cwd / "ultralytics-settings"),
                PYTHONPATH=os.pathsep.join([str(NETAUDIT), str(ROOT), env.get("PYTHONPATH", "")]))
