@@ -42,16 +42,16 @@ def as_uri(path: str, storage_path: str) -> str:
     return path
 
 
-# pyarrow's S3 retry backoff (the AWS SDK's standard mode, measured with pyarrow 25 against an endpoint that refused
-# every connection): a random wait that doubles from about 1 s on each retry and is capped at 20 s, so the
-# first 5 retries wait about 15 s together and every one after that about 20 s.
+# pyarrow's S3 retry backoff (the AWS SDK's standard mode; measured with pyarrow 25 against a server that closed
+# every connection at once, 10 attempts: 92 and 99 s): a random wait whose ceiling doubles from about 1 s on each
+# retry and is capped at 20 s, so the first 5 retries wait about 15 s together on average and later ones 20 s.
 _S3_FIRST_RETRIES, _S3_FIRST_RETRIES_S, _S3_MAX_BACKOFF_S = 5, 15.0, 20.0
 
 
 def s3_attempts(wait_s: float) -> int:
     """Attempts per S3 request for a request to keep retrying about `wait_s` seconds while the endpoint does not
-    answer (pyarrow's default is 3, about 2 s). The backoff is random: a request gives up after about `wait_s` s, at
-    most some 20 s more."""
+    answer (pyarrow's default is 3, about 2 s). The backoff is random, so the wait is approximate: for 120 s, 12
+    attempts, which give up after roughly 100-150 s."""
     if wait_s <= 0:
         return 3
     extra = max(0.0, wait_s - _S3_FIRST_RETRIES_S)
