@@ -200,7 +200,6 @@ def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch
         check_run(RunSpec(max_failures=1, restart_wait_s=-1, tracking=TrackingSpec(enabled=False)))
 
 
-
 def test_the_storage_filesystem_keeps_its_retries_once_pickled(monkeypatch):
     """Ray Train pickles RunConfig's storage filesystem to its controller and workers. pyarrow's S3FileSystem
     loses its retry strategy on the way (apache/arrow#47348: 3 attempts again); ours keeps its attempts. Counted

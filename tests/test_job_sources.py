@@ -152,8 +152,8 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out(s3_link, ray_lo
     """Issue 22's "S3 endpoint down for 30 s" cell, as a whole run: 2 gloo workers, checkpoints in s3://, and once the
     first checkpoint is registered the endpoint refuses every connection for 30 s. Uploads wait (--storage-wait,
     default 120 s) and the run completes without a restart. Before: pyarrow's 3 attempts (~2 s) and the run ended
-    with a ControllerError on the checkpoint snapshot's upload (experiments/faults.md); the library call, as a
-    notebook makes it, on the module's local Ray."""
+    when an upload gave up (a worker's checkpoint: WorkerGroupError; or the controller's checkpoint snapshot:
+    ControllerError; experiments/faults.md); the library call, as a notebook makes it, on the module's local Ray."""
     import json
     import threading
     import time

@@ -70,10 +70,11 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     """
 
     def __init__(self, uri: str, attempts: int):
-        resolved, _ = pafs.FileSystem.from_uri(uri)
+        resolved, path = pafs.FileSystem.from_uri(uri)
         options = {k: v for k, v in resolved.__reduce__()[1][0].items() if k != "retry_strategy"}
         super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
         self.uri, self.attempts = uri, attempts
+        self.path = path  # the URI's path inside this filesystem: `bucket/prefix`
 
     def __reduce__(self):
         return RetryingS3FileSystem, (self.uri, self.attempts)
@@ -86,7 +87,8 @@ def ray_storage(path: str, wait_s: float) -> tuple[str, pafs.FileSystem | None]:
     reports back carry no scheme either way (`as_uri` puts it back)."""
     if not path.startswith("s3://"):
         return path, None
-    return pafs.FileSystem.from_uri(path)[1], RetryingS3FileSystem(path, s3_attempts(wait_s))
+    fs = RetryingS3FileSystem(path, s3_attempts(wait_s))
+    return fs.path, fs
 
 
 def is_file(path: str) -> bool:
