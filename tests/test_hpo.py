@@ -214,7 +214,9 @@ def tune_statuses(run_dir) -> dict[str, str]:
 def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path):
     """Two trials, one after the other; the driver (and the local Ray it started) dies while the second trains.
     The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
-    Ray Train checkpoint, and MLflow has each epoch once. One worker per trial (once 2): what is restored here is
+    Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
+    has often ended before the kill, and Tune had not yet recorded it: the restored trial then trains nothing and
+    reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One worker per trial (once 2): what is restored here is
     Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults'."""
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
