@@ -148,59 +148,76 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
     assert ours and theirs == ours
 
 
-def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out(s3_link, ray_local):
-    """Issue 22's "S3 endpoint down for 30 s" cell, as a whole run: 2 gloo workers, checkpoints in s3://, and once the
-    first checkpoint is registered the endpoint refuses every connection for 30 s. Uploads wait (--storage-wait,
-    default 120 s) and the run completes without a restart. Before: pyarrow's 3 attempts (~2 s) and the run ended
-    when an upload gave up (a worker's checkpoint: WorkerGroupError; or the controller's checkpoint snapshot:
-    ControllerError; experiments/faults.md); the library call, as a notebook makes it, on the module's local Ray."""
+def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_driver_resumes_from_it(
+        s3_link, ray_local, tmp_path):
+    """Two of issue 22's cells in one `fit` (2 gloo workers, checkpoints in s3://, a real MLflow store):
+    1. the S3 endpoint down for 30 s: once the first checkpoint is registered the endpoint refuses every connection
+       for 30 s. Uploads wait (--storage-wait, default 120 s) and the run goes on without a restart (--max-failures
+       0: a failed upload would end it). Before: pyarrow's 3 attempts (~2 s) and the run ended when an upload gave
+       up (a worker's checkpoint: WorkerGroupError; or the controller's checkpoint snapshot: ControllerError;
+       experiments/faults.md);
+    2. the driver killed and the command rerun, on s3://: once a checkpoint after the cut is registered the driver
+       is SIGKILLed (its job's actors go with it; the module's local Ray, this process's, stays, as a cluster's head
+       does when a submitting machine is lost). The same command resumes from the checkpoint in the bucket: one
+       MLflow run, each epoch once, the stored checkpoint folders exactly the registered ones.
+    7 epochs of 16 images at 64 px (0.6-2.5 s each on 2 cores): after the cut, epochs are left to kill the driver in."""
     import json
-    import threading
+    import signal
     import time
 
-    from conftest import wait_for
-    from raytrain_yolo.core.cli import spec_from_args
-    from raytrain_yolo.fit import build_parser
-    from raytrain_yolo.train.launch import launch
+    from conftest import start_cli, wait_for
 
-    epochs, prefix = 3, "runs-cut/cut"
-    ns = build_parser().parse_args([
-        "--cpu", "--num-workers", "2", "--no-validate-untrained", "--no-tracking", "--synthetic-train", "16",
-        "--synthetic-val", "8", "--synthetic-size", "64", f"epochs={epochs}", "imgsz=64", "batch=8",
-        "--storage-path", "s3://datasets/runs-cut", "--name", "cut"])
-    out: dict = {}
+    epochs, prefix, uri = 7, "runs-cut/cut", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = ("fit", "--cpu", "--num-workers", 2, "--no-validate-untrained", "--synthetic-train", 16, "--synthetic-val", 8,
+           "--synthetic-size", 64, f"epochs={epochs}", "imgsz=64", "batch=8", "--storage-path", "s3://datasets/runs-cut",
+           "--name", "cut", "--tracking-uri", uri)
+    env = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # its workers reach S3 through the link
 
-    def fit() -> None:
-        try:
-            out["result"] = launch(spec_from_args(ns, ns.overrides))
-        except BaseException as e:  # noqa: BLE001 - reported by the asserts below
-            out["error"] = f"{type(e).__name__}: {e}"[:3000]
-
-    run = threading.Thread(target=fit, daemon=True)
-
-    def registered() -> list[str]:  # read from moto directly, not through the link
+    def snapshot() -> dict:  # Ray's registered checkpoints, read from moto directly, not through the link
         try:
             body = s3_link.direct.get_object(Bucket="datasets", Key=f"{prefix}/checkpoint_manager_snapshot.json")["Body"]
         except Exception:  # noqa: BLE001 - not written yet
-            return []
-        return [r["checkpoint_dir_name"] for r in json.loads(body.read())["checkpoint_results"]]
+            return {}
+        return json.loads(body.read())
 
-    run.start()
-    wait_for(lambda: registered() or not run.is_alive(), 300, what="the first checkpoint")
-    assert run.is_alive(), out
-    s3_link.cut()
-    time.sleep(30)
-    held = registered()
-    waiting = run.is_alive()  # 3 epochs of 16 images take seconds: a live run here waits on the store
-    s3_link.up()
-    run.join(timeout=600)
-    assert not run.is_alive(), "the run did not end within 10 minutes of the endpoint's return"
-    assert "error" not in out, out["error"]
-    s = out["result"].summary
-    assert waiting and len(held) < epochs, "the cut must have met an upload"
+    def registered() -> list[str]:
+        return [r["checkpoint_dir_name"] for r in snapshot().get("checkpoint_results") or []]
+
+    def latest_epoch() -> int:  # of the latest registered checkpoint (Ray keeps the best 2 and the latest)
+        return int(((snapshot().get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+
+    def summary_stored() -> bool:
+        return bool(s3_link.direct.list_objects_v2(Bucket="datasets", Prefix=f"{prefix}/summary.json").get("Contents"))
+
+    log = tmp_path / "first.log"
+    fit = start_cli(*cmd, env=env, log_path=log)
+    try:
+        wait_for(lambda: latest_epoch() or fit.poll() is not None, 300, what="the first checkpoint")
+        assert fit.poll() is None, log.read_text()[-3000:]
+        s3_link.cut()
+        time.sleep(30)
+        held = latest_epoch()
+        waiting = fit.poll() is None  # the epochs take seconds: a live run here waits on the store
+        s3_link.up()
+        assert waiting and held < epochs, "the cut must have met an upload:\n" + log.read_text()[-3000:]
+        wait_for(lambda: latest_epoch() > held or fit.poll() is not None, 300, interval=0.2,
+                 what="a checkpoint after the cut")
+        assert fit.poll() is None, "the run ended instead of waiting out the cut:\n" + log.read_text()[-3000:]
+    finally:
+        os.killpg(fit.pid, signal.SIGKILL)  # the driver
+        fit.wait(timeout=60)
+    assert not summary_stored(), log.read_text()[-3000:]
+    resumable = latest_epoch()
+
+    proc = run_cli(*cmd, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(s3_link.direct.get_object(Bucket="datasets", Key=f"{prefix}/summary.json")["Body"].read())
     assert not s["error"] and s["epochs_completed"] == epochs, s["error"]
-    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)) and not s["resumed_from_epoch"]
+    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
+    assert s["resumed_from_epoch"] >= resumable > held, "the rerun resumes from the checkpoint after the cut"
     keys = [k["Key"] for k in s3_link.direct.list_objects_v2(Bucket="datasets", Prefix=f"{prefix}/checkpoint_")["Contents"]]
     stored = {k.split("/")[2] for k in keys if k.count("/") > 2}  # checkpoint folders, not the snapshot beside them
     assert stored == set(registered()) and s["last_checkpoint"].startswith(f"s3://datasets/{prefix}/checkpoint_")
     assert s["best_checkpoint"].endswith("best.pt") and s["last_checkpoint"].endswith("last.pt")
+    assert {f"{prefix}/{s['last_checkpoint'].split('/')[-2]}/{f}" for f in ("best.pt", "last.pt")} <= set(keys)
+    check_one_finished_run(uri, s, "cut", epochs=epochs, batch=8, images=(16, 8))
