@@ -60,7 +60,7 @@ def submit_and_wait(head: Head, argv: list, what: str, cwd: Path | None = None, 
     sid = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env_vars()},
                             submission_id=f"raytrain-yolo-{what}-{uuid.uuid4().hex[:8]}")
     done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=timeout, interval=2,
+    status = wait_for(lambda: (st := client.get_job_status(sid)) in done and st, timeout=timeout, interval=0.5,
                       what=f"job {sid}")
     logs = client.get_job_logs(sid)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
