@@ -278,13 +278,14 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
         reported, trained = None, True
         report(metrics, path)
     summary = outcome.get("summary") or {}
-    if not trained and reported is None and summary.get("history"):
+    if not trained and summary.get("history"):
         # Nothing was left to train: the donor's checkpoint was its last epoch (after a PBT exploit), or the trial's
         # own run had finished when the sweep's driver was lost, before Tune recorded the trial as ended (a restore
-        # with no Tune checkpoint does not say which epochs Tune saw). Report the last epoch, so that Tune (which
-        # refuses a trial's final result without its metric) and results.parquet see the trial reach its end;
-        # results count an epoch of one Train run once (summarize_trial).
-        reported = summary["history"][-1]["epoch"] - 1
+        # without a Tune checkpoint does not say which epochs Tune saw). Report at least the last epoch, so that
+        # Tune (which refuses a trial's final result without its metric) and results.parquet see the trial reach
+        # its end; results count an epoch of one Train run once (summarize_trial).
+        last = summary["history"][-1]["epoch"]
+        reported = last - 1 if reported is None else min(reported, last - 1)
     if reported is not None:  # the run had finished before Tune paused the trial: report what Tune missed
         ckpt_dir = str(Path(summary["last_checkpoint"]).parent) if summary.get("last_checkpoint") else None
         late = [h for h in summary.get("history", []) if h["epoch"] > reported]
