@@ -220,6 +220,20 @@ def train_workers(pids) -> list[int]:
     return found
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, beside them
+
+
+def registered_in(snapshot: dict) -> list[str]:
+    """The checkpoint folders a run's SNAPSHOT (its controller rewrites it after each checkpoint, across restarts)
+    lists as registered and kept: the best `--keep-checkpoints` (2) and the latest; not folders still uploading."""
+    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results") or []]
+
+
+def latest_epoch_in(snapshot: dict) -> int:
+    """The epoch of the latest checkpoint a run's SNAPSHOT names; 0 before the first."""
+    return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
     import time
 

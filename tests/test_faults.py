@@ -11,7 +11,8 @@ import signal
 import tempfile
 from pathlib import Path
 
-from conftest import load_summary, mlflow_runs, run_cli, start_cli, train_worker_pids, wait_for
+from conftest import (SNAPSHOT, load_summary, mlflow_runs, registered_in, run_cli, start_cli, train_worker_pids,
+                      wait_for)
 
 EPOCHS = 4
 ARGS = ("--cpu", "--no-validate-untrained", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, f"epochs={EPOCHS}", "imgsz=96")
@@ -19,10 +20,9 @@ PER_EPOCH = ("metrics/mAP50B", "train/box_loss", "lr/pg0", "throughput/epoch_sec
 
 
 def registered_checkpoints(run_dir: Path) -> int:
-    """How many checkpoints Ray has registered for the run (its controller's snapshot names them, across restarts),
-    not folders still being uploaded."""
+    """How many checkpoints Ray has registered for the run in a local folder (conftest.registered_in)."""
     try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("checkpoint_results", []))
+        return len(registered_in(json.loads((run_dir / SNAPSHOT).read_text())))
     except (OSError, ValueError):
         return 0
 

@@ -165,7 +165,7 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_dri
     import signal
     import time
 
-    from conftest import start_cli, wait_for
+    from conftest import SNAPSHOT, latest_epoch_in, registered_in, start_cli, wait_for
 
     epochs, prefix, uri = 7, "runs-cut/cut", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("fit", "--cpu", "--num-workers", 2, "--no-validate-untrained", "--synthetic-train", 16, "--synthetic-val", 8,
@@ -175,16 +175,16 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_dri
 
     def snapshot() -> dict:  # Ray's registered checkpoints, read from moto directly, not through the link
         try:
-            body = s3_link.direct.get_object(Bucket="datasets", Key=f"{prefix}/checkpoint_manager_snapshot.json")["Body"]
+            body = s3_link.direct.get_object(Bucket="datasets", Key=f"{prefix}/{SNAPSHOT}")["Body"]
         except Exception:  # noqa: BLE001 - not written yet
             return {}
         return json.loads(body.read())
 
     def registered() -> list[str]:
-        return [r["checkpoint_dir_name"] for r in snapshot().get("checkpoint_results") or []]
+        return registered_in(snapshot())
 
-    def latest_epoch() -> int:  # of the latest registered checkpoint (Ray keeps the best 2 and the latest)
-        return int(((snapshot().get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+    def latest_epoch() -> int:
+        return latest_epoch_in(snapshot())
 
     def summary_stored() -> bool:
         return bool(s3_link.direct.list_objects_v2(Bucket="datasets", Prefix=f"{prefix}/summary.json").get("Contents"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_runs, train_workers, wait_for
+from conftest import SNAPSHOT, latest_epoch_in, mlflow_runs, registered_in, train_workers, wait_for
 from multinode import BIN, ROOT, start_cluster, stop_cluster, why_not_supported
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
@@ -188,37 +188,41 @@ print(json.dumps([answers, check_nodes(spec, None, None)]))
     assert skipped == [], "--allow-node-local skips the check"
 
 
+def s3_key(storage: str, path: str) -> str:
+    """The key in BUCKET of `path` under an `s3://BUCKET/...` storage path."""
+    return f"{storage[len(f's3://{BUCKET}/'):]}/{path}"
+
+
 def run_text(cluster, storage: str, path: str) -> str:
     """A file under a run's `--storage-path`: `s3://BUCKET/...` read through moto, else a folder of this machine
     (the cluster's shared folder, the same path on every node)."""
     if storage.startswith("s3://"):
-        return cluster.s3_text(BUCKET, f"{storage[len(f's3://{BUCKET}/'):]}/{path}")
+        return cluster.s3_text(BUCKET, s3_key(storage, path))
     return (Path(storage) / path).read_text()
 
 
 def snapshot(cluster, name: str, storage: str = S3_RUNS) -> dict:
     """Ray Train's record of the run's registered checkpoints (its controller writes it after each one)."""
     try:
-        return json.loads(run_text(cluster, storage, f"{name}/checkpoint_manager_snapshot.json"))
+        return json.loads(run_text(cluster, storage, f"{name}/{SNAPSHOT}"))
     except Exception:  # noqa: BLE001 - not written yet
         return {}
 
 
 def registered_checkpoints(cluster, name: str, storage: str = S3_RUNS) -> int:
-    """Checkpoints Ray has registered and keeps for the run (the best 2 and the latest)."""
-    return len(snapshot(cluster, name, storage).get("checkpoint_results") or [])
+    """Checkpoints Ray has registered and keeps for the run (conftest.registered_in)."""
+    return len(registered_in(snapshot(cluster, name, storage)))
 
 
 def latest_epoch(cluster, name: str, storage: str = S3_RUNS) -> int:
     """The epoch of the run's latest registered checkpoint; 0 before the first."""
-    latest = snapshot(cluster, name, storage).get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
+    return latest_epoch_in(snapshot(cluster, name, storage))
 
 
 def stored_checkpoints(cluster, name: str, storage: str) -> set[str]:
     """The checkpoint folders under the run, as stored."""
     if storage.startswith("s3://"):
-        prefix = f"{storage[len(f's3://{BUCKET}/'):]}/{name}/"
+        prefix = s3_key(storage, f"{name}/")
         return {k[len(prefix):].split("/")[0] for k in cluster.s3_keys(BUCKET, prefix + "checkpoint_")
                 if "/" in k[len(prefix):]}
     return {p.name for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir()}
@@ -255,15 +259,7 @@ def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch:
         up = cluster.script("node-up", "2")
         assert up.returncode == 0, up.stderr[-2000:]
         if then_lose_driver:
-            wait_for(lambda: latest_epoch(cluster, name, storage) > down_epoch or fit.poll() is not None, 300,
-                     interval=0.2, what="a checkpoint of the restarted group")
-            assert fit.poll() is None, "no epoch left to lose the driver in:\n" + log.read_text()[-3000:]
-            os.killpg(fit.pid, signal.SIGKILL)
-            fit.wait(timeout=60)
-            assert not run_exists(cluster, storage, f"{name}/summary.json"), log.read_text()[-3000:]
-            again = cluster.on_head(*cmd, env=env)
-            log.write_text(log.read_text() + again.stdout + again.stderr)
-            rc = again.returncode
+            rc = lose_driver_and_rerun(cluster, fit, cmd, log, name, storage, down_epoch, env)
         else:
             rc = fit.wait(timeout=600)
     finally:
@@ -274,10 +270,26 @@ def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch:
     return text
 
 
+def lose_driver_and_rerun(cluster, fit, cmd: tuple, log: Path, name: str, storage: str, since_epoch: int,
+                          env: dict | None) -> int:
+    """Once a checkpoint after epoch `since_epoch` is registered, SIGKILL the driver `fit` (its job's actors go with
+    it, the cluster stays); no summary may exist then. Run `cmd` again on the head, append its output to `log`,
+    return its exit status."""
+    wait_for(lambda: latest_epoch(cluster, name, storage) > since_epoch or fit.poll() is not None, 300,
+             interval=0.2, what="a checkpoint of the restarted group")
+    assert fit.poll() is None, "no epoch left to lose the driver in:\n" + log.read_text()[-3000:]
+    os.killpg(fit.pid, signal.SIGKILL)
+    fit.wait(timeout=60)
+    assert not run_exists(cluster, storage, f"{name}/summary.json"), log.read_text()[-3000:]
+    again = cluster.on_head(*cmd, env=env)
+    log.write_text(log.read_text() + again.stdout + again.stderr)
+    return again.returncode
+
+
 def run_exists(cluster, storage: str, path: str) -> bool:
     """Whether a file under a run's `--storage-path` exists (see run_text)."""
     if storage.startswith("s3://"):
-        key = f"{storage[len(f's3://{BUCKET}/'):]}/{path}"
+        key = s3_key(storage, path)
         return key in cluster.s3_keys(BUCKET, key)
     return (Path(storage) / path).is_file()
 
@@ -300,7 +312,7 @@ def check_every_epoch_once(cluster, name: str, epochs: int, storage: str = S3_RU
     for key in ("lr/pg0", "metrics/mAP50B", "train/box_loss"):
         steps = [m.step for m in client.get_metric_history(mine[0].info.run_id, key)]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
-    reported = {r["checkpoint_dir_name"] for r in snapshot(cluster, name, storage)["checkpoint_results"]}
+    reported = set(registered_in(snapshot(cluster, name, storage)))
     stored = stored_checkpoints(cluster, name, storage)
     assert stored == reported and last.split("/")[1] in reported, (stored, reported)
     return s
