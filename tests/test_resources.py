@@ -126,3 +126,25 @@ def test_trial_workers_share_the_cpus_left_beside_the_trial():
     with pytest.raises(UserError, match=r"^4 workers per trial do not fit the cluster's 0\.2 CPUs next to the trial "
                                         r"itself: lower --num-workers$"):
         worker_cpus_beside_trial(0.2, 4, 1.0)
+
+
+@pytest.mark.quick
+def test_points_known_not_to_run_leave_the_grid_as_rows():
+    """A knob value with which no point can run (amp=bf16 on CPU workers, 4 loader workers on 2-CPU nodes) leaves
+    the grid Tune runs, and each of its points is an `infeasible` row with the reason; a value that fails only with
+    some others (batch 3 over 2 workers, not over 1) stays in the grid for its trial to report; a grid with nothing
+    that can run stays whole."""
+    from raytrain_yolo.sweep.throughput import SweepBudget, split_known_infeasible
+
+    base = RunSpec(name="s", storage_path="/tmp/nowhere", scaling=ScalingSpec(num_workers=2, use_gpu=False))
+    grid = {"batch": [8, 3], "num_workers": [1, 2], "amp": ["fp32", "bf16"], "workers": [0, 4]}
+    kept, rows = split_known_infeasible(base, grid, SweepBudget(), max_node_cpus=2)
+    assert kept == {"batch": [8, 3], "num_workers": [1, 2], "amp": ["fp32"], "workers": [0]}
+    assert sorted(tuple(r[k] for k in grid) for r in rows) == sorted(
+        (b, n, a, w) for b in (8, 3) for n in (1, 2) for a in ("fp32", "bf16") for w in (0, 4)
+        if (a, w) != ("fp32", 0))
+    assert all(r["status"] == "infeasible" and r["windows"] == 0 and r["trial"] is None for r in rows)
+    assert {r["reason"] for r in rows if (r["workers"], r["batch"]) == (0, 8)} == {"amp=bf16 needs a GPU (CPU workers train in fp32)"}
+    assert {r["reason"] for r in rows if (r["amp"], r["batch"]) == ("fp32", 8)} == {
+        "workers=4 dataloader workers exceed the 2 CPUs of the largest node"}
+    assert split_known_infeasible(base, {"amp": ["bf16"]}, SweepBudget(), max_node_cpus=2) == ({"amp": ["bf16"]}, [])

@@ -9,6 +9,7 @@ points (batch not divisible by the workers, AMP on CPU, more loader workers than
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -233,8 +234,9 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
             "sweep/window_steps": budget.window_steps, "sweep/windows": budget.windows})
         base.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
-        grid_results = build_tuner(base, grid, budget, max_node_cpus).fit()
-        rows = [summarize_trial(r, list(grid), budget) for r in grid_results]
+        tune_grid, rows = split_known_infeasible(base, grid, budget, max_node_cpus)
+        grid_results = build_tuner(base, tune_grid, budget, max_node_cpus).fit()
+        rows += [summarize_trial(r, list(grid), budget) for r in grid_results]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
         best = next((r for r in rows if r["status"] == "ok"), None)
         paths = write_outputs(base, rows, best, list(grid))
@@ -272,6 +274,25 @@ def size_trials(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> tuple[
     if budget.max_concurrent is None:
         budget.max_concurrent = trials_side_by_side(s.use_gpu, most_workers, s.cpus_per_worker)
     return grid, max_node_cpus
+
+
+def split_known_infeasible(base: RunSpec, grid: dict[str, list], budget: SweepBudget,
+                           max_node_cpus: int) -> tuple[dict[str, list], list[dict[str, Any]]]:
+    """The grid Tune runs, and a results row for each point left out of it. A knob value with which no point can
+    run (amp=bf16 on CPU workers, more loader workers than a node has cores: `infeasible_reason`) leaves the grid,
+    and its points become `infeasible` rows here: Tune would start a trial for each only for it to report that
+    (about 3 s a trial on 2 cores). Other points that cannot run (a batch that one swept worker count does not
+    divide) stay in the grid and end at once in their trial. When no point can run, the grid stays whole."""
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    reasons = [infeasible_reason(trial_spec(base, p, "preflight", budget), max_node_cpus) for p in points]
+    kept = {k: [v for v in values if any(r is None for p, r in zip(points, reasons) if p[k] == v)]
+            for k, values in grid.items()}
+    if not all(kept.values()):
+        return grid, []
+    rows = [{**p, "trial": None, "windows": 0, "images_per_second": None, "gpu_mem_gb": None,
+             "status": "infeasible", "reason": r}
+            for p, r in zip(points, reasons) if any(p[k] not in kept[k] for k in grid)]
+    return kept, rows
 
 
 def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_node_cpus: int):
