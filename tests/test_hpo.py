@@ -8,8 +8,6 @@ import inspect
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pyarrow.parquet as pq
@@ -24,32 +22,6 @@ EPOCHS = 3
 DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
 # lr0=0.5 wrecks a pretrained model within an epoch, 0.002 fine-tunes it: ASHA has something to stop.
 SPACE = {"lr0": {"choices": [0.002, 0.5]}, "fliplr": [0.0, 1.0], "warmup_epochs": 0}
-
-SEED_SCRIPT = """
-import shutil, sys
-from raytrain_yolo.core.config import SyntheticSpec
-from raytrain_yolo.data.synthetic import ensure_synthetic
-from ultralytics import YOLO
-data = ensure_synthetic(SyntheticSpec(train=128, val=16, imgsz=64))
-YOLO("yolo26n.yaml").train(data=str(data), imgsz=64, epochs=14, batch=16, nbs=16, optimizer="SGD", lr0=0.02,
-    warmup_epochs=0, workers=0, device="cpu", plots=False, project=sys.argv[2], name="seed", exist_ok=True,
-    seed=0, amp=False, verbose=False)
-shutil.copy(sys.argv[2] + "/seed/weights/last.pt", sys.argv[1])
-"""
-
-
-@pytest.fixture(scope="session")
-def seed_model(synthetic_cache, tmp_path_factory):
-    """A YOLO26n that already finds the shapes a little (mAP50-95 about 0.08), so one epoch tells trials apart:
-    from scratch, every trial scores 0 for the first epochs and ASHA or PBT cannot rank them. Plain
-    Ultralytics, 14 epochs at 64 px (about 40 s on 2 cores), cached with the synthetic data."""
-    path = synthetic_cache / "hpo-seed-yolo26n-64px.pt"
-    if not path.is_file():
-        work = tmp_path_factory.mktemp("seed")
-        proc = subprocess.run([sys.executable, "-c", SEED_SCRIPT, str(path), str(work)], capture_output=True,
-                              text=True, timeout=600, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return path
 
 
 def write_space(tmp_path, space=SPACE):
