@@ -209,6 +209,12 @@ EOF
             --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "s3://mlflow/artifacts" \
             </dev/null >"$DIR/logs/mlflow.log" 2>&1 &
         echo $! >"$DIR/mlflow.pid"
+    ) || die "moto's S3 server did not come up on $HOST_IP:$S3_PORT (see $DIR/logs/moto.log)"
+}
+
+wait_mlflow() {  # the MLflow server start_services launched answers (it boots while the Ray nodes start)
+    (
+        eval "$(cluster_env)"
         for _ in $(seq 120); do
             "$PY" -c "import urllib.request as u; u.urlopen('$MLFLOW_TRACKING_URI/health', timeout=2)" 2>/dev/null && exit 0
             sleep 1
@@ -254,6 +260,7 @@ up() {
     for i in $(seq 1 "$WORKERS"); do start_ray "$i" & pids+=($!); done
     for p in "${pids[@]}"; do wait "$p"; done
     wait_nodes $(( WORKERS + 1 ))
+    wait_mlflow
     trap - EXIT
     echo "# multi-node Ray cluster $NAME up: head $HEAD_IP (0 CPUs), $WORKERS worker nodes x $WORKER_CPUS CPU"
     echo "# shared folder $DIR/shared; logs in $DIR/logs; drivers: $0 exec -- python -m raytrain_yolo.fit ..."
