@@ -148,44 +148,58 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
     assert any(k.endswith(".parquet") for k in cluster.s3_keys(BUCKET, "preds/"))
 
 
-def test_preflight_refuses_what_only_one_node_sees(cluster):
-    # Default-like paths on the head's own disk: refused before training, with the fix named.
-    proc = cluster.fit(*SMALL, "--num-workers", 2, "--storage-path", "/tmp/runs", "--no-tracking", timeout=300)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "not shared" in last and "s3://" in last, proc.stderr[-2000:]
-    proc = cluster.fit(*SMALL, "--num-workers", 2, "--storage-path", f"s3://{BUCKET}/runs",
-                       "--tracking-uri", "sqlite:////tmp/mlflow.db", timeout=300)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "tracking server" in last and "--allow-node-local" in last, proc.stderr[-2000:]
-    # A dataset that exists on the head's disk only.
-    make = cluster.on_head(sys.executable, "-c", "from raytrain_yolo.core.config import SyntheticSpec; "
-                           "from raytrain_yolo.data.synthetic import ensure_synthetic; "
-                           "print(ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)))",
-                           env={"RAYTRAIN_YOLO_CACHE": "/tmp/head-only"})
-    assert make.returncode == 0, make.stderr[-2000:]
-    data = make.stdout.strip().splitlines()[-1]
-    proc = cluster.fit("--cpu", "--num-workers", 2, f"data={data}", "epochs=1", "imgsz=64", "batch=4",
-                       "--storage-path", f"s3://{BUCKET}/runs", "--no-tracking", timeout=300)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "is not on node" in last, proc.stderr[-2000:]
-
-    # The shared folder passes, asked from every node: storage and an sqlite store there.
-    shared = cluster.shared
-    probe = cluster.on_head(sys.executable, "-c", f"""
-import json, ray
-from raytrain_yolo.core.config import RunSpec
+PREFLIGHT_SCRIPT = """
+import contextlib, io, json, os, sys
+import ray
+from raytrain_yolo.core.config import RunSpec, SyntheticSpec
 from raytrain_yolo.core.preflight import check_nodes
+from raytrain_yolo.data.synthetic import ensure_synthetic
+from raytrain_yolo.fit import main
+
+def fit(*args):  # `python -m raytrain_yolo.fit ARGS`: its exit status and its last line on stderr
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, err.getvalue().strip().splitlines()[-1]
+
+small, storage = json.loads(sys.argv[1]), sys.argv[2]
+out = {"storage": fit(*small, "--num-workers", 2, "--storage-path", "/tmp/runs", "--no-tracking"),
+       "tracking": fit(*small, "--num-workers", 2, "--storage-path", storage, "--tracking-uri",
+                       "sqlite:////tmp/mlflow.db")}
+cache, os.environ["RAYTRAIN_YOLO_CACHE"] = os.environ["RAYTRAIN_YOLO_CACHE"], "/tmp/head-only"
+data = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64))  # on the head's own disk only
+os.environ["RAYTRAIN_YOLO_CACHE"] = cache
+out["data"] = fit("--cpu", "--num-workers", 2, f"data={data}", "epochs=1", "imgsz=64", "batch=4", "--storage-path",
+                  storage, "--no-tracking")
 ray.init(address="auto", logging_level="ERROR")
-spec = RunSpec(storage_path="{shared}/runs", name="probe")
-answers = check_nodes(spec, None, "sqlite:///{shared}/mlflow.db")
+spec = RunSpec(storage_path=sys.argv[3] + "/runs", name="probe")
+out["answers"] = check_nodes(spec, None, f"sqlite:///{sys.argv[3]}/mlflow.db")
 spec.allow_node_local = True
-print(json.dumps([answers, check_nodes(spec, None, None)]))
-""", timeout=300)
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    answers, skipped = json.loads(probe.stdout.strip().splitlines()[-1])
+out["skipped"] = check_nodes(spec, None, None)
+print(json.dumps(out))
+"""
+
+
+def test_preflight_refuses_what_only_one_node_sees(cluster):
+    """Paths that only the driver's node sees are refused before training, with the fix named: default-like
+    storage and an sqlite store on the head's own disk, a dataset there; the shared folder passes, asked from
+    every node. One driver process on the head runs the three `fit` command lines (fit.main, as `python -m
+    raytrain_yolo.fit` does; each joins and leaves the cluster) and the probe: a process start each was most of
+    this test's time."""
+    probe = cluster.on_head(sys.executable, "-c", PREFLIGHT_SCRIPT, json.dumps(list(map(str, SMALL))), S3_RUNS,
+                            str(cluster.shared), timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    out = json.loads(probe.stdout.strip().splitlines()[-1])
+    (rc, last) = out["storage"]
+    assert rc == 2 and "not shared" in last and "s3://" in last, last
+    (rc, last) = out["tracking"]
+    assert rc == 2 and "tracking server" in last and "--allow-node-local" in last, last
+    (rc, last) = out["data"]
+    assert rc == 2 and "is not on node" in last, last
+    answers = out["answers"]
     assert {a["ip"] for a in answers} == {cluster.node_ip(1), cluster.node_ip(2)}  # every node but the driver's
     assert all(a["seen"] == {"storage": True, "tracking": True} for a in answers), answers
-    assert skipped == [], "--allow-node-local skips the check"
+    assert out["skipped"] == [], "--allow-node-local skips the check"
 
 
 def s3_key(storage: str, path: str) -> str:
