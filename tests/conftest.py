@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,6 +277,62 @@ def train_workers(pids) -> list[int]:
         if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
             found.append(pid)
     return found
+
+
+class KillFirst:
+    """A fault for in-process jobs: a thread that SIGKILLs the first process of this machine whose title (Ray's
+    process title: `ray::<task>` while it runs that task, `ray::<actor class>.<method>` while an actor runs that
+    method) matches the regular expression `title` from its start, once it has had such a title for `after_s`
+    seconds. Processes whose title matches `watch` (default: `title`) are found by a scan of every process every
+    0.2 s and then looked at every 5 ms, so that a call of a few tenths of a second is caught. Use as a context
+    manager; `killed` is the pid, None if none was killed (a test asserts it, so that a job that ended before the
+    fault cannot pass as having survived it)."""
+
+    def __init__(self, title: str, watch: str | None = None, after_s: float = 0.0, timeout: float = 300.0):
+        import threading
+
+        self.title, self.watch, self.after_s, self.timeout = title, watch or title, after_s, timeout
+        self.killed: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        import psutil
+
+        deadline, next_scan, watched, since = time.monotonic() + self.timeout, 0.0, {}, {}
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if time.monotonic() >= next_scan:
+                for p in psutil.process_iter():
+                    try:
+                        cmd = p.cmdline()
+                    except psutil.Error:
+                        continue
+                    if cmd and re.match(self.watch, cmd[0]):
+                        watched.setdefault(p.pid, p)
+                next_scan = time.monotonic() + 0.2
+            for pid, p in list(watched.items()):
+                try:
+                    cmd = p.cmdline()
+                except psutil.Error:
+                    watched.pop(pid)
+                    continue
+                if not (cmd and re.match(self.title, cmd[0])):
+                    since.pop(pid, None)
+                elif time.monotonic() - since.setdefault(pid, time.monotonic()) >= self.after_s:
+                    p.kill()
+                    self.killed = pid
+                    return
+            time.sleep(0.005)
+
+    def __enter__(self) -> "KillFirst":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, beside them

@@ -15,6 +15,7 @@ import pytest
 from raytrain_yolo.core.config import ScalingSpec, SyntheticSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.data.synthetic import ensure_synthetic
+from conftest import KillFirst
 from test_predict import CONF, assert_same_objects, by_image, ultralytics_objects
 
 BAD = ("zz-empty.jpg", "zz-text.jpg")  # adjacent in the sorted listing: likely one batch of nothing readable
@@ -144,6 +145,7 @@ def test_predict_one_channel_model_reads_grayscale_as_ultralytics(ray_local, tmp
 
 
 DENSE_IMGSZ = 320  # 2100 candidate boxes per image: hundreds of objects each at CONF from a 2-epoch model
+MODEL_ACTOR = r"ray::MapWorker\(.*ModelActor\)+"  # Ray's process title of a model actor (Ray Data's map worker)
 DENSE_MAX_DET = 3000  # above what NMS keeps: no cut at max_det, whose last places are near-ties between scores
 
 
@@ -161,8 +163,12 @@ def test_predict_dense_rows_all_arrive(task_run, ray_local, tmp_path):
     folder.mkdir()
     for i, im in enumerate(synthetic_images(12)):
         cv2.imwrite(str(folder / f"{i:03d}.jpg"), im)
-    summary = predict(model, str(folder), str(tmp_path / "out"), ScalingSpec(num_workers=2, use_gpu=False),
-                      conf=CONF, imgsz=DENSE_IMGSZ, max_det=DENSE_MAX_DET, batch=6)
+    # Issue 22's predict cell: a model actor is SIGKILLed in its first call (one call takes ~0.3 s here); Ray Data
+    # restarts it and runs the call again, and every image still has its rows exactly once (the counts per image).
+    with KillFirst(MODEL_ACTOR + r"\.submit", watch=MODEL_ACTOR) as fault:
+        summary = predict(model, str(folder), str(tmp_path / "out"), ScalingSpec(num_workers=2, use_gpu=False),
+                          conf=CONF, imgsz=DENSE_IMGSZ, max_det=DENSE_MAX_DET, batch=6)
+    assert fault.killed, "no model call was running to lose"
     rows = read_rows(tmp_path / "out")
     assert summary["task"] == "pose" and rows and all("keypoints" in r for r in rows)  # test_predict's pose case
     theirs = ultralytics_objects(model, str(folder), imgsz=DENSE_IMGSZ, max_det=DENSE_MAX_DET)

@@ -588,7 +588,7 @@ def resolve_scaling(spec: RunSpec, extra_cpus: float = 0.0) -> RunSpec:
                 if spec.resource_wait_s:
                     raise UserError(f"waited {spec.resource_wait_s:g} s for resources that did not come: {e}") from None
                 raise
-            time.sleep(min(1.0, left))
+            time.sleep(min(0.25, left))  # a finished job's placement group is usually gone within a second
 
 
 def node_resources() -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]] | None]:
