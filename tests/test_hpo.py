@@ -24,6 +24,17 @@ DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
 SPACE = {"lr0": {"choices": [0.002, 0.5]}, "fliplr": [0.0, 1.0], "warmup_epochs": 0}
 
 
+def checkpoint_copies() -> set[str]:
+    """The temporary copies of Tune checkpoints in this machine's temp folder (Ray's own, which
+    `Checkpoint.to_directory()` without a path makes and never removes, and ours): a trial that exploits a donor or
+    resumes after a restore must leave none (the trials run on this machine)."""
+    import glob
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    return set(glob.glob(f"{tmp}/checkpoint_tmp_*") + glob.glob(f"{tmp}/raytrain-yolo-tune-checkpoint-*"))
+
+
 def write_space(tmp_path, space=SPACE):
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(space))
@@ -195,6 +206,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
            "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
            "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
     run_dir = tmp_path / "again"
+    copies = checkpoint_copies()
 
     def one_done_one_checkpointed():
         status = tune_statuses(run_dir)
@@ -228,6 +240,7 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "lr/pg0")]
         assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
+    assert checkpoint_copies() <= copies, "the restored trial's checkpoint copy was left in the temp folder"
 
 
 def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model):
@@ -236,6 +249,7 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     # 4 epochs: with 3, PBT (which compares trials only once both have reported) exploited no trial in one run.
     epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
+    copies = checkpoint_copies()
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
                    write_space(tmp_path, space), *DATA, f"epochs={epochs}", f"model={seed_model}",
@@ -262,3 +276,4 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
         assert match and any(match[0][4][k] != trained[k] for k in searched), (trained, policy)
     _, runs = mlflow_runs(uri)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
+    assert checkpoint_copies() <= copies, "a donor's checkpoint, copied for the exploit, was left in the temp folder"

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -313,8 +314,11 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
     exploited, reported = "", None
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        local = Path(ckpt.to_directory())
+    if ckpt is None:
+        return spec, exploited, reported
+    # A copy of our own, removed here: Checkpoint.to_directory() without a path leaves /tmp/checkpoint_tmp_* behind.
+    with tempfile.TemporaryDirectory(prefix="raytrain-yolo-tune-checkpoint-") as tmp:
+        local = Path(ckpt.to_directory(tmp))
         state = json.loads((local / "raytrain_state.json").read_text())
         run = state.get("run", name)
         if run == name or run.startswith(name + "-"):
