@@ -114,8 +114,9 @@ def seed_model(synthetic_cache, tmp_path_factory):
     Ultralytics, 14 epochs at 64 px (about 30 s on 2 cores), cached with the synthetic data; its training starts
     with the session (seed_model_in_background)."""
     path = _seed_path(synthetic_cache)
-    proc = _SEED.get("proc") or (None if path.is_file() else
-                                 _start_seed_training(path, tmp_path_factory.mktemp("seed"), background=False))
+    proc = _SEED.get("proc")
+    if proc is None and not path.is_file():
+        proc = _start_seed_training(path, tmp_path_factory.mktemp("seed"), background=False)
     if proc is not None:
         proc.wait(timeout=600)
         assert proc.returncode == 0 and path.is_file(), _SEED["log"].read_text()[-3000:]
@@ -280,18 +281,18 @@ def train_workers(pids) -> list[int]:
 
 
 class KillFirst:
-    """A fault for in-process jobs: a thread that SIGKILLs the first process of this machine whose title (Ray's
-    process title: `ray::<task>` while it runs that task, `ray::<actor class>.<method>` while an actor runs that
-    method) matches the regular expression `title` from its start, once it has had such a title for `after_s`
-    seconds. Processes whose title matches `watch` (default: `title`) are found by a scan of every process every
-    0.2 s and then looked at every 5 ms, so that a call of a few tenths of a second is caught. Use as a context
-    manager; `killed` is the pid, None if none was killed (a test asserts it, so that a job that ended before the
-    fault cannot pass as having survived it)."""
+    """A fault for in-process jobs on the session's shared head: a thread that SIGKILLs the first of the head's
+    processes whose title (Ray's process title: `ray::<task>` while it runs that task, `ray::<actor class>.<method>`
+    while an actor runs that method) matches the regular expression `title` from its start. Processes whose title
+    matches `watch` (default: `title`) are found among the head's processes every 0.2 s and then looked at every
+    5 ms, so that a call of a few tenths of a second is caught; no process outside the head is ever touched. Use as
+    a context manager; `killed` is the pid, None if none was killed (a test asserts it, so that a job that ended
+    before the fault cannot pass as having survived it)."""
 
-    def __init__(self, title: str, watch: str | None = None, after_s: float = 0.0, timeout: float = 300.0):
+    def __init__(self, title: str, watch: str | None = None, timeout: float = 300.0):
         import threading
 
-        self.title, self.watch, self.after_s, self.timeout = title, watch or title, after_s, timeout
+        self.title, self.watch, self.timeout = title, watch or title, timeout
         self.killed: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -301,16 +302,17 @@ class KillFirst:
 
         import psutil
 
-        deadline, next_scan, watched, since = time.monotonic() + self.timeout, 0.0, {}, {}
+        deadline, next_scan, watched = time.monotonic() + self.timeout, 0.0, {}
         while not self._stop.is_set() and time.monotonic() < deadline:
             if time.monotonic() >= next_scan:
-                for p in psutil.process_iter():
+                for pid in shared_head_pids() - watched.keys():
                     try:
+                        p = psutil.Process(pid)
                         cmd = p.cmdline()
                     except psutil.Error:
                         continue
                     if cmd and re.match(self.watch, cmd[0]):
-                        watched.setdefault(p.pid, p)
+                        watched[pid] = p
                 next_scan = time.monotonic() + 0.2
             for pid, p in list(watched.items()):
                 try:
@@ -318,9 +320,7 @@ class KillFirst:
                 except psutil.Error:
                     watched.pop(pid)
                     continue
-                if not (cmd and re.match(self.title, cmd[0])):
-                    since.pop(pid, None)
-                elif time.monotonic() - since.setdefault(pid, time.monotonic()) >= self.after_s:
+                if cmd and re.match(self.title, cmd[0]):
                     p.kill()
                     self.killed = pid
                     return

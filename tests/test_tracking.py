@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from conftest import free_port, mlflow_runs, shared_head, start_cli, train_workers, wait_for
+from conftest import free_port, mlflow_runs, shared_head, shared_head_pids, start_cli, train_workers, wait_for
 
 PER_EPOCH = ("metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB", "train/box_loss",
              "train/cls_loss", "lr/pg0", "throughput/images_per_second", "throughput/epoch_seconds")
@@ -44,9 +44,8 @@ def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int, work
 
 def test_run_killed_mid_way_is_marked_failed(tmp_path):
     """A worker SIGKILLed after the first checkpoint with --max-failures 0: exit 1 and the MLflow run FAILED. On the
-    session's shared head (once a local Ray of its own, ~5 s more; the worker is found by its Ray process title)."""
-    import psutil
-
+    session's shared head (once a local Ray of its own, ~5 s more; the worker is found by its Ray process title
+    among the head's processes)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "fit.log"
     head = shared_head()
@@ -56,7 +55,7 @@ def test_run_killed_mid_way_is_marked_failed(tmp_path):
                     "--max-failures", 0, log_path=log, env=head.driver_env)
     try:
         wait_for(lambda: list((tmp_path / "dies").glob("checkpoint_*")), 300, what="the first checkpoint")
-        pids = wait_for(lambda: train_workers(p.pid for p in psutil.process_iter()), 30, what="worker pids")
+        pids = wait_for(lambda: train_workers(shared_head_pids()), 30, what="worker pids")
         os.kill(pids[-1], signal.SIGKILL)
         rc = fit.wait(timeout=300)
     finally:
