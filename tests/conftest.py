@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Ray 2.60 turns token authentication on for a new local Ray once ~/.ray/auth_token exists, and a process keeps the
 # mode of its first ray.init() for good: this process joins the shared head (no authentication) and starts local
-# Rays of its own, so every one of them, and every command it runs, has authentication off. The token head's
-# clients (test_cluster.py, test_hpo.py) name their mode and token explicitly.
+# Rays of its own, so every one of them, and every command it runs, has authentication off. test_cluster's token head's
+# clients name their mode and token explicitly.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 # What each launch pays for and no test checks (issue 20, measured on 2 cores: ~3 s and 3-6 s of a ~50 s launch):
@@ -159,13 +159,6 @@ def _stop_shared_head():
     if "running" in _SHARED:
         _SHARED.pop("head")
         _SHARED.pop("running").__exit__(None, None, None)
-
-
-@pytest.fixture(scope="session")
-def token_head():
-    """A second head, with token authentication on, for the Jobs API tests (test_cluster.py, test_hpo.py)."""
-    with start_head(auth=True) as head:
-        yield head
 
 
 @pytest.fixture(scope="module")

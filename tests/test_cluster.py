@@ -2,9 +2,8 @@
 (`fit` with `ray job submit --working-dir`, `val` and `predict` with the Python SDK and no working_dir: the package
 is installed on the cluster's Python), and the cluster/ files checked against what reads them.
 
-The head (tests/raycluster.py, 2 CPUs) is the session's token head, shared with test_hpo.py's job test: started as
-`ray start --head --block` in its own session and process group and stopped when the session ends, also when a test
-fails. Its token lives in a temporary HOME; its own --temp-dir keeps `ray.init()` in other tests from finding it.
+The head (tests/raycluster.py, 2 CPUs) is the token head, this module's alone: started as `ray start --head --block`
+in its own session and process group and stopped when the module ends, also when a test fails. Its token lives in a temporary HOME; its own --temp-dir keeps `ray.init()` in other tests from finding it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, load_summary, mlflow_runs, wait_for
-from raycluster import BIN, RAY, Head, clean_env, http_status
+from raycluster import BIN, RAY, Head, clean_env, http_status, start_head
 
 CLUSTER = ROOT / "cluster"
 JOB_TIMEOUT = 480  # one 2-epoch job takes about 45 s on 2 idle cores; other tests may share them
@@ -31,9 +30,11 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def head(token_head):
-    """The session's head with token authentication (tests/raycluster.py), shared with test_hpo.py."""
-    return token_head
+def head():
+    """A head with token authentication on (tests/raycluster.py), for this module's Jobs API tests; stopped with the
+    module (left idle for the rest of the session, a head cost ~8% of a core: its dashboard, agent and log monitor)."""
+    with start_head(auth=True) as running:
+        yield running
 
 
 def fit_command(storage: Path, name: str, db: Path) -> list[str]:

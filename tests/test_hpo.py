@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import load_summary, mlflow_runs, run_cli, start_cli, wait_for
+from conftest import load_summary, mlflow_runs, run_cli, shared_head, start_cli, wait_for
 from raycluster import http_status
 from test_faults import registered_checkpoints
 
@@ -42,13 +42,14 @@ def write_space(tmp_path, space=SPACE):
 
 
 @pytest.fixture(scope="module")
-def asha(tmp_path_factory, seed_model, token_head):
-    """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's token head (once a test of its own,
-    a sweep more): `tune --objective map` joins the cluster it runs on and leaves it up, and --metric picks what the
+def asha(tmp_path_factory, seed_model):
+    """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's shared head (once a test of its own,
+    a sweep more; the token-authenticated Jobs API is test_cluster's, on a head that lives only for that module): `tune --objective map` joins the cluster it runs on and leaves it up, and --metric picks what the
     sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
     from test_cluster import submit_and_wait
 
-    head = token_head
+    head = shared_head()
+    head.wait_idle()
     storage = tmp_path_factory.mktemp("hpo")
     uri = f"sqlite:///{storage / 'mlflow.db'}"
     logs = submit_and_wait(head, [
