@@ -196,18 +196,25 @@ def tune_statuses(run_dir) -> dict[str, str]:
 
 
 def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path):
-    """Two trials, one after the other; the driver (and the local Ray it started) dies while the second trains.
+    """Two trials, one after the other, with --max-failures 1. First fault (issue 22's sweep cell, a worker lost
+    mid-trial): once a trial has a checkpoint, its Train worker is SIGKILLed; its run restarts from that checkpoint
+    and the trial goes on. Second: the driver (and the local Ray it started) dies while the second trial trains.
     The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
     Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
     has often ended before the kill, and Tune had not yet recorded it: the restored trial then trains nothing and
     reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One worker per trial (once 2): what is restored here is
     Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults'."""
+    from conftest import train_worker_pids
+
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
-           "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
+           "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}", "--max-failures", 1,
            "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
     run_dir = tmp_path / "again"
     copies = checkpoint_copies()
+
+    def a_trial_checkpointed():
+        return [t.name for t in (run_dir / "trials").glob("trial_*") if registered_checkpoints(t)]
 
     def one_done_one_checkpointed():
         status = tune_statuses(run_dir)
@@ -216,8 +223,14 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
                 and registered_checkpoints(run_dir / "trials" / t)]
         return (done[0], busy[0]) if done and busy else None
 
-    proc = start_cli(*cmd, log_path=tmp_path / "first.log")
+    log = tmp_path / "first.log"
+    proc = start_cli(*cmd, log_path=log)
     try:
+        # The first fault: a worker lost mid-trial, once the first trial has a checkpoint (--max-failures 1).
+        first = wait_for(lambda: a_trial_checkpointed() or proc.poll() is not None, 600, what="a trial's checkpoint")
+        killed = wait_for(lambda: train_worker_pids(proc.pid) or proc.poll() is not None, 60, what="a Train worker")
+        assert proc.poll() is None, "no trial left to lose a worker in:\n" + log.read_text()[-3000:]
+        os.kill(killed[0], signal.SIGKILL)
         done, busy = wait_for(one_done_one_checkpointed, 600, what="one finished trial and one checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -233,6 +246,10 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     assert finished_summary.stat().st_mtime_ns == before, "a finished trial must not run again"
     resumed = load_summary(run_dir / "trials", busy)
     assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 1
+    if first == [done]:  # the worker was lost in the trial that then finished (else in the one the rerun resumed)
+        restarted = load_summary(run_dir / "trials", done)
+        assert restarted["resumed_from_epoch"] >= 1 and [h["epoch"] for h in restarted["history"]] == \
+            list(range(1, epochs + 1)), restarted["history"]
     client, runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
