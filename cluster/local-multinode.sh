@@ -206,7 +206,8 @@ while True:
 EOF
         # Artifacts are proxied by the server into the object store: clients need no S3 credentials for them.
         # Tracking only: MLflow's server-side job runner (six huey consumers, ~15 s of CPU to start) stays off.
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server --host "$HOST_IP" --port "$MLFLOW_PORT" --workers 1 \
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+        setsid "$BIN/mlflow" server --host "$HOST_IP" --port "$MLFLOW_PORT" --workers 1 \
             --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "s3://mlflow/artifacts" \
             </dev/null >"$DIR/logs/mlflow.log" 2>&1 &
         echo $! >"$DIR/mlflow.pid"

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Ray 2.60 turns token authentication on for a new local Ray once ~/.ray/auth_token exists, and a process keeps the
 # mode of its first ray.init() for good: this process joins the shared head (no authentication) and starts local
-# Rays of its own, so every one of them, and every command it runs, has authentication off. test_cluster's token head's
-# clients name their mode and token explicitly.
+# Rays of its own, so every one of them, and every command it runs, has authentication off. The clients of
+# test_cluster's token head name their mode and token explicitly.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 # What each launch pays for and no test checks (issue 20, measured on 2 cores: ~3 s and 3-6 s of a ~50 s launch):

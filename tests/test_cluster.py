@@ -3,7 +3,8 @@
 is installed on the cluster's Python), and the cluster/ files checked against what reads them.
 
 The head (tests/raycluster.py, 2 CPUs) is the token head, this module's alone: started as `ray start --head --block`
-in its own session and process group and stopped when the module ends, also when a test fails. Its token lives in a temporary HOME; its own --temp-dir keeps `ray.init()` in other tests from finding it.
+in its own session and process group and stopped when the module ends, also when a test fails. Its token lives in
+a temporary HOME; its own --temp-dir keeps `ray.init()` in other tests from finding it.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ def write_space(tmp_path, space=SPACE):
 @pytest.fixture(scope="module")
 def asha(tmp_path_factory, seed_model):
     """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's shared head (once a test of its own,
-    a sweep more; the token-authenticated Jobs API is test_cluster's, on a head that lives only for that module): `tune --objective map` joins the cluster it runs on and leaves it up, and --metric picks what the
-    sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
+    a sweep more; the Jobs API with a token is test_cluster's, on a head of that module's): `tune --objective map`
+    joins the cluster it runs on and leaves it up, and --metric picks what the sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
     from test_cluster import submit_and_wait
 
     head = shared_head()
@@ -202,8 +202,9 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
     Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
     has often ended before the kill, and Tune had not yet recorded it: the restored trial then trains nothing and
-    reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One worker per trial (once 2): what is restored here is
-    Tune's experiment and the trial's Ray Train run; a DDP run resumed on 2 ranks is test_faults'."""
+    reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One
+    worker per trial (once 2): what is restored here is Tune's experiment and the trial's Ray Train run; a DDP run
+    resumed on 2 ranks is test_faults'."""
     from conftest import train_worker_pids
 
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
