@@ -45,7 +45,8 @@ def write_space(tmp_path, space=SPACE):
 def asha(tmp_path_factory, seed_model):
     """The ASHA sweep, submitted as a `ray job submit` entrypoint to the session's shared head (once a test of its own,
     a sweep more; the Jobs API with a token is test_cluster's, on a head of that module's): `tune --objective map`
-    joins the cluster it runs on and leaves it up, and --metric picks what the sweep follows. `model=` is relative to the sweep's working directory: every trial runs in a folder of its own."""
+    joins the cluster it runs on and leaves it up, and --metric picks what the sweep follows. `model=` is relative
+    to the sweep's working directory: every trial runs in a folder of its own."""
     from test_cluster import submit_and_wait
 
     head = shared_head()
