@@ -16,6 +16,7 @@ import yaml
 
 from conftest import load_summary, mlflow_runs, run_cli, shared_head, start_cli, wait_for
 from raycluster import http_status
+from test_datasync import s3  # noqa: F401  (a fixture: moto's S3 server)
 from test_faults import registered_checkpoints
 
 EPOCHS = 3
@@ -263,19 +264,39 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     assert checkpoint_copies() <= copies, "the restored trial's checkpoint copy was left in the temp folder"
 
 
-def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model):
+def mirror(client, bucket: str, prefix: str, dest):
+    """The objects under s3://bucket/prefix/, downloaded to the same relative paths under `dest`."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/"):  # a folder's marker object
+                continue
+            target = dest / obj["Key"][len(prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+    return dest
+
+
+def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model, s3):
     """Two trials side by side (1 worker each); every epoch PBT compares them, and the lagging one continues
-    from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it."""
+    from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it.
+
+    Issue 22's PBT-on-object-storage cell: the sweep writes to `s3://` (moto), so each exploit reads the donor's
+    checkpoint from the bucket. The sweep starts a local Ray of its own while the session's shared head runs, as
+    on a machine with another Ray: a trial PBT stops ends its Ray Train controller without a stop, and only Ray
+    Train's placement-group cleaner gives that run's CPUs back; with two Rays on the machine it could not find its
+    own (core/cluster.py) and the exploiting trial waited for CPUs that never came ("no trial finished")."""
     # 4 epochs: with 3, PBT (which compares trials only once both have reported) exploited no trial in one run.
     epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
     copies = checkpoint_copies()
+    shared_head()  # another Ray on the machine
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
                    write_space(tmp_path, space), *DATA, f"epochs={epochs}", f"model={seed_model}",
-                   "--storage-path", tmp_path, "--name", "pbt", "--tracking-uri", uri, timeout=900)
+                   "--storage-path", "s3://datasets/sweeps", "--name", "pbt", "--tracking-uri", uri, timeout=900,
+                   ray="own")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "pbt"
+    run_dir = mirror(s3, "datasets", "sweeps/pbt", tmp_path / "pbt")
     rows = pq.read_table(run_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows)
     exploited = [r for r in rows if r["exploits"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
 # The driver's values that every worker gets. Not GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME: an interface name is
 # a property of one machine (eth0 here, ens5 there), so each node's own environment (`ray start`'s) applies.
 WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR")
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first (ray.dashboard.utils)
 
 
 def connect_ray(verbose: bool = False) -> None:
@@ -34,12 +36,40 @@ def connect_ray(verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(**quiet)
+            with _own_state_api() as dashboard_port:
+                ray.init(dashboard_port=dashboard_port, **quiet)
     except ConnectionError as e:
         raise UserError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({str(e).splitlines()[0]}): "
             "start it (`ray start --head`) or unset RAY_ADDRESS to run locally"
         ) from None
+
+
+@contextlib.contextmanager
+def _own_state_api():
+    """A dashboard port for the local Ray about to start, named to its processes as RAY_API_SERVER_ADDRESS.
+
+    Ray's State API clients inside a cluster find "the" cluster by themselves when nothing names it: from the
+    newest `ray start` on the machine, else the only GCS process running. Ray Train's PlacementGroupCleaner is one:
+    when a run's controller dies without stopping (Ray Tune stops a trial: ASHA, PBT, a trial's end), it asks the
+    State API whether the controller is alive and then removes the run's placement group. With another Ray on the
+    machine its lookup fails (ConnectionError "Found multiple active Ray instances", which it does not catch) or
+    asks the other Ray, and the group's CPUs stay held until the sweep ends: the next trials wait for them and
+    fail. The processes of a local Ray inherit this process's environment when `ray.init` starts them, so the
+    variable is set for the start only and this process's own environment is left as it was.
+    """
+    with socket.socket() as s:  # free now; Ray refuses the start if another process takes it meanwhile
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
 
 
 def _check_answers(address: str, timeout: float = 5.0) -> None:
