@@ -276,7 +276,7 @@ def mirror(client, bucket: str, prefix: str, dest):
     return dest
 
 
-def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model, s3):
+def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed_model, request):
     """Two trials side by side (1 worker each); every epoch PBT compares them, and the lagging one continues
     from the other's latest checkpoint with mutated hyperparameters: a new Ray Train run seeded from it.
 
@@ -289,6 +289,7 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
     copies = checkpoint_copies()
+    client = request.getfixturevalue("s3")  # before the sweep: its local Ray's workers inherit the endpoint and keys
     shared_head()  # another Ray on the machine
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
@@ -296,7 +297,7 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
                    "--storage-path", "s3://datasets/sweeps", "--name", "pbt", "--tracking-uri", uri, timeout=900,
                    ray="own")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = mirror(s3, "datasets", "sweeps/pbt", tmp_path / "pbt")
+    run_dir = mirror(client, "datasets", "sweeps/pbt", tmp_path / "pbt")
     rows = pq.read_table(run_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows)
     exploited = [r for r in rows if r["exploits"]]
