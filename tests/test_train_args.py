@@ -113,8 +113,9 @@ ADJUSTED = {  # changed the way Ultralytics' own multi-GPU path changes it, or d
 }
 PASSED = {  # to every rank as given, as Ultralytics takes them (its own rules check the values: test_config_types).
     # epochs, imgsz, lr0 and fliplr train with non-default values in the 2-rank run below (lr0 and fliplr from its
-    # cfg= file); task and mode are the job's own; compile is the GPU check's (experiments/gpu-check.sh: compiling
-    # YOLO26n on 2 CPU cores takes over 15 minutes)
+    # cfg= file); task and mode are the job's own; compile is checked outside the suite, on 2 CPU ranks with a tiny
+    # model (experiments/results/compile-ddp-cpu-2026-12-01.md: ranks in sync; a minute of 2 cores to compile) and
+    # on YOLO26n by the GPU check (experiments/gpu-check.sh; compiling YOLO26n on 2 CPU cores takes over 15 minutes)
     "task", "mode", "epochs", "imgsz", "compile", "lr0", "fliplr",
 }
 NOT_FOR_TRAINING = {  # predict, export and tracking settings: accepted, and unused by Ultralytics' trainer as by ours
