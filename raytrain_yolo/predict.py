@@ -23,6 +23,7 @@ import numpy as np
 
 from raytrain_yolo.core import storage
 from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
+from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.jobs import Weights, plan
@@ -267,7 +268,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     if found["replace"]:
         clear_output(out)
     start = time.perf_counter()
-    ledger = ray.remote(num_cpus=0)(Ledger).remote()
+    ledger = ray.remote(Ledger).options(**on_this_node()).remote()  # a lost worker node must not take the count
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(decode_letterbox, fn_kwargs={"letterbox": p["letterbox"], "prefix": prefix,
                                                      "read_flag": p["read_flag"], "ledger": ledger},

@@ -265,10 +265,11 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
 
 
 def mirror(client, bucket: str, prefix: str, dest):
-    """The objects under s3://bucket/prefix/, downloaded to the same relative paths under `dest`."""
+    """The objects under s3://bucket/prefix/ but the checkpoints' (weights), downloaded to the same relative paths
+    under `dest`."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
         for obj in page.get("Contents", []):
-            if obj["Key"].endswith("/"):  # a folder's marker object
+            if obj["Key"].endswith("/") or "/checkpoint_" in obj["Key"]:  # a folder's marker object, weights
                 continue
             target = dest / obj["Key"][len(prefix) + 1:]
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -176,6 +176,14 @@ spec = RunSpec(storage_path=sys.argv[3] + "/runs", name="probe")
 out["answers"] = check_nodes(spec, None, f"sqlite:///{sys.argv[3]}/mlflow.db")
 spec.allow_node_local = True
 out["skipped"] = check_nodes(spec, None, None)
+from ray.util.state import list_actors
+from raytrain_yolo.train.launch import _progress_queue
+queues = [_progress_queue() for _ in range(6)]  # the console queue of six fits
+for q in queues:
+    q.put(0)  # its actor runs
+me = ray.get_runtime_context().get_node_id()
+alive = list_actors(filters=[("class_name", "=", "_QueueActor"), ("state", "=", "ALIVE")])
+out["queues_on_driver_node"] = [a.node_id == me for a in alive]
 print(json.dumps(out))
 """
 
@@ -185,7 +193,8 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     storage and an sqlite store on the head's own disk, a dataset there; the shared folder passes, asked from
     every node. One driver process on the head runs the three `fit` command lines (fit.main, as `python -m
     raytrain_yolo.fit` does; each joins and leaves the cluster) and the probe: a process start each was most of
-    this test's time."""
+    this test's time. The same driver then starts six fits' console queues: each lives on the driver's node (Ray's
+    default put them on any node, and one on a node that was lost took the rest of the run's epoch lines)."""
     probe = cluster.on_head(sys.executable, "-c", PREFLIGHT_SCRIPT, json.dumps(list(map(str, SMALL))), S3_RUNS,
                             str(cluster.shared), timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
@@ -200,6 +209,7 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     assert {a["ip"] for a in answers} == {cluster.node_ip(1), cluster.node_ip(2)}  # every node but the driver's
     assert all(a["seen"] == {"storage": True, "tracking": True} for a in answers), answers
     assert out["skipped"] == [], "--allow-node-local skips the check"
+    assert out["queues_on_driver_node"] == [True] * 6, out["queues_on_driver_node"]
 
 
 def s3_key(storage: str, path: str) -> str:
@@ -345,6 +355,8 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
                              "--resize-check", 5, "--verbose", one_worker_epoch=True,
                              env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
     assert ONE_WORKER in text, "training went on with one worker while node 2 was down"
+    lines = [f"epoch {e}/{EPOCHS_ELASTIC}" for e in range(1, EPOCHS_ELASTIC + 1)]
+    assert all(line in text for line in lines), "the console showed every epoch, also after the node loss"
     s = check_every_epoch_once(cluster, "elastic", EPOCHS_ELASTIC)
     sizes = [int(h["system/world_size"]) for h in s["history"]]  # the group size that trained each epoch
     print(f"elastic run: world size per epoch {sizes}, resumed from epoch {s['resumed_from_epoch']}")

@@ -87,6 +87,18 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def on_this_node() -> dict:
+    """Ray actor options for a small helper of this process (a console queue, a trial's relay, predict's ledger):
+    no CPU, and on this process's own node. Ray's default places an actor on any node, and a helper on a worker
+    node dies with that node: seen on `cluster/local-multinode.sh`, the console queue of a fit landed on each of
+    the three nodes in turn, and after a node loss the driver printed no epoch line again."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
+
+
 def worker_env() -> dict[str, str]:
     """Environment every worker gets: our defaults (the user's value when set) and a few of the driver's."""
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}

@@ -33,6 +33,7 @@ import yaml
 from ray.train.v2.api.callback import UserCallback
 
 from raytrain_yolo.core import storage
+from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
@@ -249,7 +250,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
     hyp = {k: _plain(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
     spec, exploited, reported = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    queue = Queue(maxsize=1, actor_options=on_this_node())  # beside this trial: lost only with it
     outcome: dict[str, Any] = {}
 
     def train():

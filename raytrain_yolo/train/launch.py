@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytrain_yolo.core import console, preflight, storage
-from raytrain_yolo.core.cluster import worker_env
+from raytrain_yolo.core.cluster import on_this_node, worker_env
 from raytrain_yolo.core.config import RunSpec
 from raytrain_yolo.core.tracking import RunTracker, client_settings, failed_on_error
 from raytrain_yolo.data import sync
@@ -161,9 +161,10 @@ def drop_unregistered_checkpoints(run_dir: str) -> None:
 
 
 def _progress_queue():
+    """Rank 0's epoch lines to the driver's console; on the driver's node, so that a lost node never takes it."""
     from ray.util.queue import Queue
 
-    return Queue(actor_options={"num_cpus": 0})
+    return Queue(actor_options=on_this_node())
 
 
 def run_params(spec: RunSpec, train_args: dict[str, Any], task: str) -> dict[str, Any]:
