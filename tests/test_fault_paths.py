@@ -144,7 +144,7 @@ def test_trial_relay_keeps_the_object_storage_scheme(tmp_path):
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from raytrain_yolo.sweep.accuracy import TrialRelay
+    from raytrain_yolo.sweep.accuracy import TrialRelay, late_epochs
 
     s3 = pafs.S3FileSystem(endpoint_override="127.0.0.1:1", region="us-east-1", scheme="http")  # never contacted
     q = queue.Queue()
@@ -155,6 +155,13 @@ def test_trial_relay_keeps_the_object_storage_scheme(tmp_path):
     assert q.get_nowait() == ({"epoch": 1}, str(tmp_path / "checkpoint_y"))
     TrialRelay(q, str(tmp_path)).after_report(None, [{"epoch": 1}], None)
     assert q.get_nowait() == ({"epoch": 1}, None)
+    # The epochs a finished run trained after Tune paused its trial, reported late with the run's last checkpoint
+    # (seen in the PBT test on s3://: the folder had lost its scheme and the trial failed).
+    history = [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    for last in ("s3://bucket/runs/sweep/trials/t1/checkpoint_x/last.pt", str(tmp_path / "checkpoint_x" / "last.pt")):
+        assert late_epochs({"last_checkpoint": last, "history": history}, 1) == [
+            ({"epoch": 2}, None), ({"epoch": 3}, last[:-len("/last.pt")])]
+    assert late_epochs({"last_checkpoint": None, "history": history}, 2) == [({"epoch": 3}, None)]
 
 
 def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):

@@ -50,15 +50,15 @@ def _own_state_api():
     """A dashboard port for the local Ray about to start, named to its processes as RAY_API_SERVER_ADDRESS.
 
     Ray's State API clients inside a cluster find "the" cluster by themselves when nothing names it: from the
-    newest `ray start` on the machine, else the only GCS process running. Ray Train's PlacementGroupCleaner is one:
-    when a run's controller dies without stopping (Ray Tune stops a trial: ASHA, PBT, a trial's end), it asks the
-    State API whether the controller is alive and then removes the run's placement group. With another Ray on the
-    machine its lookup fails (ConnectionError "Found multiple active Ray instances", which it does not catch) or
-    asks the other Ray, and the group's CPUs stay held until the sweep ends: the next trials wait for them and
-    fail. The processes of a local Ray inherit this process's environment when `ray.init` starts them, so the
-    variable is set for the start only and this process's own environment is left as it was.
+    newest `ray start` on the machine, else the only GCS process running. Ray Train's PlacementGroupCleaner is
+    one: when a run's controller dies without stopping (Ray Tune ends a trial early: ASHA stops it, PBT pauses
+    it), it asks the State API whether the controller is alive and then removes the run's placement group. With
+    another Ray on the machine its lookup fails (ConnectionError "Found multiple active Ray instances", which it
+    does not catch) or asks the other Ray, and the group's CPUs stay held until the sweep ends: the next trials
+    wait for them and fail. The processes of a local Ray inherit this process's environment when `ray.init`
+    starts them, so the variable is set for the start only and this process's own environment is left as it was.
     """
-    with socket.socket() as s:  # free now; Ray refuses the start if another process takes it meanwhile
+    with socket.socket() as s:  # free now (taken in the moment before Ray binds it, Ray starts without a dashboard)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     before = os.environ.get(API_SERVER_ENV)

@@ -239,6 +239,17 @@ class TrialRelay(UserCallback):
         self.queue.put((dict(metrics[0]), path))
 
 
+def late_epochs(summary: dict, reported: int) -> list[tuple[dict, str | None]]:
+    """The epochs of a trial's finished run after epoch `reported` (Tune never saw them), each with the checkpoint
+    folder to report beside it: the run's last checkpoint beside its last epoch, None beside the others. The folder
+    keeps an `s3://` scheme (a `Path` folds `s3://b` into `s3:/b`, which Tune's Checkpoint refused: "Missing bucket
+    name in S3 URI", the trial failed)."""
+    last = summary.get("last_checkpoint")
+    folder = last.rsplit("/", 1)[0] if last else None
+    late = [h for h in summary.get("history", []) if h["epoch"] > reported]
+    return [(h, folder if i == len(late) - 1 else None) for i, h in enumerate(late)]
+
+
 def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | None = None) -> None:
     """Tune's function trainable: one DDP training run with this trial's hyperparameters."""
     from ray import tune
@@ -289,10 +300,8 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
         last = summary["history"][-1]["epoch"]
         reported = last - 1 if reported is None else min(reported, last - 1)
     if reported is not None:  # the run had finished before Tune paused the trial: report what Tune missed
-        ckpt_dir = str(Path(summary["last_checkpoint"]).parent) if summary.get("last_checkpoint") else None
-        late = [h for h in summary.get("history", []) if h["epoch"] > reported]
-        for i, h in enumerate(late):
-            report(h, ckpt_dir if i == len(late) - 1 else None)
+        for h, path in late_epochs(summary, reported):
+            report(h, path)
     if "error" in outcome:
         raise outcome["error"]
     if summary.get("error"):

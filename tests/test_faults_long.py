@@ -1,0 +1,197 @@
+"""Issue 22's fault cells that cost minutes each, outside the default run (the suite's budget is 30 minutes on 2
+cores): run them with
+
+    RAYTRAIN_YOLO_LONG_FAULTS=1 python -m pytest tests/test_faults_long.py
+
+(about 10 minutes on 2 cores; what they found is in experiments/faults.md). Each is a real run, as the suite's
+cells are: the namespace cluster of cluster/local-multinode.sh with its shared folder and MLflow server, or a local
+Ray with moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port, load_summary, start_cli, train_worker_pids, train_workers, wait_for
+from multinode import start_cluster, stop_cluster, why_not_supported
+from test_datasync import MOTO, S3_ENV
+from test_hpo import DATA, SPACE, mirror, write_space
+from test_multinode import check_every_epoch_once, check_two_nodes, latest_epoch, run_losing_node_2, run_text
+from raytrain_yolo.core.config import SyntheticSpec
+from raytrain_yolo.data.synthetic import ensure_synthetic
+
+pytestmark = pytest.mark.skipif(os.environ.get("RAYTRAIN_YOLO_LONG_FAULTS") != "1",
+                                reason="long fault cells: set RAYTRAIN_YOLO_LONG_FAULTS=1")
+multinode = pytest.mark.skipif(why_not_supported() is not None, reason=str(why_not_supported()))
+
+
+@pytest.fixture(scope="module")
+def mn():
+    """The namespace cluster of cluster/local-multinode.sh (head, two worker nodes, shared folder, MLflow, moto)."""
+    c = start_cluster()
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+def shared_data(cluster):
+    """The synthetic set on the cluster's shared folder (the same path on every node), once per cluster."""
+    data = cluster.shared / "datasets" / "shapes"
+    if not data.exists():
+        src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
+        shutil.copytree(src, data)
+        (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
+    return data / "data.yaml"
+
+
+@multinode
+def test_worker_node_down_90_s_at_the_defaults(mn):
+    """A node replaced slowly, at the defaults (60-s worker-group start timeout, --restart-wait 600): node 2 is down
+    90 s after the first checkpoint, then back; the run resumes on both nodes and every epoch is printed."""
+    cluster = mn
+    storage, epochs = str(cluster.shared / "runs"), 4
+    text = run_losing_node_2(cluster, "slow", epochs, "--num-workers", 2, "--max-failures", 1, down_s=90,
+                             data=(f"data={shared_data(cluster)}", "batch=16"), storage=storage)
+    s = check_every_epoch_once(cluster, "slow", epochs, storage)
+    check_two_nodes(cluster, s)
+    assert all(f"epoch {e}/{epochs}" in text for e in range(1, epochs + 1)), text[-3000:]
+
+
+@multinode
+def test_worker_killed_before_then_after_the_first_checkpoint_on_the_shared_folder(mn):
+    """--max-failures 2 on the shared folder: node 2's Train worker is SIGKILLed once rank 0 has started training
+    (its Ultralytics arguments logged to MLflow) and before any checkpoint: the retry starts over; then again once
+    the new group has registered a checkpoint: the retry resumes from it. One MLflow run, each epoch once."""
+    cluster = mn
+    storage, epochs, name = str(cluster.shared / "runs"), 4, "twice"
+    log = cluster.dir / f"{name}.log"
+    run_log = cluster.shared / "runs" / name / "run.log"
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={shared_data(cluster)}", "batch=16", "imgsz=64",
+           f"epochs={epochs}", "--num-workers", 2, "--max-failures", 2, "--storage-path", storage, "--name", name,
+           "--tracking-uri", cluster.tracking_uri)
+    fit = cluster.start_on_head(*cmd, log_path=log)
+    try:
+        wait_for(lambda: (run_log.exists() and "Starting training for" in run_log.read_text(errors="replace"))
+                 or fit.poll() is not None, 300, interval=0.2, what="rank 0 training")
+        assert fit.poll() is None and latest_epoch(cluster, name, storage) == 0, log.read_text()[-3000:]
+        first = wait_for(lambda: train_workers(cluster.node_pids(2)), 30, what="node 2's worker")
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 300,
+                 what="a checkpoint of the restarted group")
+        assert fit.poll() is None, log.read_text()[-3000:]
+        second = wait_for(lambda: [p for p in train_workers(cluster.node_pids(2)) if p not in first], 30,
+                          what="node 2's new worker")
+        os.kill(second[0], signal.SIGKILL)
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    assert rc == 0, log.read_text()[-4000:]
+    s = check_every_epoch_once(cluster, name, epochs, storage)
+    check_two_nodes(cluster, s)
+    assert run_text(cluster, storage, f"{name}/run.log").count("Starting training for") >= 3  # three groups
+
+
+@pytest.fixture
+def moto(tmp_path):
+    """A moto S3 server of this test's own (its pid, to SIGSTOP it), a bucket `b`, and the keys in os.environ."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        client = boto3.client("s3")
+
+        def bucket_made():
+            try:
+                client.create_bucket(Bucket="b")
+                return True
+            except Exception:  # noqa: BLE001 - the server is still starting
+                return False
+
+        wait_for(bucket_made, 60, what="moto_server")
+        yield proc, client
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="b", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_asha_sweep_on_s3_loses_a_worker_mid_trial(moto, tmp_path, seed_model):
+    """ASHA, 3 trials one after the other, storage in `s3://`, --max-failures 1: once a trial has a checkpoint in
+    the bucket its Train worker is SIGKILLed; that trial's run restarts from the bucket and the sweep completes, with
+    the best trial's best.pt copied beside the sweep."""
+    _, client = moto
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = start_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1,
+                     "--scheduler", "asha", "--space", write_space(tmp_path, SPACE), *DATA, "epochs=3",
+                     f"model={seed_model}", "--max-failures", 1, "--storage-path", "s3://b/sweeps", "--name", "asha",
+                     "--tracking-uri", uri, log_path=tmp_path / "tune.log")
+    try:
+        def checkpointed():
+            return sorted({k.split("/")[3] for k in keys(client, "sweeps/asha/trials/") if "/checkpoint_" in k})
+
+        first = wait_for(lambda: checkpointed() or proc.poll() is not None, 600, what="a trial's checkpoint")
+        victims = wait_for(lambda: train_worker_pids(proc.pid) or proc.poll() is not None, 60, what="a Train worker")
+        assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
+        os.kill(victims[0], signal.SIGKILL)
+        rc = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, (tmp_path / "tune.log").read_text()[-4000:]
+    run_dir = mirror(client, "b", "sweeps/asha", tmp_path / "asha")
+    rows = {r["trial"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
+    assert len(rows) == 3 and all(r["status"] in ("finished", "stopped early") for r in rows.values()), rows
+    killed = load_summary(run_dir / "trials", first[0])
+    assert [h["epoch"] for h in killed["history"]] == list(range(1, len(killed["history"]) + 1)), killed["history"]
+    if killed["epochs_completed"] > 1:  # it went on after the loss: from the bucket's checkpoint
+        assert killed["resumed_from_epoch"] >= 1, killed
+    assert "sweeps/asha/best.pt" in keys(client, "sweeps/asha/best.pt")
+
+
+def test_s3_endpoint_stopped_30_s_mid_run(moto, tmp_path):
+    """The S3 endpoint stops answering (SIGSTOP: connections open, nothing answers) for 30 s once the first
+    checkpoint is in the bucket, then goes on (SIGCONT): the run waits for it and completes without a restart."""
+    server, client = moto
+    epochs = 4
+    proc = start_cli("fit", "--cpu", "--num-workers", 2, "--synthetic-train", 32, "--synthetic-val", 8, "imgsz=64",
+                     f"epochs={epochs}", "--max-failures", 1, "--storage-path", "s3://b/runs", "--name", "stop",
+                     "--no-tracking", log_path=tmp_path / "fit.log")
+    try:
+        wait_for(lambda: [k for k in keys(client, "runs/stop/") if k.endswith("last.pt")] or proc.poll() is not None,
+                 600, what="the first checkpoint")
+        assert proc.poll() is None, (tmp_path / "fit.log").read_text()[-3000:]
+        server.send_signal(signal.SIGSTOP)
+        time.sleep(30)
+        server.send_signal(signal.SIGCONT)
+        rc = proc.wait(timeout=600)
+    finally:
+        server.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, (tmp_path / "fit.log").read_text()[-4000:]
+    mirror(client, "b", "runs/stop", tmp_path / "stop")
+    summary = load_summary(tmp_path, "stop")
+    assert summary["epochs_completed"] == epochs and not summary["error"], summary
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))
+    assert not summary["resumed_from_epoch"], "no restart: the uploads waited for the endpoint"
+
