@@ -10,6 +10,7 @@ Ray with moto's S3 server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, load_summary, start_cli, train_worker_pids, train_workers, wait_for
+from conftest import (SNAPSHOT, free_port, load_summary, registered_in, start_cli, train_worker_pids, train_workers,
+                      wait_for)
 from multinode import start_cluster, stop_cluster, why_not_supported
 from test_datasync import MOTO, S3_ENV
 from test_hpo import DATA, SPACE, mirror, write_space
@@ -103,7 +105,7 @@ def test_worker_killed_before_then_after_the_first_checkpoint_on_the_shared_fold
 
 @pytest.fixture
 def moto(tmp_path):
-    """A moto S3 server of this test's own (its pid, to SIGSTOP it), a bucket `b`, and the keys in os.environ."""
+    """A moto S3 server of this test's own (its pid, to SIGSTOP it), a bucket `faults`, and the keys in os.environ."""
     import boto3
 
     port = free_port()
@@ -116,7 +118,7 @@ def moto(tmp_path):
 
         def bucket_made():
             try:
-                client.create_bucket(Bucket="b")
+                client.create_bucket(Bucket="faults")
                 return True
             except Exception:  # noqa: BLE001 - the server is still starting
                 return False
@@ -131,41 +133,52 @@ def moto(tmp_path):
 
 
 def keys(client, prefix: str) -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket="b", Prefix=prefix)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="faults", Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_asha_sweep_on_s3_loses_a_worker_mid_trial(moto, tmp_path, seed_model):
-    """ASHA, 3 trials one after the other, storage in `s3://`, --max-failures 1: once a trial has a checkpoint in
-    the bucket its Train worker is SIGKILLed; that trial's run restarts from the bucket and the sweep completes, with
-    the best trial's best.pt copied beside the sweep."""
+    """ASHA, 3 trials one after the other, storage in `s3://`, --max-failures 1: once the first trial (which ASHA
+    cannot stop: nothing to compare it with yet) has its first checkpoint in the bucket, its Train worker is
+    SIGKILLed; its run restarts from the bucket's checkpoint, and the sweep completes with the best trial's best.pt
+    copied beside it."""
     _, client = moto
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 3
     proc = start_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 3, "--max-concurrent", 1,
-                     "--scheduler", "asha", "--space", write_space(tmp_path, SPACE), *DATA, "epochs=3",
-                     f"model={seed_model}", "--max-failures", 1, "--storage-path", "s3://b/sweeps", "--name", "asha",
-                     "--tracking-uri", uri, log_path=tmp_path / "tune.log")
+                     "--scheduler", "asha", "--space", write_space(tmp_path, SPACE), *DATA, f"epochs={epochs}",
+                     f"model={seed_model}", "--max-failures", 1, "--storage-path", "s3://faults/sweeps",
+                     "--name", "asha", "--tracking-uri", uri, log_path=tmp_path / "tune.log")
     try:
-        def checkpointed():
-            return sorted({k.split("/")[3] for k in keys(client, "sweeps/asha/trials/") if "/checkpoint_" in k})
+        def first_trial_checkpointed():  # the only trial so far has a registered checkpoint and no summary yet
+            found = [k.split("/")[3:5] for k in keys(client, "sweeps/asha/trials/") if k.count("/") >= 4]
+            trials = {t for t, _ in found}
+            names = {f for _, f in found}
+            if len(trials) != 1 or "summary.json" in names or SNAPSHOT not in names:
+                return None
+            (trial,) = trials
+            body = client.get_object(Bucket="faults", Key=f"sweeps/asha/trials/{trial}/{SNAPSHOT}")["Body"].read()
+            return [trial] if registered_in(json.loads(body)) else None
 
-        first = wait_for(lambda: checkpointed() or proc.poll() is not None, 600, what="a trial's checkpoint")
+        first = wait_for(lambda: first_trial_checkpointed() or proc.poll() is not None, 600, interval=0.2,
+                         what="the first trial's checkpoint")
         victims = wait_for(lambda: train_worker_pids(proc.pid) or proc.poll() is not None, 60, what="a Train worker")
         assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
+        assert not keys(client, f"sweeps/asha/trials/{first[0]}/summary.json"), "the first trial ended before the fault"
         os.kill(victims[0], signal.SIGKILL)
         rc = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc == 0, (tmp_path / "tune.log").read_text()[-4000:]
-    run_dir = mirror(client, "b", "sweeps/asha", tmp_path / "asha")
+    run_dir = mirror(client, "faults", "sweeps/asha", tmp_path / "asha")
     rows = {r["trial"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
     assert len(rows) == 3 and all(r["status"] in ("finished", "stopped early") for r in rows.values()), rows
     killed = load_summary(run_dir / "trials", first[0])
-    assert [h["epoch"] for h in killed["history"]] == list(range(1, len(killed["history"]) + 1)), killed["history"]
-    if killed["epochs_completed"] > 1:  # it went on after the loss: from the bucket's checkpoint
-        assert killed["resumed_from_epoch"] >= 1, killed
-    assert "sweeps/asha/best.pt" in keys(client, "sweeps/asha/best.pt")
+    assert killed["resumed_from_epoch"] and killed["resumed_from_epoch"] >= 1, killed
+    assert [h["epoch"] for h in killed["history"]] == list(range(1, epochs + 1)), killed["history"]
+    assert rows[first[0]]["status"] == "finished"
+    assert keys(client, "sweeps/asha/best.pt") == ["sweeps/asha/best.pt"]
 
 
 def test_s3_endpoint_stopped_30_s_mid_run(moto, tmp_path):
@@ -174,7 +187,7 @@ def test_s3_endpoint_stopped_30_s_mid_run(moto, tmp_path):
     server, client = moto
     epochs = 4
     proc = start_cli("fit", "--cpu", "--num-workers", 2, "--synthetic-train", 32, "--synthetic-val", 8, "imgsz=64",
-                     f"epochs={epochs}", "--max-failures", 1, "--storage-path", "s3://b/runs", "--name", "stop",
+                     f"epochs={epochs}", "--max-failures", 1, "--storage-path", "s3://faults/runs", "--name", "stop",
                      "--no-tracking", log_path=tmp_path / "fit.log")
     try:
         wait_for(lambda: [k for k in keys(client, "runs/stop/") if k.endswith("last.pt")] or proc.poll() is not None,
@@ -189,7 +202,7 @@ def test_s3_endpoint_stopped_30_s_mid_run(moto, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc == 0, (tmp_path / "fit.log").read_text()[-4000:]
-    mirror(client, "b", "runs/stop", tmp_path / "stop")
+    mirror(client, "faults", "runs/stop", tmp_path / "stop")
     summary = load_summary(tmp_path, "stop")
     assert summary["epochs_completed"] == epochs and not summary["error"], summary
     assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))
