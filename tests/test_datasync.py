@@ -3,6 +3,7 @@ again when the bucket changes. A real S3 API (moto's standalone server on 127.0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEF
           "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+@contextlib.contextmanager
+def moto_server(bucket: str):
+    """moto's S3 server on a free port of 127.0.0.1 with `bucket` made, its endpoint and keys in os.environ (as
+    before, after): (the server's Popen, a boto3 client)."""
     if not MOTO.exists():
         pytest.skip("needs moto_server (pip install -e '.[test]')")
     port = free_port()
@@ -36,18 +39,24 @@ def s3(tmp_path_factory):
 
         def bucket_made():
             try:
-                client.create_bucket(Bucket="datasets")
+                client.create_bucket(Bucket=bucket)
                 return True
             except Exception:  # noqa: BLE001 - the server is still starting
                 return False
 
         wait_for(bucket_made, 60, what="moto_server")
-        yield client
+        yield proc, client
     finally:
         proc.kill()
         proc.wait()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_server("datasets") as (_, client):
+        yield client
 
 
 def upload(client, src: Path, prefix: str) -> None:

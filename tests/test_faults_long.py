@@ -14,17 +14,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (SNAPSHOT, free_port, load_summary, registered_in, start_cli, train_worker_pids, train_workers,
+from conftest import (SNAPSHOT, load_summary, registered_in, start_cli, train_worker_pids, train_workers,
                       wait_for)
 from multinode import start_cluster, stop_cluster, why_not_supported
-from test_datasync import MOTO, S3_ENV
+from test_datasync import moto_server
 from test_hpo import DATA, SPACE, mirror, write_space
 from test_multinode import check_every_epoch_once, check_two_nodes, latest_epoch, run_losing_node_2, run_text
 from raytrain_yolo.core.config import SyntheticSpec
@@ -104,32 +103,10 @@ def test_worker_killed_before_then_after_the_first_checkpoint_on_the_shared_fold
 
 
 @pytest.fixture
-def moto(tmp_path):
-    """A moto S3 server of this test's own (its pid, to SIGSTOP it), a bucket `faults`, and the keys in os.environ."""
-    import boto3
-
-    port = free_port()
-    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    try:
-        client = boto3.client("s3")
-
-        def bucket_made():
-            try:
-                client.create_bucket(Bucket="faults")
-                return True
-            except Exception:  # noqa: BLE001 - the server is still starting
-                return False
-
-        wait_for(bucket_made, 60, what="moto_server")
-        yield proc, client
-    finally:
-        proc.kill()
-        proc.wait()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+def moto():
+    """A moto S3 server of this test's own (its Popen, to SIGSTOP it) with a bucket `faults`; a boto3 client."""
+    with moto_server("faults") as server:
+        yield server
 
 
 def keys(client, prefix: str) -> list[str]:
