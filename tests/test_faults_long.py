@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,9 +24,8 @@ from conftest import (SNAPSHOT, load_summary, registered_in, start_cli, train_wo
 from multinode import start_cluster, stop_cluster, why_not_supported
 from test_datasync import moto_server
 from test_hpo import DATA, SPACE, mirror, write_space
-from test_multinode import check_every_epoch_once, check_two_nodes, latest_epoch, run_losing_node_2, run_text
-from raytrain_yolo.core.config import SyntheticSpec
-from raytrain_yolo.data.synthetic import ensure_synthetic
+from test_multinode import (check_every_epoch_once, check_two_nodes, latest_epoch, run_losing_node_2, run_text,
+                            shared_data)
 
 pytestmark = pytest.mark.skipif(os.environ.get("RAYTRAIN_YOLO_LONG_FAULTS") != "1",
                                 reason="long fault cells: set RAYTRAIN_YOLO_LONG_FAULTS=1")
@@ -42,16 +40,6 @@ def mn():
         yield c
     finally:
         stop_cluster(c)
-
-
-def shared_data(cluster):
-    """The synthetic set on the cluster's shared folder (the same path on every node), once per cluster."""
-    data = cluster.shared / "datasets" / "shapes"
-    if not data.exists():
-        src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
-        shutil.copytree(src, data)
-        (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
-    return data / "data.yaml"
 
 
 @multinode

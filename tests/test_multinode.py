@@ -252,6 +252,17 @@ def stored_checkpoints(cluster, name: str, storage: str) -> set[str]:
     return {p.name for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir()}
 
 
+def shared_data(cluster) -> Path:
+    """data.yaml of a 32-image synthetic set on the cluster's shared folder (the same path on every node), copied
+    there once per cluster."""
+    data = cluster.shared / "datasets" / "shapes"
+    if not data.exists():
+        src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
+        shutil.copytree(src, data)
+        (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
+    return data / "data.yaml"
+
+
 def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch: bool = False, down_s: float = 0,
                       env: dict | None = None, data: tuple = ("--synthetic-train", 32, "--synthetic-val", 8),
                       storage: str = S3_RUNS, then_lose_driver: bool = False) -> str:
@@ -383,15 +394,12 @@ def test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns(
     a controller's resource request until it expires, 180 s after the controller last renewed it, and a lost
     driver's controller never cancels its own; an elastic run started in that time found resources "ready for 0
     workers" and waited (measured: 160 s, when the elastic test ran after this one)."""
-    src = ensure_synthetic(SyntheticSpec(train=32, val=8, imgsz=64)).parent
-    data = cluster.shared / "datasets" / "shapes"
-    shutil.copytree(src, data)
-    (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
+    data = shared_data(cluster)
     storage, epochs = str(cluster.shared / "runs"), 5
     run_losing_node_2(cluster, "fixed", epochs, "--num-workers", 2, "--max-failures", 1, "--restart-wait", 120,
                       down_s=12, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"},
-                      data=(f"data={data / 'data.yaml'}", "batch=16"), storage=storage, then_lose_driver=True)
+                      data=(f"data={data}", "batch=16"), storage=storage, then_lose_driver=True)
     s = check_every_epoch_once(cluster, "fixed", epochs, storage)
     assert s["resumed_from_epoch"] >= 2, "the rerun resumes from the restarted group's checkpoint"
-    assert s["train_args"]["data"] == str(data / "data.yaml")
+    assert s["train_args"]["data"] == str(data)
     check_two_nodes(cluster, s)

@@ -124,12 +124,10 @@ def _time_batches(loader, steps: int, cuda: bool) -> tuple[float, int, float]:
 
 def _one_process_group(cuda: bool) -> None:
     """A world of one process, so DDP's per-step overhead can be measured on one device."""
-    import socket
-
     import torch.distributed as dist
 
+    from raytrain_yolo.core.cluster import free_local_port
+
     if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0,
+                                world_size=1)

@@ -58,9 +58,7 @@ def _own_state_api():
     wait for them and fail. The processes of a local Ray inherit this process's environment when `ray.init`
     starts them, so the variable is set for the start only and this process's own environment is left as it was.
     """
-    with socket.socket() as s:  # free now (taken in the moment before Ray binds it, Ray starts without a dashboard)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()  # (taken in the moment before Ray binds it, Ray starts without a dashboard)
     before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     try:
@@ -70,6 +68,13 @@ def _own_state_api():
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = before
+
+
+def free_local_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (the OS picks it; another process may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _check_answers(address: str, timeout: float = 5.0) -> None:
