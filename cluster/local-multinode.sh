@@ -9,6 +9,8 @@
 #   sudo cluster/local-multinode.sh exec 2 -- CMD...   # ... or on worker node 2
 #   sudo cluster/local-multinode.sh node-down 2        # worker node 2 dies: every process in it is killed
 #   sudo cluster/local-multinode.sh node-up 2          # ... and comes back (a fresh raylet joins the head)
+#   sudo cluster/local-multinode.sh mlflow-down        # the MLflow server is killed (an outage, a redeploy)
+#   sudo cluster/local-multinode.sh mlflow-up          # ... and starts again on the same store
 #   sudo cluster/local-multinode.sh down               # stop everything; leaves no process, namespace or link
 #
 # What each node gets:
@@ -204,14 +206,22 @@ while True:
             raise
         time.sleep(0.5)
 EOF
+    ) || die "moto's S3 server did not come up on $HOST_IP:$S3_PORT (see $DIR/logs/moto.log)"
+    start_mlflow
+}
+
+start_mlflow() {  # the MLflow server, on its store in $DIR (also after mlflow-down: a restart keeps every run)
+    (
+        eval "$(cluster_env)"
+        cd "$DIR"
         # Artifacts are proxied by the server into the object store: clients need no S3 credentials for them.
         # Tracking only: MLflow's server-side job runner (six huey consumers, ~15 s of CPU to start) stays off.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
         setsid "$BIN/mlflow" server --host "$HOST_IP" --port "$MLFLOW_PORT" --workers 1 \
             --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "s3://mlflow/artifacts" \
-            </dev/null >"$DIR/logs/mlflow.log" 2>&1 &
+            </dev/null >>"$DIR/logs/mlflow.log" 2>&1 &
         echo $! >"$DIR/mlflow.pid"
-    ) || die "moto's S3 server did not come up on $HOST_IP:$S3_PORT (see $DIR/logs/moto.log)"
+    )
 }
 
 wait_mlflow() {  # the MLflow server start_services launched answers (it boots while the Ray nodes start)
@@ -308,5 +318,16 @@ case "$cmd" in
         start_ray "$1"
         echo "node $1 ($(node_ip "$1")) is up again"
         ;;
-    *) die "usage: $0 up|down|env|exec [NODE] -- CMD...|node-down N|node-up N" ;;
+    mlflow-down)
+        [[ -f "$DIR/mlflow.pid" ]] || die "no MLflow server of cluster $NAME is running"
+        stop_pidfile "$DIR/mlflow.pid"
+        echo "the MLflow server ($HOST_IP:$MLFLOW_PORT) is down: killed"
+        ;;
+    mlflow-up)
+        [[ ! -f "$DIR/mlflow.pid" ]] || die "the MLflow server of cluster $NAME is running: $0 mlflow-down first"
+        start_mlflow
+        wait_mlflow
+        echo "the MLflow server ($HOST_IP:$MLFLOW_PORT) is up again, on the same store"
+        ;;
+    *) die "usage: $0 up|down|env|exec [NODE] -- CMD...|node-down N|node-up N|mlflow-down|mlflow-up" ;;
 esac

@@ -24,30 +24,54 @@ def sqlite_run(tmp_path):
 
 
 def test_a_retry_logs_the_ultralytics_arguments_again_without_failing(tmp_path):
-    """With --storage-path s3://..., each attempt's Ultralytics `project` is a new temporary folder. A worker lost
-    after the first attempt logged its arguments, but before the first checkpoint, retries with another one:
-    MLflow refuses to change a logged value, and each retry failed until --max-failures was spent."""
-    import shutil
-
+    """With --storage-path s3://..., rank 0's Ultralytics `project` is a folder of its node's temp folder: a retry
+    on another node (another temp folder) logs another value. A worker lost after the first attempt logged its
+    arguments, but before the first checkpoint, retried that way: MLflow refuses to change a logged value (until
+    2026-12-01 every attempt had a new temporary folder), and each retry failed until --max-failures was spent."""
     from ultralytics.cfg import get_cfg
 
     from raytrain_yolo.core.tracking import log_params
-    from raytrain_yolo.train.worker import local_save_project
 
     client, run_id = sqlite_run(tmp_path)
-    spec = RunSpec(storage_path="s3://bucket/runs", name="retry")
-    attempts = [local_save_project(spec) for _ in range(2)]  # what each attempt's rank 0 trains into
-    try:
-        assert attempts[0] != attempts[1]
-        for project in attempts:
-            args = get_cfg(overrides={"model": "yolo26n.yaml", "epochs": 2, "project": project, "name": "train"})
-            args.save_dir = f"{project}/train"  # as Ultralytics' trainer sets it
-            log_params(client, run_id, {**vars(args), "data/train_images": 16})
-    finally:
-        for project in attempts:
-            shutil.rmtree(project, ignore_errors=True)
+    attempts = [str(tmp_path / node / "raytrain-yolo-0123456789ab" / "rank0") for node in ("node-a", "node-b")]
+    for project in attempts:
+        args = get_cfg(overrides={"model": "yolo26n.yaml", "epochs": 2, "project": project, "name": "train"})
+        args.save_dir = f"{project}/train"  # as Ultralytics' trainer sets it
+        log_params(client, run_id, {**vars(args), "data/train_images": 16})
     params = client.get_run(run_id).data.params
     assert params["project"] == attempts[0] and params["epochs"] == "2" and params["data/train_images"] == "16"
+
+
+def test_a_runs_scratch_folder_is_emptied_at_each_start_and_removed_at_the_end(tmp_path, monkeypatch):
+    """A worker's temporary files of a run (the checkpoint being staged, a restart's unpacked checkpoint, and with
+    --storage-path s3://... Ultralytics' own folder of weights and results.csv) live in one folder per run on each
+    node. Until 2026-12-01 every attempt made new ones and nothing removed Ultralytics' folder or what a killed
+    worker left (a long-tier cell found four after one restart on s3://, 21 MB each on rank 0; this machine had
+    225). Now each rank's entry is emptied when it is made, its entries go when its attempt ends, and the run's
+    whole folder once every rank is done; a local storage path keeps Ultralytics' folder: it is the run's own."""
+    import tempfile
+
+    from raytrain_yolo.train.worker import Scratch, save_project
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))  # this node's temp folder
+    (tmp_path / "node-tmp").mkdir()
+    spec = RunSpec(storage_path="s3://bucket/runs", name="r")
+    rank0, rank1 = Scratch.of(spec, 0), Scratch.of(spec, 1)
+    project = save_project(spec, rank0)
+    (project / "train" / "weights").mkdir(parents=True)
+    (project / "train" / "weights" / "last.pt").write_bytes(b"a killed attempt's weights")
+    rank0.fresh("checkpoint")
+    assert save_project(spec, rank0) == project and not any(project.iterdir()), "the next attempt starts empty"
+    assert save_project(spec, rank1) != project and rank1.root == rank0.root
+    other = Scratch.of(RunSpec(storage_path="s3://bucket/runs", name="other"), 0)
+    assert other.root != rank0.root and rank0.root.parent == tmp_path / "node-tmp"
+    other.fresh("checkpoint")
+    rank1.drop_rank()
+    assert sorted(p.name for p in rank0.root.iterdir()) == ["rank0-checkpoint", "rank0-ultralytics"]
+    rank0.drop_run()
+    assert not rank0.root.exists() and other.root.exists()
+    local = RunSpec(storage_path=str(tmp_path / "runs"), name="r")
+    assert save_project(local, Scratch.of(local, 0)) == Path(local.run_dir)
 
 
 def test_save_false_is_refused_before_ray_starts(tmp_path):
@@ -170,6 +194,8 @@ def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):
     the run improved again. Rank 0 puts back best.pt and results.csv; other ranks write nothing."""
     from ray.train import Checkpoint
 
+    import tempfile
+
     from raytrain_yolo.train.worker import STATE_FILE, forget_restored, unpack
 
     ckpt = tmp_path / "checkpoint_000001"
@@ -178,12 +204,12 @@ def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):
     for name, data in (("last.pt", b"last"), ("best.pt", b"best"), ("results.csv", b"epoch\n1\n")):
         (ckpt / name).write_bytes(data)
     fresh = tmp_path / "attempt-2"  # this attempt's save_dir: empty, as on object storage
-    state = unpack(Checkpoint(str(ckpt)), fresh, rank=0)
+    state = unpack(Checkpoint(str(ckpt)), fresh, 0, Path(tempfile.mkdtemp()))
     assert (fresh / "weights" / "best.pt").read_bytes() == b"best"
     assert (fresh / "results.csv").read_bytes() == b"epoch\n1\n"
     assert state["epoch"] == 1 and open(state["last_pt"], "rb").read() == b"last"
     forget_restored(state)
-    other = unpack(Checkpoint(str(ckpt)), tmp_path / "rank-1", rank=1)
+    other = unpack(Checkpoint(str(ckpt)), tmp_path / "rank-1", 1, Path(tempfile.mkdtemp()))
     assert not (tmp_path / "rank-1").exists()
     forget_restored(other)
     assert not any(p.exists() for p in (Path(state["restored_dir"]), Path(other["restored_dir"])))

@@ -79,7 +79,7 @@ def test_worker_then_driver_killed_the_same_run_finishes_once(tmp_path, mlflow_s
                  what="a checkpoint after the restart, with the tracking server cut")
         assert fit.poll() is None, log.read_text()[-3000:]
         restarted = set(train_worker_pids(fit.pid))
-        left = [p.name for p in worker_tmp.glob("raytrain-yolo-resume-*")]
+        left = [p.name for p in worker_tmp.glob("raytrain-yolo-*/rank*-restored")]
     finally:
         os.killpg(fit.pid, signal.SIGKILL)  # the driver and the local Ray it started: a lost head machine
         fit.wait(timeout=60)

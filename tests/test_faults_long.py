@@ -15,17 +15,19 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (SNAPSHOT, load_summary, registered_in, start_cli, train_worker_pids, train_workers,
-                      wait_for)
+from conftest import (SNAPSHOT, load_summary, mlflow_runs, registered_in, start_cli, train_worker_pids,
+                      train_workers, wait_for)
 from multinode import start_cluster, stop_cluster, why_not_supported
 from test_datasync import moto_server
+from test_faults import registered_checkpoints
 from test_hpo import DATA, SPACE, mirror, write_space
-from test_multinode import (check_every_epoch_once, check_two_nodes, latest_epoch, run_losing_node_2, run_text,
-                            shared_data)
+from test_multinode import (S3_RUNS, check_every_epoch_once, check_two_nodes, latest_epoch, run_exists,
+                            run_losing_node_2, run_text, shared_data)
 
 pytestmark = pytest.mark.skipif(os.environ.get("RAYTRAIN_YOLO_LONG_FAULTS") != "1",
                                 reason="long fault cells: set RAYTRAIN_YOLO_LONG_FAULTS=1")
@@ -90,6 +92,159 @@ def test_worker_killed_before_then_after_the_first_checkpoint_on_the_shared_fold
     assert run_text(cluster, storage, f"{name}/run.log").count("Starting training for") >= 3  # three groups
 
 
+def mlflow_service(cluster, action: str) -> None:
+    """`local-multinode.sh mlflow-down` (the server killed) or `mlflow-up` (started again on the same store)."""
+    done = cluster.script(f"mlflow-{action}", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def start_tracked_fit(cluster, name: str, epochs: int, storage: str, env: dict | None = None):
+    """2 workers (one per worker node) on the shared folder's data, logging to the cluster's MLflow server; the
+    driver on the head. Returns (Popen, its log)."""
+    log = cluster.dir / f"{name}.log"
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={shared_data(cluster)}", "batch=16", "imgsz=64",
+           f"epochs={epochs}", "--num-workers", 2, "--storage-path", storage, "--name", name,
+           "--tracking-uri", cluster.tracking_uri)
+    return cluster.start_on_head(*cmd, log_path=log, env=env), log
+
+
+def storage_of(cluster, where: str) -> str:
+    """The `--storage-path` of a cell: the cluster's shared folder or its bucket."""
+    return str(cluster.shared / "runs") if where == "shared" else S3_RUNS
+
+
+@multinode
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_mlflow_server_down_60_s_and_back(mn, where):
+    """The MLflow server killed once the first checkpoint is registered and started again 60 s later on the same
+    store (a redeploy), while 2 workers on 2 nodes train with checkpoints on the shared folder or in `s3://`.
+    Training never waits for it; the console says once that it does not answer and once that it answers again;
+    what it missed arrives (rank 0 waits for MLflow's own retries once, at the end): one FINISHED run with each
+    epoch once, nothing in `tracking_unsent`, no restart."""
+    cluster = mn
+    storage, epochs, name = storage_of(cluster, where), 6, f"mlflow-back-{where}"
+    fit, log = start_tracked_fit(cluster, name, epochs, storage)
+    down = False
+    try:
+        wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 300,
+                 what="the first checkpoint")
+        assert fit.poll() is None, log.read_text()[-3000:]
+        mlflow_service(cluster, "down")
+        down, at_cut = True, latest_epoch(cluster, name, storage)
+        time.sleep(60)
+        trained = latest_epoch(cluster, name, storage)
+        assert fit.poll() is None, "the run ended while the server was down:\n" + log.read_text()[-3000:]
+        mlflow_service(cluster, "up")
+        down = False
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+        if down:
+            mlflow_service(cluster, "up")
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert trained == epochs or trained >= at_cut + 2, (at_cut, trained)  # training did not wait for the server
+    assert text.count("does not answer") == 1 and text.count("answers again; sent") == 1, text[-3000:]
+    s = check_every_epoch_once(cluster, name, epochs, storage, restarted=False)
+    check_two_nodes(cluster, s)
+    assert not s["tracking_unsent"], s["tracking_unsent"]
+
+
+@multinode
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_mlflow_server_gone_for_good(mn, where):
+    """The MLflow server killed once the first checkpoint (on the shared folder or in `s3://`) is registered, and
+    not back before the run ends: training completes on both nodes, exit 0; the console says once that the server
+    does not answer, and that the run did not get its summary; the summary names exactly the epochs the server
+    lacks and the run's end. MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 on the driver (handed to rank 0): no waiting out
+    MLflow's backoff at the end."""
+    cluster = mn
+    storage, epochs, name = storage_of(cluster, where), 4, f"mlflow-gone-{where}"
+    fit, log = start_tracked_fit(cluster, name, epochs, storage, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    down = False
+    try:
+        wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 300,
+                 what="the first checkpoint")
+        assert fit.poll() is None, log.read_text()[-3000:]
+        mlflow_service(cluster, "down")
+        down = True
+        rc = fit.wait(timeout=300)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+        if down:
+            mlflow_service(cluster, "up")  # the server's view, and the module's later cells
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert text.count("training goes on") == 1 and "did not get summary.json" in text, text[-3000:]
+    s = json.loads(run_text(cluster, storage, f"{name}/summary.json"))
+    assert s["epochs_completed"] == epochs and not s["error"] and not s["resumed_from_epoch"], s
+    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1))
+    last = s["last_checkpoint"][len(storage) + 1:]
+    assert run_exists(cluster, storage, last) and run_exists(cluster, storage, last.replace("last.pt", "best.pt"))
+    check_two_nodes(cluster, s)
+    client, runs = mlflow_runs(cluster.tracking_uri)
+    (run,) = [r for r in runs if r.info.run_name == name]
+    sent = sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0"))
+    assert sent == list(range(1, len(sent) + 1)) and 1 <= len(sent) < epochs, sent
+    unsent = s["tracking_unsent"]
+    assert [u for u in unsent if u.endswith("'s metrics")] == [f"epoch {e}'s metrics"
+                                                               for e in range(len(sent) + 1, epochs + 1)], unsent
+    assert "run status FINISHED" in unsent and run.info.status == "RUNNING", (unsent, run.info.status)
+
+
+def our_temp_folders() -> set[str]:
+    """Our temporary folders in this machine's temp folder (a restore's unpacked checkpoint, a run's save folder
+    when the storage is `s3://`): a run must remove each one it made."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/raytrain-yolo-*"))
+
+
+def test_worker_killed_before_the_first_checkpoint_on_local_storage(tmp_path):
+    """A local Ray, 2 workers, checkpoints in a local folder, a real MLflow store, --max-failures 1: a Train worker
+    is SIGKILLed once rank 0 has started training (its Ultralytics arguments logged) and before any checkpoint.
+    The retry starts over in a new worker group, logs its arguments again without MLflow's refusal, and completes:
+    one FINISHED run, each epoch once, `best.pt` and `last.pt` in the final checkpoint, the stored checkpoint
+    folders exactly the registered ones, no temporary folder of ours left."""
+    before = our_temp_folders()
+    uri, epochs, name = f"sqlite:///{tmp_path / 'mlflow.db'}", 3, "early"
+    run_dir, log = tmp_path / name, tmp_path / "fit.log"
+    proc = start_cli("fit", "--cpu", "--num-workers", 2, "--no-validate-untrained", "--synthetic-train", 128,
+                     "--synthetic-val", 8, "imgsz=64", "batch=16", f"epochs={epochs}", "--max-failures", 1,
+                     "--storage-path", tmp_path, "--name", name, "--tracking-uri", uri, log_path=log)
+    try:
+        wait_for(lambda: ((run_dir / "run.log").exists()
+                          and "Starting training for" in (run_dir / "run.log").read_text(errors="replace"))
+                 or proc.poll() is not None, 300, interval=0.1, what="rank 0 training")
+        victims = train_worker_pids(proc.pid)
+        assert proc.poll() is None and victims and registered_checkpoints(run_dir) == 0, log.read_text()[-3000:]
+        os.kill(victims[0], signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, log.read_text()[-4000:]
+    s = load_summary(tmp_path, name)
+    assert s["epochs_completed"] == epochs and not s["error"] and s["world_size"] == 2, s["error"]
+    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
+    assert not s["resumed_from_epoch"], "there was no checkpoint to resume from: the retry starts over"
+    assert (run_dir / "run.log").read_text(errors="replace").count("Starting training for") >= 2  # two groups
+    last = Path(s["last_checkpoint"])
+    assert last.is_file() and (last.parent / "best.pt").is_file()
+    snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+    assert {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()} == set(registered_in(snapshot)), "stored = registered"
+    client, runs = mlflow_runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == s["mlflow_run_id"]
+    assert runs[0].data.params["epochs"] == str(epochs) and runs[0].data.params["data/train_images"] == "128"
+    for key in ("lr/pg0", "metrics/mAP50B", "train/box_loss"):
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    assert our_temp_folders() <= before, f"left in the temp folder: {our_temp_folders() - before}"
+
+
 @pytest.fixture
 def moto():
     """A moto S3 server of this test's own (its Popen, to SIGSTOP it) with a bucket `faults`; a boto3 client."""
@@ -144,6 +299,63 @@ def test_asha_sweep_on_s3_loses_a_worker_mid_trial(moto, tmp_path, seed_model):
     assert [h["epoch"] for h in killed["history"]] == list(range(1, epochs + 1)), killed["history"]
     assert rows[first[0]]["status"] == "finished"
     assert keys(client, "sweeps/asha/best.pt") == ["sweeps/asha/best.pt"]
+
+
+def test_worker_killed_after_the_first_checkpoint_on_s3(moto, tmp_path):
+    """A local Ray, 2 workers, checkpoints in `s3://` (moto), a real MLflow store, --max-failures 1: a Train worker
+    is SIGKILLed once Ray Train has registered the first checkpoint in the bucket. The new worker group resumes
+    from it (downloaded into a temporary folder, removed once Ultralytics has read it) and completes: each epoch
+    once in the history, `results.csv` and MLflow, one FINISHED run, `best.pt` and `last.pt` in the final
+    checkpoint, the stored checkpoint folders exactly the registered ones."""
+    import csv
+
+    _, client = moto
+    before = our_temp_folders()
+    # A name of its own: with `s3://` storage the run's log is appended to in this machine's temp folder.
+    uri, epochs, name = f"sqlite:///{tmp_path / 'mlflow.db'}", 4, f"after-{time.time_ns()}"
+    log = tmp_path / "fit.log"
+
+    def registered() -> list[str]:
+        try:
+            body = client.get_object(Bucket="faults", Key=f"runs/{name}/{SNAPSHOT}")["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return []
+        return registered_in(json.loads(body))
+
+    proc = start_cli("fit", "--cpu", "--num-workers", 2, "--no-validate-untrained", "--synthetic-train", 64,
+                     "--synthetic-val", 8, "imgsz=64", "batch=16", f"epochs={epochs}", "--max-failures", 1,
+                     "--storage-path", "s3://faults/runs", "--name", name, "--tracking-uri", uri, log_path=log)
+    try:
+        wait_for(lambda: registered() or proc.poll() is not None, 600, interval=0.2, what="the first checkpoint")
+        victims = train_worker_pids(proc.pid)
+        assert proc.poll() is None and victims, log.read_text()[-3000:]
+        os.kill(victims[0], signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, log.read_text()[-4000:]
+    mirror(client, "faults", f"runs/{name}", tmp_path / name)
+    s = load_summary(tmp_path, name)
+    assert s["epochs_completed"] == epochs and not s["error"] and s["world_size"] == 2, s["error"]
+    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
+    assert s["resumed_from_epoch"] and s["resumed_from_epoch"] >= 1, "the restart resumed from the bucket"
+    last = s["last_checkpoint"]
+    assert last.startswith(f"s3://faults/runs/{name}/checkpoint_") and last.endswith("/last.pt"), last
+    folder = last[len("s3://faults/"):-len("/last.pt")]
+    assert {f"{folder}/{f}" for f in ("best.pt", "last.pt", "results.csv")} <= set(keys(client, folder))
+    client.download_file("faults", f"{folder}/results.csv", str(tmp_path / "results.csv"))
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [int(float(r["epoch"])) for r in rows] == list(range(1, epochs + 1))
+    stored = {k.split("/")[2] for k in keys(client, f"runs/{name}/checkpoint_") if k.count("/") > 2}
+    assert stored == set(registered()), "the stored checkpoint folders are the registered ones"
+    mlflow_client, runs = mlflow_runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == s["mlflow_run_id"]
+    for key in ("lr/pg0", "metrics/mAP50B", "train/box_loss"):
+        steps = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    assert Path(s["log_file"]).read_text(errors="replace").count("Starting training for") >= 2  # two groups
+    assert our_temp_folders() <= before, f"left in the temp folder: {our_temp_folders() - before}"
 
 
 def test_s3_endpoint_stopped_30_s_mid_run(moto, tmp_path):

@@ -102,13 +102,16 @@ def test_val_and_predict_run_a_registered_model(registered, ray_local, tmp_path)
     # the registry's URI stays this call's: nothing later in this process (or its children) logs there by default
     assert os.environ.get("MLFLOW_TRACKING_URI") != uri
     assert by_name["model"] != s["best_checkpoint"] and by_name["model"].endswith("best.pt")  # the registry's copy
+    import tempfile  # downloaded once per model version into one cache folder (was a new temporary copy per job)
+
+    assert Path(by_name["model"]).is_relative_to(Path(tempfile.gettempdir()) / "raytrain-yolo-registry")
     assert by_name["images"] == 8
     assert_same_metrics(by_name["metrics"], ultralytics_val({**s, "last_checkpoint": s["best_checkpoint"]}, batch=4)[0])
 
     images = sorted(str(p) for p in (Path(s["data"]).parent / "images" / "val").glob("*.jpg"))
     out = tmp_path / "preds-name"
     summary = predict(f"models:/{NAME}/1", images, str(out), one, conf=CONF, batch=4, tracking_uri=uri)
-    assert summary["images"] == len(images)
+    assert summary["images"] == len(images) and summary["model"] == by_name["model"], "val's download, reused"
     ours = by_image(pq.read_table(out).to_pylist())
     assert assert_same_objects(ours, ultralytics_objects(s["best_checkpoint"], images)) > 0
 

@@ -329,13 +329,16 @@ def run_exists(cluster, storage: str, path: str) -> bool:
     return (Path(storage) / path).is_file()
 
 
-def check_every_epoch_once(cluster, name: str, epochs: int, storage: str = S3_RUNS) -> dict:
-    """After a restart: each epoch once in the summary, results.csv and MLflow, one FINISHED run, and the
-    checkpoints stored are the ones Ray reports."""
+def check_every_epoch_once(cluster, name: str, epochs: int, storage: str = S3_RUNS, restarted: bool = True) -> dict:
+    """After a restart (`restarted`, else after a fault that must not restart the run): each epoch once in the
+    summary, results.csv and MLflow, one FINISHED run, and the checkpoints stored are the ones Ray reports."""
     s = json.loads(run_text(cluster, storage, f"{name}/summary.json"))
     assert s["epochs_completed"] == epochs and not s["error"]
     assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
-    assert s["resumed_from_epoch"] and s["resumed_from_epoch"] >= 1, "the restart resumed from a checkpoint"
+    if restarted:
+        assert s["resumed_from_epoch"] and s["resumed_from_epoch"] >= 1, "the restart resumed from a checkpoint"
+    else:
+        assert not s["resumed_from_epoch"], f"the run restarted (from epoch {s['resumed_from_epoch']})"
     assert s["last_checkpoint"].startswith(f"{storage}/{name}/checkpoint_"), s["last_checkpoint"]
     last = s["last_checkpoint"][len(storage) + 1:]  # NAME/checkpoint_.../last.pt
     rows = list(csv.DictReader(io.StringIO(run_text(cluster, storage, last.replace("last.pt", "results.csv")))))

@@ -173,6 +173,16 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         assert tracker.finish("FINISHED", {"best_checkpoint": None}) == ["summary.json", "run status FINISHED"]
         assert "did not get summary.json" in capfd.readouterr().err
         assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard the end: it says so
+        # A restarted rank 0 whose server does not answer yet: it cannot ask which epochs the server has, and
+        # replays the checkpoint's history (epochs 1-5; the server has 1-4). When the server answers, the question
+        # goes first and each replayed epoch the answer holds is skipped (epochs 1-4 were logged twice before).
+        again = EpochLogger(link.uri, run_id)
+        again.sync_history([{"epoch": e, "lr/pg0": e / 10, "metrics/mAP50(B)": 0.4 + e / 10} for e in range(1, 6)])
+        assert again.unsent()[0] == "the run's logged epochs" and len(again.unsent()) == 6
+        link.up()
+        again.log_epoch({"epoch": 6, "lr/pg0": 0.6, "metrics/mAP50(B)": 1.0})
+        assert again.unsent() == []
+        assert sorted(m.step for m in client.get_metric_history(run_id, "lr/pg0")) == [1, 2, 3, 4, 5, 6]
     finally:
         link.cut()
 

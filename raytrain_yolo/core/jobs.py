@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,18 +96,41 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
         if not version and "@" in name:  # models:/NAME@ALIAS
             name, alias = name.split("@", 1)
             version = client.get_model_version_by_alias(name, alias).version
-        source = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri,
-                                                         dst_path=tempfile.mkdtemp(prefix="raytrain-yolo-model-")))
+        local = _registry_download(client, uri, name, str(version))
     except MlflowException as e:
         first = str(e).strip().splitlines()[0][:200]
         raise UserError(f"model={model} not found in the MLflow registry at {uri} ({first}): check the name and "
                         "version, or --tracking-uri") from None
-    found = [local] if local.suffix == ".pt" else sorted(local.rglob("best.pt")) or sorted(local.rglob("*.pt"))
+    found = sorted(local.rglob("best.pt")) or sorted(local.rglob("*.pt"))
     if not found:
         raise UserError(f"model={model} in the MLflow registry holds no .pt file: register a run's weights "
                         "(fit --register-model NAME)")
     return str(found[0])
+
+
+def _registry_download(client, uri: str, name: str, version: str) -> Path:
+    """A registered model version's files, downloaded once per machine into `<temp>/raytrain-yolo-registry/<key>/`
+    and read from there by every later job (before 2026-12-01 each job downloaded a new temporary copy and none was
+    removed). The key digests the registry's URI, the name, the version and the version's run id and creation
+    time: a version's files never change, and a registry made again at the same URI has other run ids."""
+    import mlflow
+
+    mv = client.get_model_version(name, version)
+    key = hashlib.sha256(f"{uri}\n{name}\n{mv.version}\n{mv.run_id}\n{mv.creation_timestamp}".encode()).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / "raytrain-yolo-registry" / key
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f"{key}.part-", dir=dest.parent))
+        try:
+            source = client.get_model_version_download_uri(name, version)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(part))
+            part.rename(dest)  # whole or not at all; a concurrent job's rename first leaves its copy
+        except OSError:
+            if not dest.is_dir():
+                raise
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+    return dest
 
 
 def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, prefix: str,

@@ -298,9 +298,12 @@ class EpochLogger:
         self.training = True  # until log_outputs: no call may hold the training loop
         self.gave_up = False  # after the run, one call waited out MLflow's retries and failed: no more waiting
         # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
-        # from and trains an epoch again that an earlier attempt had already logged. (A server down right now:
-        # nothing known, and such a repeated epoch may be logged twice.)
+        # from and trains an epoch again that an earlier attempt had already logged. Asked first; with the server
+        # down the question waits at the head of the queue, and each step's send, when its turn comes, skips a
+        # step the answer holds (a restart's replayed history, sent as the server came back, had logged epoch 1
+        # twice, 2026-12-01). `queued`: steps this process has queued or sent.
         self.logged: set[int] = set()
+        self.queued: set[int] = set()
         self._send("the run's logged epochs", lambda: self.logged.update(
             m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))))
 
@@ -360,16 +363,21 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         step, now = int(metrics.get("window") or metrics["epoch"]), int(time.time() * 1000)
-        if step in self.logged:
+        if step in self.logged or step in self.queued:
             return
-        self.logged.add(step)
+        self.queued.add(step)
         items = [
             Metric(metric_key(k), float(v), now, step)
             for k, v in metrics.items()
             if k not in ("epoch", "window") and isinstance(v, (int, float))
         ]
-        self._send(f"{'window' if metrics.get('window') else 'epoch'} {step}'s metrics",
-                   lambda: self.client.log_batch(self.run_id, metrics=items))
+
+        def send() -> None:
+            if step not in self.logged:  # the server's answer, asked before this, may hold it
+                self.client.log_batch(self.run_id, metrics=items)
+                self.logged.add(step)
+
+        self._send(f"{'window' if metrics.get('window') else 'epoch'} {step}'s metrics", send)
 
     def log_outputs(self, trainer) -> None:
         """The weights and Ultralytics' result files, after the last epoch (and whatever still waits)."""

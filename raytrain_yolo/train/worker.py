@@ -30,7 +30,6 @@ from raytrain_yolo.data.synthetic import ensure_synthetic
 IPS_KEY = "throughput/images_per_second"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
 STATE_FILE = "raytrain_state.json"  # epochs done and the metrics history, for restarts
-RESTORE_PREFIX = "raytrain-yolo-resume-"  # the temporary folder a restart unpacks its checkpoint into
 WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timing: loader start-up, cudnn tuning
 
 
@@ -112,8 +111,8 @@ class Reporter:
     trial early, and stop after `max_windows`.
     """
 
-    def __init__(self, spec: RunSpec, meter: ThroughputMeter, rank: int, history: list | None = None):
-        self.spec, self.meter, self.rank = spec, meter, rank
+    def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None):
+        self.spec, self.meter, self.scratch, self.rank = spec, meter, scratch, scratch.rank
         self.on_metrics: list = []  # rank-0 consumers of each report's metrics (tracking)
         self.history: list[dict[str, Any]] = list(history or [])  # carried over restarts in the checkpoint
         self.samples: list[dict[str, Any]] = []
@@ -167,13 +166,16 @@ class Reporter:
         if not checkpoint:
             ray.train.report(metrics)
         else:
-            with tempfile.TemporaryDirectory(prefix="raytrain-yolo-ckpt-") as tmp:
+            staged = self.scratch.fresh("checkpoint")
+            try:
                 for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
                     if src.is_file():
-                        shutil.copy2(src, Path(tmp) / src.name)
+                        shutil.copy2(src, staged / src.name)
                 state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name}
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state, default=float))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                (staged / STATE_FILE).write_text(json.dumps(state, default=float))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
         for consumer in self.on_metrics:
             consumer(metrics, trainer)
@@ -190,19 +192,57 @@ def params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def local_save_project(spec: RunSpec) -> str:
-    """Where rank 0 keeps Ultralytics' own run folder: under the run's storage when that is a local path."""
-    if "://" not in spec.storage_path:
-        return spec.run_dir
-    return tempfile.mkdtemp(prefix="raytrain-yolo-")
+@dataclass(frozen=True)
+class Scratch:
+    """This node's temporary folder of one run, `<temp>/raytrain-yolo-<run key>` (the key: a digest of the run's
+    storage path and name, the same for every attempt), with each rank's entries in it: `rank<r>-checkpoint` (the
+    checkpoint being staged for upload), `rank<r>-restored` (a restart's unpacked checkpoint) and, with object
+    storage, `rank<r>-ultralytics` (Ultralytics' own run folder). An entry is emptied when it is made (a killed
+    attempt never removed its own), the rank's entries go when its attempt ends, and once every rank is past the
+    run's last collective the whole folder goes, with whatever killed attempts of other ranks left on this node."""
+
+    root: Path
+    rank: int
+
+    @classmethod
+    def of(cls, spec: RunSpec, rank: int) -> Scratch:
+        key = hashlib.sha256(spec.run_dir.encode()).hexdigest()[:12]
+        return cls(Path(tempfile.gettempdir()) / f"raytrain-yolo-{key}", rank)
+
+    def fresh(self, what: str) -> Path:
+        """This rank's entry `what`, empty."""
+        folder = self.root / f"rank{self.rank}-{what}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def drop_rank(self) -> None:
+        for folder in self.root.glob(f"rank{self.rank}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def drop_run(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
+def save_project(spec: RunSpec, scratch: Scratch) -> Path:
+    """Where this rank keeps Ultralytics' own run folder (`train/`: weights, results.csv, args.yaml): the run's
+    folder when the storage is a local path, else a scratch entry (everything of it that lasts is in the
+    checkpoints)."""
+    return Path(spec.run_dir) if "://" not in spec.storage_path else scratch.fresh("ultralytics")
+
+
+def kept_save_dir(spec: RunSpec, save_dir: Path) -> str | None:
+    """Ultralytics' folder as the summary names it (`ultralytics_dir`): None with object storage, where it was a
+    temporary folder of a worker's node (its files are in each checkpoint)."""
+    return None if "://" in spec.storage_path else str(save_dir)
+
+
+def restore(spec: RunSpec, save_dir: Path, scratch: Scratch) -> dict[str, Any] | None:
     """After a restart (worker failure, or the same --name run again): the latest Ray checkpoint, unpacked.
 
     Returns its state (`epoch` = epochs done, `history`) with `last_pt` set to a local copy of Ultralytics'
     `last.pt`, which holds model, EMA, optimizer, scaler, epoch, best fitness and the early-stopping state, in
-    the temporary folder `restored_dir`: `forget_restored(state)` removes it once Ultralytics has loaded it.
+    the scratch entry `restored_dir`: `forget_restored(state)` removes it once Ultralytics has loaded it.
     Rank 0 also puts back what Ultralytics keeps beside its weights (see `unpack`).
     """
     ckpt = ray.train.get_checkpoint()
@@ -210,15 +250,14 @@ def restore(spec: RunSpec, save_dir: Path, rank: int) -> dict[str, Any] | None:
         ckpt = ray.train.Checkpoint(spec.resume_from)
     if ckpt is None:
         return None
-    return unpack(ckpt, save_dir, rank)
+    return unpack(ckpt, save_dir, scratch.rank, scratch.fresh("restored"))
 
 
-def unpack(ckpt: "ray.train.Checkpoint", save_dir: Path, rank: int) -> dict[str, Any]:
-    """The checkpoint's state, its files in a new temporary folder (`restored_dir`, `last_pt` in it). Rank 0 puts
+def unpack(ckpt: "ray.train.Checkpoint", save_dir: Path, rank: int, local: Path) -> dict[str, Any]:
+    """The checkpoint's state, its files in the empty folder `local` (`restored_dir`, `last_pt` in it). Rank 0 puts
     back into `save_dir` what Ultralytics only rewrites when it changes: `results.csv` (one row per epoch) and
-    `weights/best.pt` (rewritten only when fitness improves). With --storage-path on object storage `save_dir` is a
-    new temporary folder on every attempt: without this a restarted run had no best.pt until it improved again."""
-    local = Path(tempfile.mkdtemp(prefix=RESTORE_PREFIX))
+    `weights/best.pt` (rewritten only when fitness improves). With --storage-path on object storage `save_dir` is
+    emptied on every attempt: without this a restarted run had no best.pt until it improved again."""
     try:
         ckpt.to_directory(str(local))
         state = json.loads((local / STATE_FILE).read_text())
@@ -276,12 +315,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     args = dict(config["train_args"])
     data_yaml, args["data"] = _local_data(spec, args.get("data"), config["task"])
-    save_dir = Path(local_save_project(spec)) / "train"
-    state = restore(spec, save_dir, rank)
+    scratch = Scratch.of(spec, rank)
+    save_dir = save_project(spec, scratch) / "train"
+    state = restore(spec, save_dir, scratch)
     try:
-        return _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device)
+        result = _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device, scratch)
     finally:
         forget_restored(state)
+        scratch.drop_rank()
+    scratch.drop_run()  # every rank is past _train's last collective: no rank of the run uses this node's folder
+    return result
 
 
 def _local_data(spec: RunSpec, data: str | None, task: str) -> tuple[str, str]:
@@ -307,12 +350,18 @@ def _local_data(spec: RunSpec, data: str | None, task: str) -> tuple[str, str]:
 
 
 def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yaml: str, save_dir: Path,
-           state: dict[str, Any] | None, rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
-    """Ultralytics' training on this worker, from the restored `state` when there is one."""
+           state: dict[str, Any] | None, rank: int, world_size: int, device: torch.device,
+           scratch: Scratch) -> dict[str, Any] | None:
+    """Ultralytics' training on this worker, from the restored `state` when there is one. Ends with a collective
+    of every rank (the caller then removes the run's scratch folder)."""
     if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
         # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
+        if world_size > 1:
+            dist.barrier()  # every rank has unpacked its checkpoint
+        if rank != 0:
+            return None
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
-                "save_dir": str(save_dir), "device_name": None, "data": data_yaml} if rank == 0 else None
+                "save_dir": kept_save_dir(spec, save_dir), "device_name": None, "data": data_yaml}
 
     from raytrain_yolo.train.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
 
@@ -329,7 +378,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if spec.trace_samples:
         trainer.traced_files = []
     meter = ThroughputMeter(window_steps=spec.window_steps)
-    reporter = Reporter(spec, meter, rank, history=state["history"] if state else None)
+    reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None)
     logger = None
     if rank == 0 and config.get("tracking"):
         from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
@@ -376,7 +425,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
         "tracking_unsent": logger.unsent() if logger else [],
-        "save_dir": str(trainer.save_dir),
+        "save_dir": kept_save_dir(spec, trainer.save_dir),
         "data": data_yaml,
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
     }
