@@ -65,7 +65,7 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
     """`ray job submit --working-dir .` from outside the cluster: Ray ships this checkout to the head and the worker
     nodes. The dataset is in the object store: each worker node copies it to its own /tmp once; checkpoints go to
     S3, metrics to the MLflow server. (The job was a test of its own, with the dataset on the shared folder: that
-    folder is now the data of test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns.)
+    folder is now the data of the long tier's node cells, tests/test_faults_long.py.)
 
     Issue 22, item 1, in a whole run: the worker on node 2 is SIGKILLed after Ultralytics' pre-train routine logged
     its arguments to MLflow and before the first checkpoint, with `--max-failures 1`. The retry starts over (no
@@ -362,8 +362,9 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
     returns (Ray looks every --resize-check seconds). Ray Train's controller restarts within a second of the loss,
     while Ray still counts node 2 (its heartbeats time out later), so its first restart asks for two workers and
     waits out worker-group start timeouts (each bounds only the wait for the placement group) until Ray marks the
-    node dead: 5 s each here instead of the default 60 s (one such wait was 60 s of this test's 115 s), the same
-    setting as the fixed-size test's."""
+    node dead: 5 s each here instead of the default 60 s (one such wait was 60 s of this test's 115 s). The
+    fixed-size run's node loss, a slow replacement and the driver lost after it are the long tier's
+    (tests/test_faults_long.py: they cost minutes)."""
     # --verbose: Ray's own log lines (the controller's) reach the driver's console, as before issue 14's console
     text = run_losing_node_2(cluster, "elastic", EPOCHS_ELASTIC, "--num-workers", "1-2", "--max-failures", 1,
                              "--resize-check", 5, "--verbose", one_worker_epoch=True,
@@ -383,26 +384,3 @@ def test_a_worker_node_dies_training_goes_on_with_one_worker_then_grows_back(clu
         check_two_nodes(cluster, s)
     else:
         assert [w["node_ip"] for w in s["workers"]] == [cluster.node_ip(1)]
-
-
-def test_a_worker_node_dies_with_max_failures_the_run_completes_when_it_returns(cluster):
-    """--num-workers 2 --max-failures 1, data and checkpoints on the shared folder (the same path on every node):
-    node 2 dies after the first checkpoint and is replaced slowly: it stays down 12 s, more than two of Ray Train's
-    worker-group start timeouts (5 s here, 60 s by default; each one used to end a fixed-size run; the timeout
-    bounds only the wait for the workers' placement group, which takes milliseconds once the CPUs are free). The restart
-    waits for it within --restart-wait, and the run resumes on both nodes from the checkpoint. Then, once the
-    restarted group has registered a checkpoint, the driver is lost too (issue 22's driver cell on the shared
-    folder): the same command resumes from the folder, in the same MLflow run. 5 epochs: epochs are left to lose
-    the driver in. Last in the module: Ray Train's autoscaling coordinator (a detached actor of the cluster) keeps
-    a controller's resource request until it expires, 180 s after the controller last renewed it, and a lost
-    driver's controller never cancels its own; an elastic run started in that time found resources "ready for 0
-    workers" and waited (measured: 160 s, when the elastic test ran after this one)."""
-    data = shared_data(cluster)
-    storage, epochs = str(cluster.shared / "runs"), 5
-    run_losing_node_2(cluster, "fixed", epochs, "--num-workers", 2, "--max-failures", 1, "--restart-wait", 120,
-                      down_s=12, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"},
-                      data=(f"data={data}", "batch=16"), storage=storage, then_lose_driver=True)
-    s = check_every_epoch_once(cluster, "fixed", epochs, storage)
-    assert s["resumed_from_epoch"] >= 2, "the rerun resumes from the restarted group's checkpoint"
-    assert s["train_args"]["data"] == str(data)
-    check_two_nodes(cluster, s)
