@@ -58,7 +58,9 @@ def test_worker_node_down_90_s_at_the_defaults(mn, where):
     is then lost too, once the restarted group has registered a checkpoint (issue 22's driver cell there; the
     suite's are on a local folder and `s3://`): the same command resumes from the folder, in the same MLflow run.
     (In the suite until 2026-12-01 with node 2 down 12 s and 5-s timeouts; here since, with the suite at its
-    budget.) 5 epochs: epochs are left to lose the driver in."""
+    budget.) 5 epochs: epochs are left to lose the driver in. The lost driver's controller leaves its resource
+    request with Ray Train's autoscaling coordinator for 180 s: the fixed-size runs of the later cells do not wait
+    for it; an elastic run would (README, "When things fail")."""
     cluster = mn
     storage, epochs, name = storage_of(cluster, where), 5, f"slow-{where}"
     text = run_losing_node_2(cluster, name, epochs, "--num-workers", 2, "--max-failures", 1, down_s=90,
