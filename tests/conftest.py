@@ -363,11 +363,10 @@ def mlflow_runs(uri: str, experiment: str = "raytrain_yolo"):
 
 
 def free_port() -> int:
-    import socket
+    """A TCP port of 127.0.0.1 free now (the package's own helper)."""
+    from raytrain_yolo.core.cluster import free_local_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_local_port()
 
 
 TASK_MODELS = {"detect": "yolo26n.yaml", "pose": "yolo26n-pose.yaml", "segment": "yolo26n-seg.yaml", "obb": "yolo26n-obb.yaml"}

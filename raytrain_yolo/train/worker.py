@@ -321,8 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         result = _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device, scratch)
     finally:
-        forget_restored(state)
-        scratch.drop_rank()
+        scratch.drop_rank()  # with the restored checkpoint's copy, when Ultralytics never got to load it
     scratch.drop_run()  # every rank is past _train's last collective: no rank of the run uses this node's folder
     return result
 
