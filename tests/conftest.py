@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # Rays of its own, so every one of them, and every command it runs, has authentication off. The clients of
 # test_cluster's token head name their mode and token explicitly.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+
+# pytest runs the suite in two processes (pyproject: `-n 2 --dist loadfile`, pytest-xdist; the suite's own CPU use
+# leaves about a quarter of two cores idle in one process: fault waits, process starts, one-worker runs). Each
+# worker gets a temporary folder of its own, for itself and all it starts (its Ray head, local Rays, job drivers
+# and Train workers inherit TMPDIR): the tests that assert "no temporary folder of ours left" see only their own.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1" under pytest-xdist; None in one process
+if XDIST_WORKER:
+    import atexit
+    import shutil
+    import tempfile
+
+    tempfile.tempdir = tempfile.mkdtemp(prefix=f"rt{XDIST_WORKER[2:]}-", dir="/tmp")  # short: Ray's socket paths
+    os.environ["TMPDIR"] = tempfile.tempdir
+    atexit.register(shutil.rmtree, tempfile.tempdir, True)
 
 # What each launch pays for and no test checks (issue 20, measured on 2 cores: ~3 s and 3-6 s of a ~50 s launch):
 # - Ray Train's preemption watcher, one more actor process per run (cloud preemption notices; no test has them);
@@ -56,16 +71,40 @@ if "YOLO_CONFIG_DIR" not in os.environ:
     SETTINGS.update(mlflow=False, raytune=False)
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """The session's base temporary folder, which every pytest-xdist worker of the session sees (a worker's own
+    base is a folder in it): where what the workers share is made once."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if XDIST_WORKER else base
+
+
+@contextmanager
+def made_once(path: Path):
+    """Held by one process of the session at a time (an exclusive lock on `path`): the first worker to need a
+    shared thing makes it inside, the others wait and find it made."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def synthetic_cache(tmp_path_factory):
-    """One dataset cache for the whole session, shared by in-process runs and CLI subprocesses."""
-    cache = os.environ.get("RAYTRAIN_YOLO_CACHE") or str(tmp_path_factory.mktemp("synthetic-cache"))
+    """One dataset cache for the whole session (both pytest-xdist workers: a dataset is written to a temporary
+    folder and renamed), shared by in-process runs and CLI subprocesses."""
+    cache = os.environ.get("RAYTRAIN_YOLO_CACHE") or str(session_folder(tmp_path_factory) / "synthetic-cache")
     os.environ["RAYTRAIN_YOLO_CACHE"] = cache
+    Path(cache).mkdir(parents=True, exist_ok=True)
     return Path(cache)
 
 
 SEED_SCRIPT = """
-import shutil, sys
+import os, shutil, sys
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
 from ultralytics import YOLO
@@ -73,53 +112,24 @@ data = ensure_synthetic(SyntheticSpec(train=128, val=16, imgsz=64))
 YOLO("yolo26n.yaml").train(data=str(data), imgsz=64, epochs=14, batch=16, nbs=16, optimizer="SGD", lr0=0.02,
     warmup_epochs=0, workers=0, device="cpu", plots=False, project=sys.argv[2], name="seed", exist_ok=True,
     seed=0, amp=False, verbose=False)
-shutil.copy(sys.argv[2] + "/seed/weights/last.pt", sys.argv[1])
+shutil.copy(sys.argv[2] + "/seed/weights/last.pt", sys.argv[1] + ".part")
+os.replace(sys.argv[1] + ".part", sys.argv[1])
 """
-_SEED: dict = {}  # the seed model's training, started in the background: {"proc": Popen, "log": Path}
-
-
-def _seed_path(cache: Path) -> Path:
-    return cache / "hpo-seed-yolo26n-64px.pt"
-
-
-def _start_seed_training(path: Path, work: Path, background: bool) -> subprocess.Popen:
-    log = work / "seed.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SEED_SCRIPT, str(path), str(work)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"},
-                                preexec_fn=(lambda: os.nice(19)) if background else None)
-    _SEED.update(proc=proc, log=log)
-    return proc
-
-
-@pytest.fixture(scope="session", autouse=True)
-def seed_model_in_background(request, synthetic_cache, tmp_path_factory):
-    """When a selected test needs `seed_model`, start its training with the session, at the lowest CPU priority
-    (nice 19): its ~30 s of CPU on 2 cores then come from the idle moments of the modules before test_hpo (the
-    fault tests' waits, single-threaded steps) rather than from the session's time. Same script, same bytes."""
-    path = _seed_path(synthetic_cache)
-    if not path.is_file() and any("seed_model" in getattr(i, "fixturenames", ()) for i in request.session.items):
-        _start_seed_training(path, tmp_path_factory.mktemp("seed"), background=True)
-    yield
-    proc = _SEED.pop("proc", None)
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
 def seed_model(synthetic_cache, tmp_path_factory):
     """A YOLO26n that already finds the shapes a little (mAP50-95 about 0.08), so one epoch tells trials apart:
     from scratch, every trial scores 0 for the first epochs and ASHA or PBT cannot rank them. Plain
-    Ultralytics, 14 epochs at 64 px (about 30 s on 2 cores), cached with the synthetic data; its training starts
-    with the session (seed_model_in_background)."""
-    path = _seed_path(synthetic_cache)
-    proc = _SEED.get("proc")
-    if proc is None and not path.is_file():
-        proc = _start_seed_training(path, tmp_path_factory.mktemp("seed"), background=False)
-    if proc is not None:
-        proc.wait(timeout=600)
-        assert proc.returncode == 0 and path.is_file(), _SEED["log"].read_text()[-3000:]
+    Ultralytics, 14 epochs at 64 px (about 30 s on 2 cores), made once per session and cached with the synthetic
+    data."""
+    path = synthetic_cache / "hpo-seed-yolo26n-64px.pt"
+    with made_once(path.with_suffix(".lock")):
+        if not path.is_file():
+            work = tmp_path_factory.mktemp("seed")
+            proc = subprocess.run([sys.executable, "-c", SEED_SCRIPT, str(path), str(work)], capture_output=True,
+                                  text=True, env={**os.environ, "YOLO_OFFLINE": "1"}, timeout=600)
+            assert proc.returncode == 0 and path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return path
 
 
@@ -147,6 +157,20 @@ def shared_head_pids() -> set[int]:
         return {p.pid for p in psutil.Process(_SHARED["head"].proc.pid).children(recursive=True)}
     except psutil.Error:
         return set()
+
+
+# Seconds each module took in one process (the full run of 2026-12-01 23:25 on this project's 2-core machine, the
+# shared fixtures counted where they were first made). Modules are collected longest first: pytest-xdist hands
+# whole modules to its two workers in collection order, so the last ones are short and neither worker ends long
+# after the other. A module not listed goes last; the order inside a module stays.
+MODULE_SECONDS = {"test_hpo": 321, "test_multinode": 201, "test_cluster": 177, "test_job_sources": 162,
+                  "test_tune": 129, "test_core": 110, "test_predict_images": 96, "test_faults": 80, "test_predict": 80,
+                  "test_console": 57, "test_augment": 52, "test_tasks": 41, "test_val": 35, "test_train_args": 32,
+                  "test_tracking": 31, "test_errors": 13, "test_resources": 12, "test_fault_paths": 9}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.stem, 0))  # stable: each module's order stays
 
 
 def pytest_runtest_setup(item):
@@ -378,20 +402,24 @@ TINY_ARGS = ("epochs=2", "imgsz=64", "batch=8", "optimizer=AdamW", "lr0=0.002")
 @pytest.fixture(scope="session")
 def task_run(tmp_path_factory):
     """`task_run(task)`: that task trained once per session with `fit` on the embedded data (2 epochs, 2 gloo
-    workers, 64 images of 64 px); returns (CompletedProcess, summary). Shared by the task, val and predict tests."""
-    done: dict[str, tuple] = {}
-    storage = tmp_path_factory.mktemp("task-runs")
+    workers, 64 images of 64 px); returns (CompletedProcess, summary). Shared by the task, val and predict tests,
+    also across pytest-xdist workers (the first to ask trains it; its output is kept beside the run)."""
+    storage = session_folder(tmp_path_factory) / "task-runs"
 
     def get(task: str):
-        if task not in done:
-            proc = run_cli(
-                "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", task, "--no-tracking", "--no-validate-untrained",
-                "--synthetic-train", TINY_TRAIN["train"], "--synthetic-val", TINY_TRAIN["val"],
-                "--synthetic-size", TINY_TRAIN["imgsz"], f"model={TASK_MODELS[task]}", *TINY_ARGS,
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[task] = (proc, load_summary(storage, task))
-        return done[task]
+        kept = storage / f"{task}.process.json"
+        with made_once(storage / f"{task}.lock"):
+            if not kept.is_file():
+                proc = run_cli(
+                    "fit", "--cpu", "--num-workers", 2, "--storage-path", storage, "--name", task, "--no-tracking",
+                    "--no-validate-untrained", "--synthetic-train", TINY_TRAIN["train"], "--synthetic-val",
+                    TINY_TRAIN["val"], "--synthetic-size", TINY_TRAIN["imgsz"], f"model={TASK_MODELS[task]}",
+                    *TINY_ARGS,
+                )
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                kept.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                            "stdout": proc.stdout, "stderr": proc.stderr}))
+        return subprocess.CompletedProcess(**json.loads(kept.read_text())), load_summary(storage, task)
 
     return get
 

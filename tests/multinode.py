@@ -77,7 +77,8 @@ class MultiNodeCluster:
         return self.env["MLFLOW_TRACKING_URI"]
 
     def script_env(self, extra: dict | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+        # Not TMPDIR either (a pytest-xdist worker's own folder): every node has its own /tmp.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_")) and k != "TMPDIR"}
         env.update(MN_NAME=self.name, MN_SUBNET=self.subnet, MN_DIR=str(self.dir), RAY=str(BIN / "ray"),
                    PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
         return {**env, **(extra or {})}
