@@ -285,3 +285,31 @@ def test_the_storage_filesystem_keeps_its_retries_once_pickled(monkeypatch):
     assert s3_attempts(0) == 3 and s3_attempts(30) < s3_attempts(120) < s3_attempts(600)
     with pytest.raises(UserError, match=r"^--storage-wait -1 must be 0 or more seconds$"):
         check_run(RunSpec(storage_wait_s=-1, tracking=TrackingSpec(enabled=False)))
+
+
+def test_a_node_local_model_cache_keeps_the_models_used_last_and_those_in_use(tmp_path):
+    """val's and predict's node-local caches (weights per job, registry downloads) kept every model they were ever
+    given (2.4 GB on this project's machine by 2026-12-01). `keep_recent` marks the entry a job uses and removes,
+    beyond the 4 used last, those unused for 10 minutes; those used since are a job's that may still be starting."""
+    import os
+    import time
+
+    from raytrain_yolo.core.jobs import keep_recent
+
+    cache, now = tmp_path / "raytrain-yolo-weights", time.time()
+    ages = {"a": 60, "b": 120, "c": 3600, "d": 7200, "e": 9000, "f": 10000}  # seconds since last used
+    for name, age in ages.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "best.pt").write_bytes(b"w")
+        os.utime(cache / name, (now - age, now - age))
+    (cache / "new").mkdir()
+    os.utime(cache / "new", (now - 99999, now - 99999))  # the entry in use now, whatever its age
+    keep_recent(cache / "new")
+    # used last: new (now), a, b, c; d, e and f are older and unused for 10 minutes
+    assert sorted(p.name for p in cache.iterdir()) == ["a", "b", "c", "new"]
+    for name, age in {"g": 30, "h": 40, "i": 50}.items():  # more models in use than the cache keeps
+        (cache / name).mkdir()
+        os.utime(cache / name, (now - age, now - age))
+    keep_recent(cache / "new")
+    # beyond new, g, h and i: a and b are in use (1-2 minutes), c is not (an hour)
+    assert sorted(p.name for p in cache.iterdir()) == ["a", "b", "g", "h", "i", "new"]

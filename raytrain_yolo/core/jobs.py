@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,7 +49,30 @@ class Weights:
             part = dest.with_suffix(f".{os.getpid()}.part")
             part.write_bytes(ray.get(self.ref[0]))
             os.replace(part, dest)  # atomic: actors on one node may write at once
+        keep_recent(dest.parent)
         return str(dest)
+
+
+CACHE_KEEP = 4  # models each node-local cache keeps beyond those in use
+CACHE_IN_USE_S = 600  # an entry used this recently is in use (a job may still be starting on it)
+
+
+def keep_recent(entry: Path, keep: int = CACHE_KEEP, in_use_s: float = CACHE_IN_USE_S) -> None:
+    """Mark `entry` (a folder of a node-local cache: `<temp>/raytrain-yolo-weights/`, `-registry/`) used now and
+    remove what the cache no longer needs: beyond the `keep` most recently used entries, each one not used for
+    `in_use_s` seconds. Before 2026-12-02 both caches kept every model they were ever given (2.4 GB of this project's
+    test machine). Another process pruning the same cache at once is harmless: what is gone is skipped."""
+    now = time.time()
+    os.utime(entry)
+    entries = []
+    for p in entry.parent.iterdir():
+        try:
+            entries.append((p.stat().st_mtime, p))
+        except OSError:
+            continue
+    for used, p in sorted(entries, reverse=True)[keep:]:
+        if now - used > in_use_s:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -130,6 +154,7 @@ def _registry_download(client, uri: str, name: str, version: str) -> Path:
                 raise
         finally:
             shutil.rmtree(part, ignore_errors=True)
+    keep_recent(dest)
     return dest
 
 
