@@ -26,8 +26,8 @@ from multinode import start_cluster, stop_cluster, why_not_supported
 from test_datasync import moto_server
 from test_faults import registered_checkpoints
 from test_hpo import DATA, SPACE, mirror, write_space
-from test_multinode import (check_every_epoch_once, check_two_nodes, latest_epoch, mlflow_down_60_s_and_back,
-                            mlflow_gone_for_good, run_losing_node_2, run_text, shared_data, storage_of)
+from test_multinode import (S3_RUNS, check_every_epoch_once, check_two_nodes, latest_epoch, run_exists,
+                            run_losing_node_2, run_text, shared_data)
 
 pytestmark = pytest.mark.skipif(os.environ.get("RAYTRAIN_YOLO_LONG_FAULTS") != "1",
                                 reason="long fault cells: set RAYTRAIN_YOLO_LONG_FAULTS=1")
@@ -42,6 +42,11 @@ def mn():
         yield c
     finally:
         stop_cluster(c)
+
+
+def storage_of(cluster, where: str) -> str:
+    """The `--storage-path` of a cell: the cluster's shared folder or its bucket."""
+    return str(cluster.shared / "runs") if where == "shared" else S3_RUNS
 
 
 @multinode
@@ -104,18 +109,92 @@ def test_worker_killed_before_then_after_the_first_checkpoint_on_the_shared_fold
     assert run_text(cluster, storage, f"{name}/run.log").count("Starting training for") >= 3  # three groups
 
 
-@multinode
-def test_mlflow_server_down_60_s_and_back_on_s3(mn):
-    """test_multinode's cell (the MLflow server down 60 s and back, 2 workers on 2 nodes) with checkpoints in
-    `s3://` (the suite's run is on the shared folder)."""
-    mlflow_down_60_s_and_back(mn, "s3")
+def mlflow_service(cluster, action: str) -> None:
+    """`local-multinode.sh mlflow-down` (the server killed) or `mlflow-up` (started again on the same store)."""
+    done = cluster.script(f"mlflow-{action}", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def fit_losing_mlflow(cluster, name: str, epochs: int, storage: str, back_after_s: float | None = None,
+                      env: dict | None = None) -> tuple[str, list[int]]:
+    """A fit of 2 workers (one per worker node) on the shared folder's data, logging to the cluster's MLflow server,
+    the driver on the head. Once the first checkpoint is registered the server is killed; with `back_after_s` it
+    starts again that many seconds later (the run must still be going then), else only after the run. Asserts
+    exit 0; returns the driver's log and the latest checkpoint's epoch at the kill (and at the restart)."""
+    log = cluster.dir / f"{name}.log"
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={shared_data(cluster)}", "batch=16", "imgsz=64",
+           f"epochs={epochs}", "--num-workers", 2, "--storage-path", storage, "--name", name,
+           "--tracking-uri", cluster.tracking_uri)
+    fit = cluster.start_on_head(*cmd, log_path=log, env=env)
+    down, at = False, []
+    try:
+        wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 300,
+                 what="the first checkpoint")
+        assert fit.poll() is None, log.read_text()[-3000:]
+        mlflow_service(cluster, "down")
+        down = True
+        at.append(latest_epoch(cluster, name, storage))
+        if back_after_s is not None:
+            time.sleep(back_after_s)
+            at.append(latest_epoch(cluster, name, storage))
+            assert fit.poll() is None, "the run ended while the server was down:\n" + log.read_text()[-3000:]
+            mlflow_service(cluster, "up")
+            down = False
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+        if down:
+            mlflow_service(cluster, "up")  # the server's own view, and the module's later cells
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    return text, at
 
 
 @multinode
-def test_mlflow_server_gone_for_good_on_the_shared_folder(mn):
-    """test_multinode's cell (the MLflow server gone for good) with checkpoints on the shared folder (the suite's
-    run is in `s3://`)."""
-    mlflow_gone_for_good(mn, "shared")
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_mlflow_server_down_60_s_and_back(mn, where):
+    """The MLflow server killed once the first checkpoint is registered and started again 60 s later on the same
+    store (a redeploy), while 2 workers on 2 nodes train with checkpoints on the shared folder or in `s3://`.
+    Training never waits for it; the console says once that it does not answer and once that it answers again;
+    what it missed arrives (rank 0 waits for MLflow's own retries once, at the end): one FINISHED run with each
+    epoch once, nothing in `tracking_unsent`, no restart."""
+    cluster = mn
+    storage, epochs, name = storage_of(cluster, where), 6, f"mlflow-back-{where}"
+    text, (at_kill, at_restart) = fit_losing_mlflow(cluster, name, epochs, storage, back_after_s=60)
+    assert at_restart == epochs or at_restart >= at_kill + 2, (at_kill, at_restart)  # training did not wait
+    assert text.count("does not answer") == 1 and text.count("answers again; sent") == 1, text[-3000:]
+    s = check_every_epoch_once(cluster, name, epochs, storage, restarted=False)
+    check_two_nodes(cluster, s)
+    assert not s["tracking_unsent"], s["tracking_unsent"]
+
+
+@multinode
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_mlflow_server_gone_for_good(mn, where):
+    """The MLflow server killed once the first checkpoint (on the shared folder or in `s3://`) is registered, and
+    not back before the run ends: training completes on both nodes, exit 0; the console says once that the server
+    does not answer, and that the run did not get its summary; the summary names exactly the epochs the server
+    lacks and the run's end. MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 on the driver (handed to rank 0): no waiting out
+    MLflow's backoff at the end."""
+    cluster = mn
+    storage, epochs, name = storage_of(cluster, where), 4, f"mlflow-gone-{where}"
+    text, _ = fit_losing_mlflow(cluster, name, epochs, storage, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert text.count("training goes on") == 1 and "did not get summary.json" in text, text[-3000:]
+    s = json.loads(run_text(cluster, storage, f"{name}/summary.json"))
+    assert s["epochs_completed"] == epochs and not s["error"] and not s["resumed_from_epoch"], s
+    assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1))
+    last = s["last_checkpoint"][len(storage) + 1:]
+    assert run_exists(cluster, storage, last) and run_exists(cluster, storage, last.replace("last.pt", "best.pt"))
+    check_two_nodes(cluster, s)
+    client, runs = mlflow_runs(cluster.tracking_uri)
+    (run,) = [r for r in runs if r.info.run_name == name]
+    sent = sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0"))
+    assert sent == list(range(1, len(sent) + 1)) and 1 <= len(sent) < epochs, sent
+    unsent = s["tracking_unsent"]
+    assert [u for u in unsent if u.endswith("'s metrics")] == [f"epoch {e}'s metrics"
+                                                               for e in range(len(sent) + 1, epochs + 1)], unsent
+    assert "run status FINISHED" in unsent and run.info.status == "RUNNING", (unsent, run.info.status)
 
 
 def our_temp_folders() -> set[str]:
