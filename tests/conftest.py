@@ -1,8 +1,8 @@
 """Shared fixtures: real Ray, real Ultralytics, tiny synthetic data generated once per test session.
 
-One Ray head serves the session (tests/raycluster.py): the jobs that `run_cli` starts and the in-process `ray_local`
-tests join it, as a user's command joins their cluster. It starts on first use, so `python -m pytest -m quick`
-(no training run, no cluster) never starts it.
+One Ray head serves each pytest process of the session (tests/raycluster.py; pytest-xdist runs two): the jobs that
+`run_cli` starts and the in-process `ray_local` tests join it, as a user's command joins their cluster. It starts on
+first use, so `python -m pytest -m quick` (no training run, no cluster) never starts it.
 """
 
 from __future__ import annotations

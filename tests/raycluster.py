@@ -1,7 +1,7 @@
 """Real Ray heads for the test session, each started as `ray start --head --block` on ports of its own and stopped
 (every process of it) when the session ends, also when a test fails.
 
-- The shared head (`conftest.shared_head()`): every `fit`/`tune`/`val`/`predict` a test runs through
+- The shared head (`conftest.shared_head()`, one per pytest process): every `fit`/`tune`/`val`/`predict` a test runs through
   `conftest.run_cli`, and the in-process `ray_local` tests, join it through RAY_ADDRESS, as a user's command joins
   their cluster, instead of starting a local Ray of their own (seconds of start-up and shutdown each on 2 cores).
   Tests that are about a local Ray (the free-resource checks, faults that kill the driver and the Ray it started,
