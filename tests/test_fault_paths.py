@@ -313,3 +313,24 @@ def test_a_node_local_model_cache_keeps_the_models_used_last_and_those_in_use(tm
     keep_recent(cache / "new")
     # beyond new, g, h and i: a and b are in use (1-2 minutes), c is not (an hour)
     assert sorted(p.name for p in cache.iterdir()) == ["a", "b", "g", "h", "i", "new"]
+
+
+@pytest.mark.quick
+def test_a_trial_that_failed_before_it_reported_is_a_failed_row(tmp_path):
+    """A trial whose actor never started (here: its worker could not read the sweep's storage) reported nothing, and
+    Ray's `Result.config` is then None. The accuracy sweep records the trial as failed with its cause; it used to end
+    the command with "AttributeError: 'NoneType' object has no attribute 'get'" instead (found on 2026-12-02 by
+    test_hpo's restore of a sweep in `s3://` when the rerun's Ray workers lacked the endpoint)."""
+    from ray.tune import Result
+
+    from raytrain_yolo.sweep.accuracy import summarize_trial
+    from test_hpo import plan, write_space
+
+    _, hpo = plan(tmp_path, "--space", write_space(tmp_path))
+    trial = tmp_path / "trial_0001"
+    trial.mkdir()
+    error = OSError("When resolving region for bucket 'datasets': could not resolve host")
+    row = summarize_trial(Result(metrics=None, checkpoint=None, error=error, path=str(trial)), hpo)
+    assert row["trial"] == "trial_0001" and row["status"] == "failed" and row["epochs"] == 0, row
+    assert "resolving region for bucket 'datasets'" in row["reason"], row["reason"]
+    assert all(row[k] is None for k in hpo.searched), row

@@ -14,10 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import load_summary, mlflow_runs, run_cli, shared_head, start_cli, wait_for
+from conftest import SNAPSHOT, load_summary, mlflow_runs, registered_in, run_cli, shared_head, start_cli, wait_for
 from raycluster import http_status
 from test_datasync import s3  # noqa: F401  (a fixture: moto's S3 server)
-from test_faults import registered_checkpoints
 
 EPOCHS = 3
 DATA = ("--synthetic-train", 32, "--synthetic-val", 16, "imgsz=64")
@@ -183,54 +182,78 @@ def test_mlflow_parent_and_one_finished_nested_run_per_trial(asha):
             assert children[r["trial"]].data.tags["raytrain_yolo.status"] == "stopped early"
 
 
-def tune_statuses(run_dir) -> dict[str, str]:
-    """Trial name -> status, as Tune's last experiment snapshot on disk records it."""
-    out = {}
-    for f in run_dir.glob("experiment_state-*.json"):
+class Bucket:
+    """A sweep's files in moto's bucket `datasets`, read past Ray: keys, objects, JSON."""
+
+    def __init__(self, client, prefix: str):
+        self.client, self.prefix = client, prefix
+
+    def keys(self, under: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket="datasets", Prefix=f"{self.prefix}/{under}")
+        return [o["Key"][len(self.prefix) + 1:] for page in pages for o in page.get("Contents", [])]
+
+    def json(self, key: str) -> dict:
         try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        for t in data.get("trial_data", []):
+            return json.loads(self.client.get_object(Bucket="datasets", Key=f"{self.prefix}/{key}")["Body"].read())
+        except Exception:  # noqa: BLE001 - not there (yet), or being rewritten
+            return {}
+
+    def etag(self, key: str) -> str:
+        return self.client.head_object(Bucket="datasets", Key=f"{self.prefix}/{key}")["ETag"]
+
+    def trials(self) -> set[str]:
+        return {k.split("/")[1] for k in self.keys("trials/") if k.count("/") >= 2}
+
+    def registered(self, trial: str) -> list[str]:
+        return registered_in(self.json(f"trials/{trial}/{SNAPSHOT}"))
+
+
+def tune_statuses(bucket: Bucket) -> dict[str, str]:
+    """Trial name -> status, as Tune's last experiment snapshot in the bucket records it."""
+    out = {}
+    for key in bucket.keys("experiment_state-"):
+        for t in bucket.json(key).get("trial_data", []):
             trial = json.loads(t[0])
             out[f"trial_{trial['trial_id']}"] = trial["status"]
     return out
 
 
-def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path):
-    """Two trials, one after the other, with --max-failures 1. First fault (issue 22's sweep cell, a worker lost
-    mid-trial): once a trial has a checkpoint, its Train worker is SIGKILLed; its run restarts from that checkpoint
-    and the trial goes on. Second: the driver (and the local Ray it started) dies while the second trial trains.
-    The same command restores the Tune experiment: the first trial is not run again, the second resumes from its
-    Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
+def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path, request):
+    """Two trials, one after the other, with --max-failures 1, the sweep in `s3://` (moto). First fault (issue 22's
+    sweep cell, a worker lost mid-trial on object storage; the long tier's ASHA cell until 2026-12-02): once a trial
+    has a checkpoint in the bucket, its Train worker is SIGKILLed; its run restarts from that checkpoint and the
+    trial goes on. Second: the driver (and the local Ray it started) dies while the second trial trains. The same
+    command restores the Tune experiment from the bucket: the first trial is not run again, the second resumes from
+    its Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
     has often ended before the kill, and Tune had not yet recorded it: the restored trial then trains nothing and
     reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One
     worker per trial (once 2): what is restored here is Tune's experiment and the trial's Ray Train run; a DDP run
     resumed on 2 ranks is test_faults'."""
     from conftest import train_worker_pids
 
+    client = request.getfixturevalue("s3")  # before the sweep: its local Ray's workers inherit the endpoint and keys
     epochs, uri = EPOCHS, f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
            "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}", "--max-failures", 1,
-           "--storage-path", tmp_path, "--name", "again", "--tracking-uri", uri)
-    run_dir = tmp_path / "again"
+           "--storage-path", "s3://datasets/sweeps", "--name", "again", "--tracking-uri", uri)
+    bucket = Bucket(client, "sweeps/again")
     copies = checkpoint_copies()
 
     def a_trial_checkpointed():
-        return [t.name for t in (run_dir / "trials").glob("trial_*") if registered_checkpoints(t)]
+        return [t for t in bucket.trials() if bucket.registered(t)]
 
     def one_done_one_checkpointed():
-        status = tune_statuses(run_dir)
+        status = tune_statuses(bucket)
         done = [t for t, s in status.items() if s == "TERMINATED"]
-        busy = [t for t, s in status.items() if s != "TERMINATED"
-                and registered_checkpoints(run_dir / "trials" / t)]
+        busy = [t for t, s in status.items() if s != "TERMINATED" and bucket.registered(t)]
         return (done[0], busy[0]) if done and busy else None
 
     log = tmp_path / "first.log"
     proc = start_cli(*cmd, log_path=log)
     try:
         # The first fault: a worker lost mid-trial, once the first trial has a checkpoint (--max-failures 1).
-        first = wait_for(lambda: a_trial_checkpointed() or proc.poll() is not None, 600, what="a trial's checkpoint")
+        first = wait_for(lambda: a_trial_checkpointed() or proc.poll() is not None, 600, interval=0.2,
+                         what="a trial's checkpoint")
         killed = wait_for(lambda: train_worker_pids(proc.pid) or proc.poll() is not None, 60, what="a Train worker")
         assert proc.poll() is None, "no trial left to lose a worker in:\n" + log.read_text()[-3000:]
         os.kill(killed[0], signal.SIGKILL)
@@ -238,28 +261,29 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    finished_summary = run_dir / "trials" / done / "summary.json"
-    before = finished_summary.stat().st_mtime_ns
-    assert not (run_dir / "results.parquet").exists()
+    before = bucket.etag(f"trials/{done}/summary.json")
+    assert not bucket.keys("results.parquet")
 
-    again = run_cli(*cmd)
+    again = run_cli(*cmd, ray="own")  # a local Ray again: its workers inherit the endpoint and keys
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert bucket.etag(f"trials/{done}/summary.json") == before, "a finished trial must not run again"
+    run_dir = mirror(client, "datasets", "sweeps/again", tmp_path / "again")
     rows = {r["trial"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
     assert set(rows) == {done, busy} and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows.values())
-    assert finished_summary.stat().st_mtime_ns == before, "a finished trial must not run again"
     resumed = load_summary(run_dir / "trials", busy)
     assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 1
     if first == [done]:  # the worker was lost in the trial that then finished (else in the one the rerun resumed)
         restarted = load_summary(run_dir / "trials", done)
         assert restarted["resumed_from_epoch"] >= 1 and [h["epoch"] for h in restarted["history"]] == \
             list(range(1, epochs + 1)), restarted["history"]
-    client, runs = mlflow_runs(uri)
+    assert (run_dir / "best.pt").stat().st_size > 100_000, "the best trial's best.pt beside the sweep, in the bucket"
+    client_, runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
     for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "lr/pg0")]
+        steps = [m.step for m in client_.get_metric_history(child.info.run_id, "lr/pg0")]
         assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
     assert checkpoint_copies() <= copies, "the restored trial's checkpoint copy was left in the temp folder"
 

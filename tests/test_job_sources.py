@@ -153,24 +153,27 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
 
 def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_driver_resumes_from_it(
         s3_link, ray_local, tmp_path):
-    """Two of issue 22's cells in one `fit` (2 gloo workers, checkpoints in s3://, a real MLflow store):
+    """Three of issue 22's cells in one `fit` (2 gloo workers, checkpoints in s3://, a real MLflow store):
     1. the S3 endpoint down for 30 s: once the first checkpoint is registered the endpoint refuses every connection
        for 30 s. Uploads wait (--storage-wait, default 120 s) and the run goes on without a restart (--max-failures
        0: a failed upload would end it). Before: pyarrow's 3 attempts (~2 s) and the run ended when an upload gave
        up (a worker's checkpoint: WorkerGroupError; or the controller's checkpoint snapshot: ControllerError;
        experiments/faults.md);
-    2. the driver killed and the command rerun, on s3://: once a checkpoint after the cut is registered the driver
+    2. the S3 endpoint unresponsive for 30 s: once a checkpoint after the cut is registered, the endpoint accepts
+       connections and answers nothing, on open connections too (a hung server; the long tier SIGSTOPped moto until
+       2026-12-02): the run waits it out as well, without a restart;
+    3. the driver killed and the command rerun, on s3://: once a checkpoint after the stall is registered the driver
        is SIGKILLed (its job's actors go with it; the module's local Ray, this process's, stays, as a cluster's head
        does when a submitting machine is lost). The same command resumes from the checkpoint in the bucket: one
        MLflow run, each epoch once, the stored checkpoint folders exactly the registered ones.
-    7 epochs of 16 images at 64 px (0.6-2.5 s each on 2 cores): after the cut, epochs are left to kill the driver in."""
+    9 epochs of 16 images at 64 px (0.6-2.5 s each on 2 cores): after each outage, epochs are left for the next."""
     import json
     import signal
     import time
 
     from conftest import SNAPSHOT, latest_epoch_in, registered_in, start_cli, wait_for
 
-    epochs, prefix, uri = 7, "runs-cut/cut", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs, prefix, uri = 9, "runs-cut/cut", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ("fit", "--cpu", "--num-workers", 2, "--no-validate-untrained", "--synthetic-train", 16, "--synthetic-val", 8,
            "--synthetic-size", 64, f"epochs={epochs}", "imgsz=64", "batch=8", "--storage-path", "s3://datasets/runs-cut",
            "--name", "cut", "--tracking-uri", uri)
@@ -192,6 +195,9 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_dri
     def summary_stored() -> bool:
         return bool(s3_link.direct.list_objects_v2(Bucket="datasets", Prefix=f"{prefix}/summary.json").get("Contents"))
 
+    from test_faults import our_temp_folders
+
+    temp = our_temp_folders()
     log = tmp_path / "first.log"
     fit = start_cli(*cmd, env=env, log_path=log)
     try:
@@ -206,7 +212,17 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_dri
         wait_for(lambda: latest_epoch() > held or fit.poll() is not None, 300, interval=0.2,
                  what="a checkpoint after the cut")
         assert fit.poll() is None, "the run ended instead of waiting out the cut:\n" + log.read_text()[-3000:]
+        s3_link.stall()
+        time.sleep(30)
+        stalled = latest_epoch()
+        waiting = fit.poll() is None
+        s3_link.resume()
+        assert waiting and stalled < epochs, "the stall must have met an upload:\n" + log.read_text()[-3000:]
+        wait_for(lambda: latest_epoch() > stalled or fit.poll() is not None, 300, interval=0.2,
+                 what="a checkpoint after the stall")
+        assert fit.poll() is None, "the run ended instead of waiting out the stall:\n" + log.read_text()[-3000:]
     finally:
+        s3_link.resume()
         os.killpg(fit.pid, signal.SIGKILL)  # the driver
         fit.wait(timeout=60)
     assert not summary_stored(), log.read_text()[-3000:]
@@ -217,10 +233,12 @@ def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_dri
     s = json.loads(s3_link.direct.get_object(Bucket="datasets", Key=f"{prefix}/summary.json")["Body"].read())
     assert not s["error"] and s["epochs_completed"] == epochs, s["error"]
     assert [h["epoch"] for h in s["history"]] == list(range(1, epochs + 1)), "each epoch once, in order"
-    assert s["resumed_from_epoch"] >= resumable > held, "the rerun resumes from the checkpoint after the cut"
+    assert s["resumed_from_epoch"] >= resumable > stalled > held, "the rerun resumes from the checkpoint after both"
     keys = [k["Key"] for k in s3_link.direct.list_objects_v2(Bucket="datasets", Prefix=f"{prefix}/checkpoint_")["Contents"]]
     stored = {k.split("/")[2] for k in keys if k.count("/") > 2}  # checkpoint folders, not the snapshot beside them
     assert stored == set(registered()) and s["last_checkpoint"].startswith(f"s3://datasets/{prefix}/checkpoint_")
     assert s["best_checkpoint"].endswith("best.pt") and s["last_checkpoint"].endswith("last.pt")
     assert {f"{prefix}/{s['last_checkpoint'].split('/')[-2]}/{f}" for f in ("best.pt", "last.pt")} <= set(keys)
     check_one_finished_run(uri, s, "cut", epochs=epochs, batch=8, images=(16, 8))
+    # The workers' scratch folders (this machine is their node): the rerun removes the killed run's too.
+    assert our_temp_folders() <= temp, f"left in the temp folder: {our_temp_folders() - temp}"

@@ -71,7 +71,8 @@ def test_run_killed_mid_way_is_marked_failed(tmp_path):
 
 class CuttableLink:
     """A real TCP path to the MLflow server that the test cuts (new connections refused, open ones closed, as when
-    a server is restarted or a network partitions) and restores: the server and its store stay as they were."""
+    a server is restarted or a network partitions) or stalls (connections accepted and kept open, nothing passes
+    either way, as from a server that hangs), and restores: the server and its store stay as they were."""
 
     def __init__(self, target: str):
         import socket
@@ -82,6 +83,15 @@ class CuttableLink:
         self.port = free_port()
         self.listener = None
         self.conns: list = []
+        self.flowing = threading.Event()
+        self.flowing.set()
+
+    def stall(self) -> None:
+        """Until `resume()`: every byte, either way, on open and new connections, waits."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
 
     @property
     def uri(self) -> str:
@@ -116,12 +126,11 @@ class CuttableLink:
             for a, b in ((client, server), (server, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst) -> None:
-        import socket
-
+    def _pipe(self, src, dst) -> None:
+        socket = self._socket
         try:
             while data := src.recv(65536):
+                self.flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

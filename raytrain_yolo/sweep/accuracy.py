@@ -495,7 +495,8 @@ def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
     from raytrain_yolo.core.cli import root_cause
 
     row: dict[str, Any] = {"trial": Path(result.path).name if result.path else None}
-    row.update({k: _plain(result.config.get(k)) for k in plan.searched})
+    config = result.config or {}  # None for a trial that failed before it reported (its actor did not start)
+    row.update({k: _plain(config.get(k)) for k in plan.searched})
     records, seen = [], set()
     for r in _progress(result):  # an epoch of one Train run once, also if a restore reported it again
         key = (r.get("epoch"), r.get("train_run"))
