@@ -159,11 +159,11 @@ def shared_head_pids() -> set[int]:
         return set()
 
 
-# Seconds each module took in one process (the full run of 2026-12-01 23:25 on this project's 2-core machine; test_multinode
-# estimated from its runs of 2026-12-02 with the fault cells it took from the long tier), the
-# shared fixtures counted where they were first made). Modules are collected longest first: pytest-xdist hands
-# whole modules to its two workers in collection order, so the last ones are short and neither worker ends long
-# after the other. A module not listed goes last; the order inside a module stays.
+# Seconds each module took in one process (the full run of 2026-12-01 23:25 on this project's 2-core machine, the
+# shared fixtures counted where they were first made; test_multinode estimated from its runs of 2026-12-02, with the
+# fault cells it took over from the long tier). Modules are collected longest first: pytest-xdist hands whole
+# modules to its two workers in collection order, so the last ones are short and neither worker ends long after the
+# other. A module not listed goes last; the order inside a module stays.
 MODULE_SECONDS = {"test_multinode": 600, "test_hpo": 321, "test_cluster": 177, "test_job_sources": 162,
                   "test_tune": 129, "test_core": 110, "test_predict_images": 96, "test_faults": 80, "test_predict": 80,
                   "test_console": 57, "test_augment": 52, "test_tasks": 41, "test_val": 35, "test_train_args": 32,
