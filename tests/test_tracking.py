@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 
@@ -143,7 +144,7 @@ class CuttableLink:
                 s.close()
 
 
-def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capfd, monkeypatch):
+def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server, capfd, monkeypatch, tmp_path):
     """Issue 22: the path to a real MLflow server is cut between epochs and restored: rank 0's logger says so
     once, keeps the epochs it could not send and sends them, in order, once the server answers; what never reached
     it is named (for summary.json). The driver's end of the run does not fail either."""
@@ -192,6 +193,26 @@ def test_a_tracking_outage_mid_run_ends_nothing_and_loses_nothing(mlflow_server,
         again.log_epoch({"epoch": 6, "lr/pg0": 0.6, "metrics/mAP50(B)": 1.0})
         assert again.unsent() == []
         assert sorted(m.step for m in client.get_metric_history(run_id, "lr/pg0")) == [1, 2, 3, 4, 5, 6]
+        # After the last epoch (log_outputs) a server that does not answer is asked again every few seconds, for as
+        # long as MLflow's own retries would wait: here 3 retries at a backoff factor of 40 (40 + 80 + 120 s). It
+        # answers again 2 s into the wait; the files arrive at the next try. With MLflow's own retries the call
+        # slept through its backoff (its next try 80 s in), and a run's command ended minutes after the server came
+        # back (2026-12-02: a 2-epoch job on the namespace cluster took 3 min 23 s after a 60-s outage).
+        import threading
+
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "40")
+        out_dir = tmp_path / "train"
+        (out_dir / "weights").mkdir(parents=True)
+        (out_dir / "results.csv").write_text("epoch,lr/pg0\n6,0.6\n")
+        link.cut()
+        threading.Timer(2.0, link.up).start()
+        end = threading.Thread(target=again.log_outputs, daemon=True,
+                               args=(SimpleNamespace(wdir=out_dir / "weights", save_dir=out_dir),))
+        end.start()
+        end.join(timeout=40)
+        assert not end.is_alive(), "the end of the run still waited on MLflow's backoff after the server answered"
+        assert again.unsent() == [] and [f.path for f in client.list_artifacts(run_id)] == ["results.csv"]
     finally:
         link.cut()
 

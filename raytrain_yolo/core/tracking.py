@@ -27,6 +27,17 @@ from raytrain_yolo.core.storage import redact
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
 SENTINEL_METRIC = "lr/pg0"  # logged every epoch: its steps tell which epochs MLflow has
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+PATIENT_PROBE_S = 5.0  # after the run, how often a server that does not answer is asked again
+
+
+def mlflow_retry_budget_s() -> float:
+    """Seconds MLflow's own HTTP retries would wait in all (MLFLOW_HTTP_REQUEST_MAX_RETRIES retries, urllib3's
+    backoff `MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR * 2**(k-1)` capped at 120 s each; jitter left out): about 4
+    minutes at MLflow's defaults (7, 2), 0 with MLFLOW_HTTP_REQUEST_MAX_RETRIES=0."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return float(sum(min(120.0, factor * 2 ** (k - 1)) for k in range(1, retries + 1)))
 
 
 def resolve_uri(spec: RunSpec) -> str:
@@ -77,11 +88,13 @@ def use_client_settings(settings: dict[str, str] | None) -> None:
 
 
 @contextmanager
-def _probing():
-    """MLflow's HTTP client without its own retries and with a short timeout (PROBE_ENV), for this block only:
-    a question whose answer may be "the server is down" must not wait minutes for MLflow's backoff."""
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update(PROBE_ENV)
+def _probing(short_timeout: bool = True):
+    """MLflow's HTTP client without its own retries and, with `short_timeout`, with a 5-s timeout (PROBE_ENV), for
+    this block only: a question whose answer may be "the server is down" must not wait minutes for MLflow's backoff.
+    (The end of a run keeps MLflow's timeout: its calls upload the weights.)"""
+    env = PROBE_ENV if short_timeout else {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
@@ -277,12 +290,13 @@ class EpochLogger:
 
     A tracking server that stops answering mid-run (restarted, redeployed, a network cut longer than MLflow's own
     retries) never stops training: what could not be sent is kept, in order, said once on the console, and sent
-    when the server answers again (tried at each epoch) or at the end. During training every call goes without
-    MLflow's own retries and with a short timeout (PROBE_ENV): with them, rank 0 waited out an outage shorter than
-    their backoff (about 4 minutes) inside the training loop, and every DDP rank with it (measured: a 60 s cut cost
-    60 s of training, experiments/faults.md). At the end of the run (`log_outputs`) the first call that fails waits
-    once for MLflow's retries (by default about 4 minutes, `MLFLOW_HTTP_REQUEST_MAX_RETRIES`/`..._BACKOFF_FACTOR`),
-    as the driver's end of the run does: a server back within that sends everything; after it, the rest is listed.
+    when the server answers again (tried at each epoch) or at the end. Every call goes without MLflow's own
+    retries: with them, rank 0 waited out an outage shorter than their backoff (about 4 minutes) inside the training
+    loop, and every DDP rank with it (measured: a 60 s cut cost 60 s of training, experiments/faults.md); during
+    training also with a 5-s timeout (PROBE_ENV), at the end with MLflow's (the weights are uploaded then). At the end of the run (`log_outputs`) a call that fails is tried again every
+    PATIENT_PROBE_S seconds for as long as MLflow's own retries would have waited (`mlflow_retry_budget_s`: about
+    4 minutes by default), once: a server back within that sends everything at once (MLflow's doubling backoff
+    slept up to 2 minutes more after the server was back); after it, the rest is listed.
     `unsent()` names what never reached it, for the summary. `notify` also takes those two lines (the server is
     down, it answers again): the worker hands them to the driver's console, which shows nothing else of rank 0's
     output."""
@@ -311,16 +325,20 @@ class EpochLogger:
         """Send what waits, then `call`; on the first failure keep the rest for the next try."""
         self.pending.append((what, call))
         patient = not self.training and not self.gave_up
-        with nullcontext() if patient else _probing():
+        deadline = time.monotonic() + (mlflow_retry_budget_s() if patient else 0.0)
+        with _probing(short_timeout=not patient):
             while self.pending:
                 try:
                     self.pending[0][1]()
                 except Exception as e:  # noqa: BLE001 - tracking never ends training
-                    self.gave_up = self.gave_up or patient
                     if not self.down:
                         self._say(f"mlflow: tracking server {redact(self.uri)} does not answer ({_first_line(e)}); "
                                   "training goes on, and what it misses is sent when it answers again")
                     self.down = True
+                    if time.monotonic() < deadline:
+                        time.sleep(min(PATIENT_PROBE_S, max(0.0, deadline - time.monotonic())))
+                        continue
+                    self.gave_up = self.gave_up or patient
                     return
                 self.pending.pop(0)
         if self.down:
