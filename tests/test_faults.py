@@ -51,11 +51,9 @@ def assert_complete_once(storage: Path, name: str, uri: str):
 
 
 def test_worker_then_driver_killed_the_same_run_finishes_once(tmp_path, mlflow_server):
-    """One 2-rank run on a local folder meets four faults (once separate runs: a launch each, issue 20):
-    0. a worker is SIGKILLed once rank 0 has started training (its Ultralytics arguments logged to MLflow) and
-       before any checkpoint: the retry starts over in a new worker group and logs its arguments again without
-       MLflow's "cannot change a logged parameter" (issue 22, item 1; the long tier's cell until 2026-12-02);
-    1. a worker is SIGKILLed once the first checkpoint is registered: `--max-failures 2` restarts the worker group
+    """One 2-rank run on a local folder meets three faults (once two runs, one fault each: a launch fewer, issue 20;
+    a worker lost before the first checkpoint is test_multinode's fixed-size run's first fault, on the shared folder):
+    1. a worker is SIGKILLed once the first checkpoint is registered: `--max-failures 1` restarts the worker group
        from that checkpoint, and each restore's temporary copy is removed once loaded;
     2. from that moment the MLflow server is unreachable (the path to it cut: new connections refused, open ones
        closed), across the restart, the next epoch and 3.: training goes on and says so;
@@ -74,19 +72,9 @@ def test_worker_then_driver_killed_the_same_run_finishes_once(tmp_path, mlflow_s
     # retries stay as they are by default: they held rank 0, and every rank, for minutes in a cut (tracking.EpochLogger).
     worker_tmp = Path(tempfile.mkdtemp(prefix="rt-faults-"))
     env = {"TMPDIR": str(worker_tmp), "RAY_TMPDIR": tempfile.gettempdir()}
-    cmd = (*ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri, "--max-failures", 2)
+    cmd = (*ARGS, "--storage-path", tmp_path, "--name", "ft", "--tracking-uri", uri, "--max-failures", 1)
     fit = start_cli("fit", *cmd, log_path=log, env=env)
-
-    def started(times: int) -> bool:  # rank 0 printed "Starting training" that many times (one per worker group)
-        run_log = run_dir / "run.log"
-        return run_log.exists() and run_log.read_text(errors="replace").count("Starting training for") >= times
-
     try:
-        wait_for(lambda: started(1) or fit.poll() is not None, 300, interval=0.1, what="rank 0 training")
-        early = train_worker_pids(fit.pid)
-        assert fit.poll() is None and early and registered_checkpoints(run_dir) == 0, log.read_text()[-3000:]
-        os.kill(early[0], signal.SIGKILL)
-        wait_for(lambda: started(2) or fit.poll() is not None, 300, interval=0.2, what="the retry's training")
         wait_for(lambda: registered_checkpoints(run_dir) >= 1 or fit.poll() is not None, 300,
                  what="the first checkpoint")
         assert fit.poll() is None, log.read_text()[-3000:]
@@ -108,7 +96,6 @@ def test_worker_then_driver_killed_the_same_run_finishes_once(tmp_path, mlflow_s
     try:
         text = log.read_text()
         assert restarted and victim not in restarted and not restarted & set(first[:-1]), "a new worker group trains"
-        assert not set(first) & set(early), "the retry after the early kill ran in a new worker group"
         assert not left, f"each restored checkpoint's local copy must be removed once loaded: {left}"
         assert not (run_dir / "summary.json").exists(), text[-3000:]
         assert "does not answer" in text and "training goes on" in text, text[-3000:]

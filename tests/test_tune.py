@@ -3,6 +3,9 @@
 The sweep runs as the README shows it, minus the size: no --num-workers, no --tracking-uri and no --storage-path,
 from a fresh folder (once test_resources' default sweep, a launch of its own): each trial's workers and the trial
 itself must fit the machine together (they did not: it hung), and the store and the runs land in that folder.
+Two dimensions, batch and AMP (until 2026-12-02 also `--loader ultralytics,device`: two trials more, about 90 s of
+2 cores, given to issue 22's fault cells; a grid dimension is a grid dimension, and the device loader trains in
+test_augment and test_tasks).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ WINDOWS = 3
 def sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("tune")
     proc = run_cli(
-        "tune", "--cpu", "--batch", "8,2", "--loader", "ultralytics,device", "--amp", "fp32,bf16",
+        "tune", "--cpu", "--batch", "8,2", "--amp", "fp32,bf16",
         "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
         "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep", timeout=1200, cwd=cwd,
     )
@@ -49,9 +52,8 @@ def test_the_default_sweep_fits_the_machine_and_keeps_one_store_in_its_folder(sw
 def test_results_table_one_row_per_trial(sweep):
     proc, storage, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
-    assert len(rows) == 8  # 2 batch x 2 loaders x 2 amp
-    assert {(r["batch"], r["loader"], r["amp"]) for r in rows} == {
-        (b, lo, a) for b in (8, 2) for lo in ("ultralytics", "device") for a in ("fp32", "bf16")}
+    assert len(rows) == 4  # 2 batch x 2 amp
+    assert {(r["batch"], r["amp"]) for r in rows} == {(b, a) for b in (8, 2) for a in ("fp32", "bf16")}
     assert "images/s" in proc.stdout and "status" in proc.stdout
     assert (storage / "sweep" / "throughput.png").stat().st_size > 1000
 
@@ -71,7 +73,7 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
     assert all(r["windows"] == WINDOWS and r["images_per_second"] > 0 for r in ok)
     best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
     fastest = max(ok, key=lambda r: r["images_per_second"])
-    assert (best["train"]["batch"], best["loader"]) == (fastest["batch"], fastest["loader"])
+    assert (best["train"]["batch"], best["loader"]) == (fastest["batch"], "ultralytics")  # the loader not swept
     assert best["train"]["optimizer"] == "SGD" and best["scaling"]["num_workers"] == 2
     # `fit --config best.yaml epochs=1`, through fit's own parser and the preflight its launch runs (once a training
     # run of its own: that a resolved configuration trains is every fit's test, from a best.yaml test_hpo's).
@@ -82,7 +84,7 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
     ns = build_parser().parse_args(["--config", str(storage / "sweep" / "best.yaml"), "epochs=1", "--storage-path",
                                     str(tmp_path), "--name", "from-best", "--no-tracking"])
     spec, train_args, task = check_run(spec_from_args(ns, ns.overrides))
-    assert (train_args["batch"], train_args["epochs"], spec.loader, task) == (fastest["batch"], 1, fastest["loader"],
+    assert (train_args["batch"], train_args["epochs"], spec.loader, task) == (fastest["batch"], 1, "ultralytics",
                                                                                "detect")
     assert spec.scaling.num_workers == 2 and spec.scaling.use_gpu is False
 
@@ -103,4 +105,4 @@ def test_parent_mlflow_run_with_nested_trials(sweep):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 4  # the feasible trials; infeasible ones never start training
+    assert len(children) == 2  # the feasible trials; infeasible ones never start training
