@@ -334,3 +334,37 @@ def test_a_trial_that_failed_before_it_reported_is_a_failed_row(tmp_path):
     assert row["trial"] == "trial_0001" and row["status"] == "failed" and row["epochs"] == 0, row
     assert "resolving region for bucket 'datasets'" in row["reason"], row["reason"]
     assert all(row[k] is None for k in hpo.searched), row
+
+
+@pytest.mark.quick
+def test_a_rank_ending_after_another_removed_the_runs_scratch_folder_ends_cleanly(tmp_path):
+    """Two ranks of a run on one node share its scratch folder: the rank that ends first removes the whole folder
+    (`drop_run`, once past the run's last collective) while the other may be dropping its own entries (`drop_rank`).
+    When the folder went between pathlib's check and its listing, that raised FileNotFoundError and failed a run
+    whose training had completed (found on 2026-12-02 by test_train_args' 2-rank run under the full suite's load).
+    Here one thread makes and removes the folder as fast as it can while this one drops rank 0's entries 20000
+    times: the code before raised about once in 400 (7 in 3000 on this project's 2-core machine)."""
+    import shutil
+    import threading
+
+    from raytrain_yolo.train.worker import Scratch
+
+    root, stop = tmp_path / "raytrain-yolo-run", threading.Event()
+    kept = Scratch(root, 1).fresh("checkpoint")
+    Scratch(root, 0).fresh("restored")
+    Scratch(root, 0).drop_rank()
+    assert kept.is_dir() and not (root / "rank0-restored").exists(), "a rank drops only its own entries"
+
+    def other_rank_ends():
+        while not stop.is_set():
+            (root / "rank1-checkpoint").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+    churn = threading.Thread(target=other_rank_ends)
+    churn.start()
+    try:
+        for _ in range(20000):
+            Scratch(root, 0).drop_rank()
+    finally:
+        stop.set()
+        churn.join()

@@ -310,7 +310,7 @@ class EpochLogger:
         self.pending: list[tuple[str, Any]] = []  # (what, call) in the order they happened, not yet sent
         self.down = False
         self.training = True  # until log_outputs: no call may hold the training loop
-        self.gave_up = False  # after the run, one call waited out MLflow's retries and failed: no more waiting
+        self.gave_up = False  # after the run, one call waited out the retry budget and failed: no more waiting
         # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
         # from and trains an epoch again that an earlier attempt had already logged. Asked first; with the server
         # down the question waits at the head of the queue, and each step's send, when its turn comes, skips a

@@ -217,7 +217,11 @@ class Scratch:
         return folder
 
     def drop_rank(self) -> None:
-        for folder in self.root.glob(f"rank{self.rank}-*"):
+        try:
+            folders = list(self.root.glob(f"rank{self.rank}-*"))
+        except FileNotFoundError:  # another rank on this node ended first and removed the run's folder (drop_run)
+            return
+        for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
 
     def drop_run(self) -> None:
