@@ -160,10 +160,11 @@ def shared_head_pids() -> set[int]:
 
 
 # Seconds each module took in one process (the full run of 2026-12-01 23:25 on this project's 2-core machine, the
-# shared fixtures counted where they were first made; test_multinode, test_tune, and test_hpo and test_job_sources
-# estimated, from their runs of 2026-12-02 with issue 22's fault cells they took over from the long tier). Modules are collected longest first: pytest-xdist hands whole
-# modules to its two workers in collection order, so the last ones are short and neither worker ends long after the
-# other. A module not listed goes last; the order inside a module stays.
+# shared fixtures counted where they were first made; test_multinode, test_tune, test_hpo and test_job_sources
+# estimated from their runs of 2026-12-02, with issue 22's fault cells they took over from the long tier). Modules
+# are collected longest first: pytest-xdist hands whole modules to its two workers in collection order, so the last
+# ones are short and neither worker ends long after the other. A module not listed goes last; the order inside a
+# module stays.
 MODULE_SECONDS = {"test_multinode": 445, "test_hpo": 360, "test_job_sources": 200, "test_cluster": 177,
                   "test_core": 110, "test_predict_images": 96, "test_faults": 80, "test_predict": 80, "test_tune": 77,
                   "test_console": 57, "test_augment": 52, "test_tasks": 41, "test_val": 35, "test_train_args": 32,

@@ -189,7 +189,8 @@ class Bucket:
         self.client, self.prefix = client, prefix
 
     def keys(self, under: str = "") -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket="datasets", Prefix=f"{self.prefix}/{under}")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket="datasets",
+                                                                      Prefix=f"{self.prefix}/{under}")
         return [o["Key"][len(self.prefix) + 1:] for page in pages for o in page.get("Contents", [])]
 
     def json(self, key: str) -> dict:
@@ -277,13 +278,13 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
         assert restarted["resumed_from_epoch"] >= 1 and [h["epoch"] for h in restarted["history"]] == \
             list(range(1, epochs + 1)), restarted["history"]
     assert (run_dir / "best.pt").stat().st_size > 100_000, "the best trial's best.pt beside the sweep, in the bucket"
-    client_, runs = mlflow_runs(uri)
+    tracking, runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
     for child in children:
-        steps = [m.step for m in client_.get_metric_history(child.info.run_id, "lr/pg0")]
+        steps = [m.step for m in tracking.get_metric_history(child.info.run_id, "lr/pg0")]
         assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
     assert checkpoint_copies() <= copies, "the restored trial's checkpoint copy was left in the temp folder"
 

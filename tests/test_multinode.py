@@ -274,40 +274,32 @@ def shared_data(cluster) -> Path:
     return data / "data.yaml"
 
 
-def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch: bool = False, down_s: float = 0,
-                      env: dict | None = None, data: tuple = ("--synthetic-train", 32, "--synthetic-val", 8),
-                      storage: str = S3_RUNS, then_lose_driver: bool = False) -> str:
-    """Start a fit, kill worker node 2 (every process in it) after the first checkpoint, bring it back and wait for
-    the fit; return the driver's log. `one_worker_epoch`: bring node 2 back only once the group that Ray started
-    without it has trained and checkpointed an epoch (else, on a slow machine, the group may grow back before the
-    one-worker group finished any epoch). `down_s`: keep node 2 down at least this long (a slow replacement).
-    `then_lose_driver`: once the restarted group has registered a checkpoint, SIGKILL the driver too (a lost
-    submitting machine; the cluster stays) and run the same command again, which must resume."""
-    log = cluster.dir / f"{name}.log"
-    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", *data, f"epochs={epochs}", "imgsz=64", *flags,
-           "--storage-path", storage, "--name", name, "--tracking-uri", cluster.tracking_uri)
+def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch: bool = False,
+                      env: dict | None = None) -> str:
+    """Start a fit (32 images, checkpoints in S3_RUNS), kill worker node 2 (every process in it) after the first
+    checkpoint, bring it back and wait for the fit; return the driver's log. `one_worker_epoch`: bring node 2 back
+    only once the group that Ray started without it has trained and checkpointed an epoch (else, on a slow machine,
+    the group may grow back before the one-worker group finished any epoch)."""
+    log, storage = cluster.dir / f"{name}.log", S3_RUNS
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", "--synthetic-train", 32, "--synthetic-val", 8,
+           f"epochs={epochs}", "imgsz=64", *flags, "--storage-path", storage, "--name", name,
+           "--tracking-uri", cluster.tracking_uri)
     fit = cluster.start_on_head(*cmd, log_path=log, env=env)
     try:
         wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 600,
                  what="the first checkpoint")
         assert fit.poll() is None, log.read_text()[-3000:]
         before = len(log.read_text())
-        down = cluster.script("node-down", "2")
-        assert down.returncode == 0, down.stderr
-        went_down, down_epoch = time.monotonic(), latest_epoch(cluster, name, storage)
-        if one_worker_epoch:
+
+        def one_worker_group_checkpointed() -> None:
             wait_for(lambda: ONE_WORKER in log.read_text()[before:] or fit.poll() is not None, 300, what=ONE_WORKER)
             held = latest_epoch(cluster, name, storage)
             wait_for(lambda: latest_epoch(cluster, name, storage) > held or fit.poll() is not None, 300,
                      what="a checkpoint of the one-worker group")
-        time.sleep(max(0.0, down_s - (time.monotonic() - went_down)))
-        assert fit.poll() is None, "the run ended while node 2 was being replaced:\n" + log.read_text()[-3000:]
-        up = cluster.script("node-up", "2")
-        assert up.returncode == 0, up.stderr[-2000:]
-        if then_lose_driver:
-            rc = lose_driver_and_rerun(cluster, fit, cmd, log, name, storage, down_epoch, env)
-        else:
-            rc = fit.wait(timeout=600)
+
+        keep_node_2_down(cluster, fit, log, name, storage, 0,
+                         while_down=one_worker_group_checkpointed if one_worker_epoch else None)
+        rc = fit.wait(timeout=600)
     finally:
         if fit.poll() is None:
             os.killpg(fit.pid, signal.SIGKILL)
@@ -316,20 +308,31 @@ def run_losing_node_2(cluster, name: str, epochs: int, *flags, one_worker_epoch:
     return text
 
 
-def lose_driver_and_rerun(cluster, fit, cmd: tuple, log: Path, name: str, storage: str, since_epoch: int,
-                          env: dict | None) -> int:
+def keep_node_2_down(cluster, fit, log: Path, name: str, storage: str, seconds: float, while_down=None) -> int:
+    """Take worker node 2 down (every process in it), call `while_down()` if given, keep the node down until
+    `seconds` have passed since the loss (a slow replacement), then bring it up; the run must outlive it. Returns
+    the run's latest checkpoint epoch at the loss."""
+    down = cluster.script("node-down", "2")
+    assert down.returncode == 0, down.stderr
+    went_down, epoch = time.monotonic(), latest_epoch(cluster, name, storage)
+    if while_down:
+        while_down()
+    time.sleep(max(0.0, seconds - (time.monotonic() - went_down)))
+    assert fit.poll() is None, "the run ended while node 2 was being replaced:\n" + log.read_text()[-3000:]
+    up = cluster.script("node-up", "2")
+    assert up.returncode == 0, up.stderr[-2000:]
+    return epoch
+
+
+def lose_driver(cluster, fit, log: Path, name: str, storage: str, since_epoch: int) -> None:
     """Once a checkpoint after epoch `since_epoch` is registered, SIGKILL the driver `fit` (its job's actors go with
-    it, the cluster stays); no summary may exist then. Run `cmd` again on the head, append its output to `log`,
-    return its exit status."""
-    wait_for(lambda: latest_epoch(cluster, name, storage) > since_epoch or fit.poll() is not None, 300,
+    it, the cluster stays); no summary may exist then."""
+    wait_for(lambda: latest_epoch(cluster, name, storage) > since_epoch or fit.poll() is not None, 600,
              interval=0.2, what="a checkpoint of the restarted group")
     assert fit.poll() is None, "no epoch left to lose the driver in:\n" + log.read_text()[-3000:]
     os.killpg(fit.pid, signal.SIGKILL)
     fit.wait(timeout=60)
     assert not run_exists(cluster, storage, f"{name}/summary.json"), log.read_text()[-3000:]
-    again = cluster.on_head(*cmd, env=env)
-    log.write_text(log.read_text() + again.stdout + again.stderr)
-    return again.returncode
 
 
 def run_exists(cluster, storage: str, path: str) -> bool:
@@ -469,21 +472,19 @@ def test_a_fixed_size_run_on_the_shared_folder_outlives_a_worker_a_slow_node_mlf
         mlflow_down, at_kill = time.monotonic(), latest_epoch(cluster, name, storage)
         wait_for(lambda: latest_epoch(cluster, name, storage) > at_kill or fit.poll() is not None, 300,
                  interval=0.2, what="a checkpoint while the MLflow server is down")
-        down_epoch = keep_node_2_down(cluster, fit, log, name, storage, seconds=90,
-                                      meanwhile=(60 - (time.monotonic() - mlflow_down), "up"))
-        wait_for(lambda: latest_epoch(cluster, name, storage) > down_epoch or fit.poll() is not None, 600,
-                 interval=0.2, what="a checkpoint of the group restarted on both nodes")
-        assert fit.poll() is None, "no epoch left to lose the driver in:\n" + log.read_text()[-3000:]
-        os.killpg(fit.pid, signal.SIGKILL)
-        fit.wait(timeout=60)
-        first = log.read_text()
-        assert not run_exists(cluster, storage, f"{name}/summary.json"), first[-3000:]
-        resumable = latest_epoch(cluster, name, storage)
-        rerun = cluster.start_on_head(*cmd, log_path=cluster.dir / f"{name}-again.log",
-                                      env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+
+        def mlflow_back_60_s_after_its_kill() -> None:
+            time.sleep(max(0.0, 60 - (time.monotonic() - mlflow_down)))
+            mlflow_service(cluster, "up")
+
+        down_epoch = keep_node_2_down(cluster, fit, log, name, storage, 90, while_down=mlflow_back_60_s_after_its_kill)
+        lose_driver(cluster, fit, log, name, storage, down_epoch)
+        first, resumable = log.read_text(), latest_epoch(cluster, name, storage)
+        again_log = cluster.dir / f"{name}-again.log"
+        rerun = cluster.start_on_head(*cmd, log_path=again_log, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         wait_for(lambda: latest_epoch(cluster, name, storage) > resumable or rerun.poll() is not None, 300,
                  interval=0.2, what="a checkpoint of the rerun")
-        assert rerun.poll() is None, "no epoch left to lose MLflow in:\n" + (cluster.dir / f"{name}-again.log").read_text()
+        assert rerun.poll() is None, "no epoch left to lose MLflow in:\n" + again_log.read_text()[-3000:]
         mlflow_service(cluster, "down")
         rc = rerun.wait(timeout=600)
     finally:
@@ -491,7 +492,7 @@ def test_a_fixed_size_run_on_the_shared_folder_outlives_a_worker_a_slow_node_mlf
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         mlflow_running(cluster)  # the server's own view, and the module's later tests
-    again = (cluster.dir / f"{name}-again.log").read_text()
+    again = again_log.read_text()
     assert rc == 0, again[-4000:]
     assert first.count("does not answer") == 1 and "training goes on" in first, first[-3000:]
     assert "did not get summary.json" in again, again[-3000:]
@@ -520,24 +521,3 @@ def kill_node_2_worker_before_the_first_checkpoint(cluster, fit, log: Path, run_
     victim = wait_for(lambda: train_workers(cluster.node_pids(2)), 30, what="node 2's worker")[0]
     os.kill(victim, signal.SIGKILL)
     return victim
-
-
-def keep_node_2_down(cluster, fit, log: Path, name: str, storage: str, seconds: float,
-                     meanwhile: tuple[float, str] | None = None) -> int:
-    """Take worker node 2 down (every process in it) for `seconds`, then up; the run must outlive it. `meanwhile`:
-    (after s, action): `local-multinode.sh mlflow-<action>` that many seconds into the outage. Returns the run's
-    latest checkpoint epoch at the loss."""
-    down = cluster.script("node-down", "2")
-    assert down.returncode == 0, down.stderr
-    went_down, epoch = time.monotonic(), latest_epoch(cluster, name, storage)
-    while time.monotonic() - went_down < seconds and fit.poll() is None:
-        if meanwhile and time.monotonic() - went_down >= meanwhile[0]:
-            mlflow_service(cluster, meanwhile[1])
-            meanwhile = None
-        time.sleep(1)
-    if meanwhile:
-        mlflow_service(cluster, meanwhile[1])
-    assert fit.poll() is None, "the run ended while node 2 was being replaced:\n" + log.read_text()[-3000:]
-    up = cluster.script("node-up", "2")
-    assert up.returncode == 0, up.stderr[-2000:]
-    return epoch

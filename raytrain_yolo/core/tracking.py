@@ -293,10 +293,11 @@ class EpochLogger:
     when the server answers again (tried at each epoch) or at the end. Every call goes without MLflow's own
     retries: with them, rank 0 waited out an outage shorter than their backoff (about 4 minutes) inside the training
     loop, and every DDP rank with it (measured: a 60 s cut cost 60 s of training, experiments/faults.md); during
-    training also with a 5-s timeout (PROBE_ENV), at the end with MLflow's (the weights are uploaded then). At the end of the run (`log_outputs`) a call that fails is tried again every
-    PATIENT_PROBE_S seconds for as long as MLflow's own retries would have waited (`mlflow_retry_budget_s`: about
-    4 minutes by default), once: a server back within that sends everything at once (MLflow's doubling backoff
-    slept up to 2 minutes more after the server was back); after it, the rest is listed.
+    training also with a 5-s timeout (PROBE_ENV), at the end with MLflow's (the weights are uploaded then). At the
+    end of the run (`log_outputs`) a call that fails is tried again every PATIENT_PROBE_S seconds for as long as
+    MLflow's own retries would have waited (`mlflow_retry_budget_s`: about 4 minutes by default), once: a server
+    back within that sends everything at once (MLflow's doubling backoff slept up to 2 minutes more after the
+    server was back); after it, the rest is listed.
     `unsent()` names what never reached it, for the summary. `notify` also takes those two lines (the server is
     down, it answers again): the worker hands them to the driver's console, which shows nothing else of rank 0's
     output."""
