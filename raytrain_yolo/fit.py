@@ -43,16 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
 
     def body() -> int:
-        from raytrain_yolo.core.config import resolve_train_args
-        from raytrain_yolo.core.preflight import check_not_finished
+        from raytrain_yolo.plan import prepare
         from raytrain_yolo.train.launch import format_summary, launch
 
         spec = spec_from_args(ns, ns.overrides)
         if ns.validate_untrained is not None:
             spec.validate_untrained = ns.validate_untrained
         spec.trace_samples = spec.trace_samples or ns.trace_samples
-        check_not_finished(spec, resolve_train_args(spec), list(sys.argv[1:] if argv is None else argv))
-        result = launch(spec, show_epochs=True)
+        plan = prepare(spec, argv=list(sys.argv[1:] if argv is None else argv))
+        for line in plan.taken:
+            print(line, flush=True)
+        if plan.finished is not None:
+            print(f"run {plan.spec.name} finished already with these arguments: its summary (nothing was started)",
+                  flush=True)
+        result = launch(plan, show_epochs=True)
         stop_ray()
         print(format_summary(result.summary, result.summary_path), flush=True)
         if result.summary.get("error"):

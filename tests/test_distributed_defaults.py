@@ -9,6 +9,7 @@ from raytrain_yolo.core.config import RunSpec, ScalingSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.fit import build_parser
 from raytrain_yolo.core.preflight import check_run
+from raytrain_yolo.plan import RunPlan
 from raytrain_yolo.train.launch import build_trainer
 
 ARGS = {"batch": 16, "epochs": 1, "model": "yolo26n.yaml"}
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.quick  # no training run, no Ray cluster
 def trainer_for(*argv: str):
     spec = spec_from_args(build_parser().parse_args(list(argv)), [])
     spec.scaling.num_workers, spec.scaling.use_gpu, spec.name = 2, False, "x"
-    return spec, build_trainer(spec, ARGS, "detect")
+    return spec, build_trainer(RunPlan(spec, ARGS, "detect"))
 
 
 def test_process_group_timeout_is_ultralytics_three_hours_and_configurable():
@@ -27,6 +28,16 @@ def test_process_group_timeout_is_ultralytics_three_hours_and_configurable():
     assert t.backend_config.timeout_s == 3 * 3600  # torch's default is 30 minutes
     _, t = trainer_for("--process-group-timeout", "600")
     assert t.backend_config.timeout_s == 600
+
+
+def test_max_failures_bounds_preemption_restarts_too():
+    """Ray 2.60 retries preemptions without limit unless told (`max_preemption_failures=-1`): --max-failures is the
+    bound for both kinds of restart."""
+    _, t = trainer_for("--max-failures", "2")
+    assert t.run_config.failure_config.max_failures == 2
+    assert t.run_config.failure_config.max_preemption_failures == 2
+    _, t = trainer_for()
+    assert t.run_config.failure_config.max_preemption_failures == 0
 
 
 def test_elastic_range_and_resize_check_reach_ray():

@@ -12,7 +12,7 @@ import pytest
 
 from raytrain_yolo.core.config import RunSpec, ScalingSpec, SyntheticSpec, TrackingSpec
 from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.core.preflight import prepare
+from raytrain_yolo.plan import prepare
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_the_wait_is_bounded_by_wait_for_resources(busy_cluster, tmp_path):
 
 
 def test_the_default_worker_count_fits_what_is_free(busy_cluster, tmp_path):
-    spec, _, _ = prepare(spec_for(tmp_path, None))
+    spec = prepare(spec_for(tmp_path, None)).spec
     assert spec.scaling.num_workers == 1 and spec.scaling.use_gpu is False
 
 
@@ -71,7 +71,7 @@ def test_sweeps_start_as_many_trials_as_the_free_resources_hold(busy_cluster, tm
 def test_a_wait_ends_when_the_other_job_leaves(busy_cluster, tmp_path):
     ray, holder = busy_cluster
     threading.Timer(2.0, lambda: ray.kill(holder)).start()
-    spec, _, _ = prepare(spec_for(tmp_path, 2, wait=120))
+    spec = prepare(spec_for(tmp_path, 2, wait=120)).spec
     assert spec.scaling.num_workers == 2
 
 

@@ -39,6 +39,7 @@ def raytrain(ctx: BenchContext, report: Report, label: str, batch: int, workers:
              loader: str = "ultralytics", data: str | None = None, images: int | None = None,
              prefetch: bool = False) -> None:
     """The same configuration through raytrain_yolo (Ray Train, one worker); `data`/`images`: another set."""
+    from raytrain_yolo.plan import prepare
     from raytrain_yolo.train.launch import launch
 
     train = {**ctx.common, "batch": batch, "workers": workers, **(extra or {}), **({"data": data} if data else {})}
@@ -46,7 +47,7 @@ def raytrain(ctx: BenchContext, report: Report, label: str, batch: int, workers:
                    storage_path=str(ctx.work / "ray"), name=label, loader=loader, prefetch=prefetch,
                    window_steps=ctx.ns.window_steps, max_windows=ctx.ns.windows, validate_untrained=False)
     t0 = time.time()
-    summary = launch(spec).summary
+    summary = launch(prepare(spec)).summary
     windows = [h[IPS_KEY] for h in summary["history"] if "window" in h]
     mem = max((h.get("system/gpu_mem_gb", 0) for h in summary["history"]), default=None)
     report.record({"row": label, "kind": "raytrain", "loader": loader, "prefetch": prefetch,
@@ -79,6 +80,7 @@ def tuned(ctx: BenchContext, report: Report) -> None:
 
 def accuracy(ctx: BenchContext, report: Report, loader: str) -> None:
     """Validation mAP after the same short training with each loader: same data, seed, epochs, batch."""
+    from raytrain_yolo.plan import prepare
     from raytrain_yolo.train.launch import launch
 
     epochs = ctx.ns.map_epochs
@@ -87,7 +89,7 @@ def accuracy(ctx: BenchContext, report: Report, loader: str) -> None:
     spec = RunSpec(train=train, scaling=ctx.one_worker(), tracking=TrackingSpec(enabled=False),
                    storage_path=str(ctx.work / "map"), name=f"map-{loader}", loader=loader, validate_untrained=False)
     t0 = time.time()
-    s = launch(spec).summary
+    s = launch(prepare(spec)).summary
     m = s.get("metrics", {})
     report.record({"row": f"map-{loader}", "kind": "accuracy", "loader": loader, "batch": ctx.ns.big_batch,
                    "amp": ctx.amp, "epochs": epochs, "mAP50": m.get("metrics/mAP50(B)"),

@@ -1,10 +1,12 @@
 """The one preflight pass every job calls, so that a bad request fails in one clear line before any work starts,
 instead of deep inside a worker an hour later. Nothing here downloads anything.
 
-- `check_run(spec)`: what needs no Ray: arguments, model, dataset and labels, storage, the tracking server;
+- `check_request(spec)`: the flags, Ultralytics' arguments as Ultralytics resolves them, the model (no dataset read);
+- `check_inputs(...)`: the dataset and its labels, storage, the tracking server;
 - `resolve_scaling(spec)`: the workers fitted to the cluster's free CPUs/GPUs (Ray would wait for them forever);
-- `check_nodes(...)`: on more than one node, what every node must see (storage, data, tracking), from the nodes;
-- `prepare(spec)`: all three, in that order, for `fit`; val/predict (core/jobs.py) and the sweeps call the parts.
+- `check_nodes(...)`: on more than one node, what every node must see (storage, data, tracking), from the nodes.
+`raytrain_yolo.plan.prepare` runs them in order for a training run; val/predict (core/jobs.py) and the sweeps'
+drivers call the parts (`check_run` = request + inputs).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 import yaml
 
 from raytrain_yolo.core import storage
-from raytrain_yolo.core.cluster import connect_ray, worker_env
+
 from raytrain_yolo.core.config import (RunSpec, SearchDim, check_batch, check_loader, check_name, default_name,
-                                       resolve_train_args)
+                                       resolve_train_args, validate_train_args)
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import check_reachable, resolve_uri
 
@@ -330,21 +332,36 @@ def check_teacher(teacher: str) -> str:
 
 def _checkpoint_task(path: str, key: str = "model") -> str:
     """The task of a local Ultralytics checkpoint; UserError naming `key=` if it is missing or not one."""
+    from ultralytics.nn.tasks import guess_model_task
+
+    return guess_model_task(_load_checkpoint_model(path, key))
+
+
+_LOADED: dict[tuple[str, float], Any] = {}  # (path, mtime) -> the checkpoint's model: a run's checks load it once
+
+
+def _load_checkpoint_model(path: str, key: str = "model"):
+    """The model inside a local Ultralytics checkpoint (its EMA when it has one), loaded once per file version.
+    A `.pt` is a pickle: loading runs code from it, so it must be a file you trust (README, "What is trusted")."""
     import torch
 
-    if not Path(path).expanduser().is_file():
+    p = Path(path).expanduser()
+    if not p.is_file():
         raise UserError(f"{key}={path} not found: pass the path of a local .pt file (nothing is downloaded)")
+    cache_key = (str(p.resolve()), p.stat().st_mtime)
+    if cache_key in _LOADED:
+        return _LOADED[cache_key]
     try:
-        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure here means: not a usable checkpoint
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{key}={path} cannot be loaded ({first}): the file is corrupt or not a PyTorch checkpoint") from None
-    from ultralytics.nn.tasks import guess_model_task
-
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{key}={path} is not an Ultralytics checkpoint (no model inside): pass a YOLO .pt file")
-    return guess_model_task(model)
+    _LOADED.clear()  # one model at a time: a sweep's driver checks one model
+    _LOADED[cache_key] = model
+    return model
 
 
 # Accuracy tuning (`tune --objective map`): the search space and the metric, checked before Ray starts.
@@ -710,22 +727,37 @@ def check_saving(spec: RunSpec, train_args: dict[str, Any]) -> None:
 
 
 def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
-    """Everything that can be checked without Ray: arguments, model, dataset, storage, tracking server."""
+    """Everything that can be checked without Ray: the request (flags, arguments, model), then its inputs
+    (dataset and labels, storage, tracking server). `plan.prepare` runs the two steps with the rerun check between."""
+    spec, train_args, task = check_request(spec)
+    check_inputs(spec, train_args, task)
+    return spec, train_args, task
+
+
+def check_flags(spec: RunSpec) -> None:
+    """The run's own flags: name, storage, retries and waits (one line each, naming the flag)."""
     spec.name = check_name(spec.name or default_name())
     spec.storage_path = storage.normalise(spec.storage_path)
     if spec.keep_checkpoints < 1:
         raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")
     if spec.scaling.pg_timeout_s <= 0:
         raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
-    if spec.scaling.resize_check_s < 0:
-        raise UserError(f"--resize-check {spec.scaling.resize_check_s:g} must be 0 or more seconds")
-    if spec.restart_wait_s < 0:
-        raise UserError(f"--restart-wait {spec.restart_wait_s:g} must be 0 or more seconds")
-    if spec.storage_wait_s < 0:
-        raise UserError(f"--storage-wait {spec.storage_wait_s:g} must be 0 or more seconds")
+    for flag, value in (("--resize-check", spec.scaling.resize_check_s), ("--restart-wait", spec.restart_wait_s),
+                        ("--storage-wait", spec.storage_wait_s)):
+        if value < 0:
+            raise UserError(f"{flag} {value:g} must be 0 or more seconds")
     if spec.max_failures < -1:
         raise UserError(f"--max-failures {spec.max_failures} must be 0 or more (-1: retry forever)")
+
+
+def check_request(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
+    """The flags, and the Ultralytics arguments as `YOLO(model).train(**args)` resolves them (a checkpoint's own
+    `imgsz`/`single_cls` under the user's, `checkpoint_args`), checked with Ultralytics' rules; the model's task.
+    Reads the model, not the dataset."""
+    check_flags(spec)
     train_args = resolve_train_args(spec)
+    if str(train_args["model"]).endswith(".pt") and not spec.train.get("cfg"):
+        train_args = validate_train_args({**train_args, **checkpoint_args(train_args["model"], spec.train)})
     check_saving(spec, train_args)
     if spec.scaling.num_workers is not None:  # known now: no need to start Ray to refuse it
         check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
@@ -736,6 +768,28 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
     if spec.prefetch and not spec.loader.startswith("device"):
         raise UserError(f"--prefetch builds batches of --loader device, not of --loader {spec.loader}: "
                         "add --loader device, or drop --prefetch")
+    if str(train_args["model"]).endswith(".pt"):
+        train_args["model"] = str(Path(train_args["model"]).resolve())
+    if train_args.get("distill_model"):
+        train_args["distill_model"] = check_teacher(train_args["distill_model"])
+    return spec, train_args, task
+
+
+def checkpoint_args(model: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The arguments a checkpoint keeps for training, as `YOLO(model).train()` takes them: Ultralytics'
+    `Model._reset_ckpt_args` of the checkpoint's model args (`imgsz`, `single_cls`; `task` is the model's own), less
+    what the user gave and less `data` (Ultralytics' train() sets data itself). A model trained at 64 px fine-tunes
+    at 64 px unless `imgsz=` says otherwise, as in Ultralytics."""
+    from ultralytics.engine.model import Model
+
+    args = getattr(_load_checkpoint_model(model), "args", None) or {}
+    kept = Model._reset_ckpt_args(dict(args) if not isinstance(args, dict) else args)
+    return {k: v for k, v in kept.items() if k not in ("data", "task") and k not in given}
+
+
+def check_inputs(spec: RunSpec, train_args: dict[str, Any], task: str) -> None:
+    """What the run reads and writes, checked from this machine: the dataset's splits (Ultralytics' label scan),
+    the storage (writable), the tracking server (reachable)."""
     # Ultralytics' trainer validates on data[split] (split=, default val): that split, not always val, is checked.
     splits = tuple(dict.fromkeys(("train", str(train_args.get("split") or "val"))))
     if spec.is_synthetic and splits[-1] not in ("train", "val"):
@@ -753,58 +807,6 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
             found = check_data(train_args["data"], task, spec.allow_bad_labels, splits,
                                single_cls=bool(train_args.get("single_cls")))
             spec.data_root = found.root if found.cwd_relative else ""
-    if str(train_args["model"]).endswith(".pt"):
-        train_args["model"] = str(Path(train_args["model"]).resolve())
-    if train_args.get("distill_model"):
-        train_args["distill_model"] = check_teacher(train_args["distill_model"])
     storage.check_writable(spec.run_dir)
     if spec.tracking.enabled:
         check_reachable(resolve_uri(spec), spec.tracking.experiment)
-    return spec, train_args, task
-
-
-def check_not_finished(spec: RunSpec, train_args: dict[str, Any], argv: list[str] | None = None) -> None:
-    """A rerun of a finished run (its summary.json says every epoch trained) that asks for other epochs is refused:
-    Ultralytics' resume cannot extend a finished run (its learning rate has decayed to `lrf` on a schedule of the
-    old length), so the fix is a new run that starts from the finished run's weights. The error gives that exact
-    command: `argv` (this command's arguments) with a new --name and `model=` the finished run's last.pt. A rerun
-    that asks for the same epochs is left alone: it finishes at once with the same summary."""
-    import json
-    import shlex
-
-    if not spec.name:  # a run named by the clock is new
-        return
-    try:
-        text = storage.read_text(f"{storage.normalise(spec.storage_path)}/{spec.name}/summary.json")
-        done = json.loads(text) if text else None
-    except (OSError, ValueError):  # unreadable: the run's own preflight names the storage problem
-        return
-    if not done or done.get("error") or not done.get("last_checkpoint"):
-        return
-    trained = done.get("train_args", {}).get("epochs")
-    if done.get("epochs_completed") != trained or train_args["epochs"] == trained:
-        return
-    args = [a for a in (argv or []) if not a.startswith("model=")]
-    for i, a in enumerate(args):
-        if a == "--name" and i + 1 < len(args):
-            args[i + 1] = f"{spec.name}-more"
-        elif a.startswith("--name="):
-            args[i] = f"--name={spec.name}-more"
-    if "--name" not in args and not any(a.startswith("--name=") for a in args):
-        args += ["--name", f"{spec.name}-more"]
-    command = shlex.join(["python", "-m", "raytrain_yolo.fit", *args, f"model={done['last_checkpoint']}"])
-    raise UserError(f"run '{spec.name}' in {spec.storage_path} finished its {trained} epochs and cannot be resumed to "
-                    f"epochs={train_args['epochs']} (its learning rate already decayed on a {trained}-epoch schedule): "
-                    f"start a new run from its weights: {storage.redact(command)}")
-
-
-def prepare(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
-    """Validate, then join Ray and fit the request to the cluster."""
-    spec, train_args, task = check_run(spec)
-    connect_ray(spec.verbose)
-    resolve_scaling(spec)
-    check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
-    data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
-    check_nodes(spec, data,
-                          resolve_uri(spec) if spec.tracking.enabled else None, worker_env())
-    return spec, train_args, task

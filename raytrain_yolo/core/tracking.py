@@ -196,6 +196,7 @@ class RunTracker:
         if found and found[0].info.status != "FINISHED":
             self.run_id, self.resumed = found[0].info.run_id, True
             self.client.update_run(self.run_id, status="RUNNING")
+            log_params(self.client, self.run_id, {**extra_params, **versions()})  # what the lost attempt did not
         else:
             tags = {RUN_KEY_TAG: key, "ray.result_path": key, "ray.world_size": str(self.spec.scaling.num_workers)}
             if commit := _git_commit():
@@ -264,6 +265,10 @@ class RunTracker:
             self.client.create_registered_model(name)
         except MlflowException:
             pass  # already registered: add a version
+        held = [f.path for f in self.client.list_artifacts(self.run_id, "weights")]
+        if "weights/best.pt" not in held:  # rank 0 could not upload it (the server was down at the end)
+            raise RuntimeError(f"run {self.run_id} holds no weights/best.pt, so no version was registered; "
+                               "log it, then register it with MLflow")
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/weights"
         self.client.create_model_version(name, source=source, run_id=self.run_id)
 
@@ -312,13 +317,14 @@ class EpochLogger:
         self.down = False
         self.training = True  # until log_outputs: no call may hold the training loop
         self.gave_up = False  # after the run, one call waited out the retry budget and failed: no more waiting
-        # Steps already in MLflow: a step is logged once, also when a restart found no checkpoint to resume
-        # from and trains an epoch again that an earlier attempt had already logged. Asked first; with the server
-        # down the question waits at the head of the queue, and each step's send, when its turn comes, skips a
-        # step the answer holds (a restart's replayed history, sent as the server came back, had logged epoch 1
-        # twice, 2026-12-01). `queued`: steps this process has queued or sent.
+        # Steps already in MLflow: an epoch of the restored checkpoint's history (and a throughput window) is logged
+        # once. Asked first; with the server down the question waits at the head of the queue, and each such
+        # step's send, when its turn comes, skips a step the answer holds. An epoch after the restored one is this
+        # attempt's: logged again if a lost attempt had logged it (sync_history). `queued`: steps this process has
+        # queued or sent.
         self.logged: set[int] = set()
         self.queued: set[int] = set()
+        self.restored = 0  # the epoch this attempt resumed from (sync_history): later epochs are logged anew
         self._send("the run's logged epochs", lambda: self.logged.update(
             m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))))
 
@@ -358,7 +364,10 @@ class EpochLogger:
         return [what for what, _ in self.pending]
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
-        """On restart: log the epochs the checkpoint has but MLflow missed."""
+        """On restart: log the epochs the checkpoint has but MLflow missed. Every later epoch is this attempt's to
+        log, also one a lost attempt logged before its checkpoint was registered (its values were never the run's):
+        the new value is logged at the same step, later, so it is the one MLflow shows."""
+        self.restored = max((int(m["epoch"]) for m in history), default=0)
         for metrics in history:
             self.log_epoch(metrics)
 
@@ -382,7 +391,8 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         step, now = int(metrics.get("window") or metrics["epoch"]), int(time.time() * 1000)
-        if step in self.logged or step in self.queued:
+        once = metrics.get("window") is not None or step <= self.restored  # the registered checkpoint's epochs
+        if step in self.queued or (once and step in self.logged):
             return
         self.queued.add(step)
         items = [
@@ -392,7 +402,7 @@ class EpochLogger:
         ]
 
         def send() -> None:
-            if step not in self.logged:  # the server's answer, asked before this, may hold it
+            if not (once and step in self.logged):  # the server's answer, asked before this, may hold it
                 self.client.log_batch(self.run_id, metrics=items)
                 self.logged.add(step)
 

@@ -255,6 +255,7 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
     from ray import tune
     from ray.util.queue import Empty, Queue
 
+    from raytrain_yolo.plan import prepare
     from raytrain_yolo.train.launch import launch
 
     use_client_settings((sweep or {}).get("client_settings"))
@@ -266,7 +267,9 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
 
     def train():
         try:
-            outcome["summary"] = launch(spec, callbacks=[TrialRelay(queue, spec.storage_path)]).summary
+            # the sweep's driver checked the dataset, storage and tracking server once (check_run): not again per trial
+            plan = prepare(spec, inputs_checked=True)
+            outcome["summary"] = launch(plan, callbacks=[TrialRelay(queue, spec.storage_path)]).summary
         except BaseException as e:  # noqa: BLE001 - handed to the trial's thread below
             outcome["error"] = e
 

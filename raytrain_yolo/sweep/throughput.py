@@ -161,6 +161,7 @@ def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain_yolo.core.cli import root_cause
+    from raytrain_yolo.plan import prepare
     from raytrain_yolo.train.launch import launch
 
     use_client_settings(mlflow_settings)
@@ -174,7 +175,7 @@ def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = N
         tune.report({**done, "status": "infeasible", "reason": reason})
         return
     try:
-        launch(spec, callbacks=[TuneReportCallback()])
+        launch(prepare(spec), callbacks=[TuneReportCallback()])
     except UserError as e:
         tune.report({**done, "status": "infeasible", "reason": str(e)})
     except Exception as e:  # noqa: BLE001 - a crashed trial is a result (out of memory is the usual one)

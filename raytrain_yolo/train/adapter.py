@@ -22,8 +22,9 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
   path does (the ranks would get different numbers of batches and wait for each other forever);
 - with `time=`, rank 0's re-estimated epoch count is broadcast before the warmup and schedule are rebuilt from it
   (`_get_warmup_iterations`), so no rank trains on a schedule of its own;
-- `final_eval` is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on every
-  node; the per-epoch validation (distributed across ranks) already gives the final metrics;
+- `final_eval`'s validation is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on
+  every node; the per-epoch validation (distributed across ranks) already gives the final metrics. Its stripping of
+  the final weights stays;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
   without touching the user's global Ultralytics settings.
 - `keep_offline()`: with YOLO_OFFLINE set, Ultralytics still asks GitHub (a HEAD request) whether `Arial.ttf`
@@ -146,7 +147,14 @@ class RayTrainerMixin:
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
     def final_eval(self):
-        """Skipped under Ray: see the module docstring."""
+        """Ultralytics' final validation is skipped under Ray (see the module docstring); its stripping of the final
+        weights is kept: rank 0's `last.pt`/`best.pt` lose the optimizer state, as Ultralytics leaves them."""
+        from ultralytics.utils.torch_utils import strip_optimizer
+
+        if RANK in {-1, 0}:
+            for f in (self.last, self.best):
+                if f.exists():
+                    strip_optimizer(f)
 
 
 class DeviceLoaderMixin:

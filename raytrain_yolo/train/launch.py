@@ -1,6 +1,7 @@
-"""From a RunSpec to a finished Ray Train run: the preflight pass, the TorchTrainer, the summary.
+"""From a RunPlan to a finished Ray Train run: the TorchTrainer, the summary.
 
-`fit`, every `tune` trial and the benchmark call `launch()`; nothing else builds a TorchTrainer.
+`fit`, every `tune` trial and the benchmark call `launch(plan)` with a plan `raytrain_yolo.plan.prepare` made;
+it checks nothing itself. Nothing else builds a TorchTrainer.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_yolo.core import console, preflight, storage
+from raytrain_yolo.core import console, storage
 from raytrain_yolo.core.cluster import on_this_node, worker_env
 from raytrain_yolo.core.config import RunSpec
 from raytrain_yolo.core.tracking import RunTracker, client_settings, failed_on_error
 from raytrain_yolo.data import sync
+from raytrain_yolo.plan.run_plan import RunPlan, write_record
 
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
 # before training makes this a last resort, for resources taken between the check and the start.
@@ -51,20 +53,22 @@ def start_timeout_s(spec: RunSpec) -> float:
     return float(_USER_START_TIMEOUT) if _USER_START_TIMEOUT else max(MIN_START_TIMEOUT_S, spec.resource_wait_s)
 
 
-def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking: dict | None = None, callbacks=None,
-                  progress=None):
-    """`progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for the driver's console."""
+def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None):
+    """The run's TorchTrainer. `progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for
+    the driver's console."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrain_yolo.train.worker import train_loop_per_worker
 
+    spec, train_args = plan.spec, plan.train_args
     s = spec.scaling
     storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
     if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
         os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
-    config = {"spec": spec.to_dict(), "train_args": train_args, "task": task, "tracking": tracking,
-              "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress}
+    config = {"spec": spec.to_dict(), "train_args": plan.args(), "task": plan.task, "tracking": tracking,
+              "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
+              "plan": plan.record()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -80,7 +84,8 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             # A worker group that cannot start within the timeout above is retried only as start_attempts says.
-            failure_config=FailureConfig(max_failures=spec.max_failures,
+            # --max-failures bounds preemption restarts too (Ray retries those without limit by default).
+            failure_config=FailureConfig(max_failures=spec.max_failures, max_preemption_failures=spec.max_failures,
                                          controller_failure_limit=start_attempts(spec)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints,
@@ -94,14 +99,17 @@ def build_trainer(spec: RunSpec, train_args: dict[str, Any], task: str, tracking
     )
 
 
-def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchResult:
-    """Run one training job end to end and write `<storage>/<name>/summary.json`.
+def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchResult:
+    """Run one planned training job end to end and write `<storage>/<name>/summary.json` (and `plan.json`).
 
     `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
-    `show_epochs`: print one line per epoch here (the `fit` command line).
+    `show_epochs`: print one line per epoch here (the `fit` command line). A plan whose run already finished
+    (`plan.finished`) is its summary: nothing starts.
     """
     started = time.monotonic()
-    spec, train_args, task = preflight.prepare(spec)
+    spec, train_args, task = plan.spec, plan.train_args, plan.task
+    if plan.finished is not None:
+        return LaunchResult(spec, plan.finished, f"{spec.run_dir}/summary.json")
     log_file = console.log_path(spec.storage_path, spec.name)
     if show_epochs:
         print(f"run {spec.name}: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'} workers; "
@@ -110,15 +118,15 @@ def launch(spec: RunSpec, callbacks=None, show_epochs: bool = False) -> LaunchRe
     tracking = None
     if tracker:
         run_id = tracker.start(run_params(spec, train_args, task))
-        tracking = {"uri": tracker.uri, "run_id": run_id, "log_args": not tracker.resumed,
-                    "client_settings": client_settings()}
+        tracking = {"uri": tracker.uri, "run_id": run_id, "client_settings": client_settings()}
     with failed_on_error(tracker):
         untrained = None
         if _want_untrained(spec):
             with console.output_to(None if spec.verbose else log_file):
                 untrained = untrained_metrics(spec, train_args, task)
         progress = _progress_queue() if show_epochs else None
-        trainer = build_trainer(spec, train_args, task, tracking, callbacks, progress)
+        write_record(plan)
+        trainer = build_trainer(plan, tracking, callbacks, progress)
         if progress is not None:
             with console.EpochPrinter(progress, train_args["epochs"]):
                 result = trainer.fit()
@@ -256,8 +264,14 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
         "history": history,
         "error": str(result.error).splitlines()[0] if result.error else None,
         "tracking_unsent": ret.get("tracking_unsent") or [],  # what never reached MLflow (a server outage)
+        "stopped_early": ret.get("stopped_early"),  # {"epoch", "epochs", "reason"}: the trainer ended the run
     }
     return summary
+
+
+def _stopped(summary: dict[str, Any]) -> str:
+    early = summary.get("stopped_early")
+    return f"  (stopped early at epoch {early['epoch']} of {early['epochs']}: {early['reason']})" if early else ""
 
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
@@ -269,7 +283,7 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
         ("task / device", f"{summary['task']} on {summary['world_size']} x {summary['device_name'] or summary['device']}"),
         ("data", summary.get("data") or "n/a"),
         ("train loader", summary.get("loader", "ultralytics")),
-        ("epochs", f"{summary['epochs_completed']} of {summary['epochs_requested']}"),
+        ("epochs", f"{summary['epochs_completed']} of {summary['epochs_requested']}" + _stopped(summary)),
     ]
     for key in TASK_METRICS.get(summary["task"], SUMMARY_METRICS[:2]):
         if key in m:

@@ -111,8 +111,12 @@ class Reporter:
     trial early, and stop after `max_windows`.
     """
 
-    def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None):
+    def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None,
+                 plan: dict | None = None, epochs: int = 0):
         self.spec, self.meter, self.scratch, self.rank = spec, meter, scratch, scratch.rank
+        self.plan = plan  # the run's plan record, kept in each checkpoint's state
+        self.epochs = epochs  # as asked: Ultralytics' own count may change (time=)
+        self.stopped_early: dict[str, Any] | None = None  # rank 0: the trainer ended the run before `epochs`
         self.on_metrics: list = []  # rank-0 consumers of each report's metrics (tracking)
         self.history: list[dict[str, Any]] = list(history or [])  # carried over restarts in the checkpoint
         self.samples: list[dict[str, Any]] = []
@@ -167,11 +171,17 @@ class Reporter:
             ray.train.report(metrics)
         else:
             staged = self.scratch.fresh("checkpoint")
+            last = bool(trainer.stop)  # the trainer's final epoch (all of them, patience=, time=): rank 0 knows now
+            if last and metrics["epoch"] < self.epochs:
+                self.stopped_early = stopped_early(trainer, metrics["epoch"], self.epochs)
             try:
                 for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
-                    if src.is_file():
+                    if src.is_file() and last and src.suffix == ".pt":
+                        strip_final(src, staged / src.name)
+                    elif src.is_file():
                         shutil.copy2(src, staged / src.name)
-                state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name}
+                state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name, "plan": self.plan,
+                         "stopped_early": self.stopped_early}
                 (staged / STATE_FILE).write_text(json.dumps(state, default=float))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
             finally:
@@ -179,6 +189,26 @@ class Reporter:
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
         for consumer in self.on_metrics:
             consumer(metrics, trainer)
+
+
+def stopped_early(trainer, epoch: int, epochs: int) -> dict[str, Any]:
+    """What ended the run at `epoch` of `epochs`: Ultralytics' early stopping (`patience=`) or its time limit."""
+    stopper = trainer.stopper
+    if stopper.patience and epoch - stopper.best_epoch >= stopper.patience:
+        reason = f"patience={stopper.patience}: no better fitness since epoch {stopper.best_epoch}"
+    elif trainer.args.time:
+        reason = f"time={trainer.args.time} hours"
+    else:
+        reason = "the trainer stopped"
+    return {"epoch": epoch, "epochs": epochs, "reason": reason}
+
+
+def strip_final(src: Path, dest: Path) -> None:
+    """The run's final weights as Ultralytics leaves them: `strip_optimizer` (no optimizer state, EMA as the model,
+    half precision), written to `dest`. Nothing resumes from the final checkpoint: the run is finished."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    strip_optimizer(src, str(dest))
 
 
 def params_digest(model: torch.nn.Module) -> str:
@@ -357,14 +387,15 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
            scratch: Scratch) -> dict[str, Any] | None:
     """Ultralytics' training on this worker, from the restored `state` when there is one. Ends with a collective
     of every rank (the caller then removes the run's scratch folder)."""
-    if state and state["epoch"] >= args["epochs"]:  # finished before the driver could write its summary
+    if state and (state["epoch"] >= args["epochs"] or state.get("stopped_early")):  # finished, no summary yet
         # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
         if world_size > 1:
             dist.barrier()  # every rank has unpacked its checkpoint
         if rank != 0:
             return None
         return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
-                "save_dir": kept_save_dir(spec, save_dir), "device_name": None, "data": data_yaml}
+                "save_dir": kept_save_dir(spec, save_dir), "device_name": None, "data": data_yaml,
+                "stopped_early": state.get("stopped_early")}
 
     from raytrain_yolo.train.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
 
@@ -381,15 +412,17 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if spec.trace_samples:
         trainer.traced_files = []
     meter = ThroughputMeter(window_steps=spec.window_steps)
-    reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None)
+    reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
+                        epochs=int(args["epochs"]))
     logger = None
     if rank == 0 and config.get("tracking"):
         from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
 
         t = config["tracking"]
         use_client_settings(t.get("client_settings"))
-        logger = EpochLogger(t["uri"], t["run_id"], log_args=t["log_args"] and state is None,
-                             notify=_note_to_console(config.get("progress")))
+        # Every attempt logs the arguments (MLflow keeps the first value of each): a run resumed after its driver was
+        # lost before rank 0 logged them has them all the same.
+        logger = EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
         if state:
             logger.sync_history(state["history"])
         trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
@@ -428,6 +461,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
         "tracking_unsent": logger.unsent() if logger else [],
+        "stopped_early": reporter.stopped_early,
         "save_dir": kept_save_dir(spec, trainer.save_dir),
         "data": data_yaml,
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
