@@ -245,3 +245,31 @@ def test_ultralytics_own_tracking_callbacks_are_dropped(synthetic_cache, tmp_pat
         SETTINGS.update(saved)
     assert integration_callbacks(theirs) == set(_DUPLICATE_CALLBACK_MODULES)  # what there is to drop
     assert integration_callbacks(ours) == set()
+
+
+def test_mlflow_holds_the_epochs_of_the_attempt_whose_checkpoint_was_registered(mlflow_server):
+    """Issue 39: an attempt logged epoch 2, then was lost before Ray registered epoch 2's checkpoint; the restart
+    resumes from epoch 1 and trains epoch 2 again. Its values are the run's: MLflow shows them (they were skipped as
+    "already logged"). The checkpoint's own epoch 1 is not logged twice. And no model version is registered for a
+    run that holds no weights/best.pt (its `models:/` would fail in val and predict)."""
+    from mlflow import MlflowClient
+
+    from raytrain_yolo.core.config import RunSpec, TrackingSpec
+    from raytrain_yolo.core.tracking import EpochLogger, RunTracker
+
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment("stale-epochs")).info.run_id
+    lost = EpochLogger(mlflow_server, run_id)
+    lost.log_epoch({"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5})
+    lost.log_epoch({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.0008})
+    restart = EpochLogger(mlflow_server, run_id)
+    restart.sync_history([{"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5}])
+    restart.log_epoch({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.5748})
+    assert client.get_run(run_id).data.metrics["train/box_loss"] == 5.5748
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/box_loss"))
+    assert steps.count(1) == 1, steps
+    tracker = RunTracker(RunSpec(tracking=TrackingSpec(uri=mlflow_server, register_model="no-weights")))
+    tracker.client, tracker.run_id = client, run_id
+    unsent = tracker.finish("FINISHED", {"best_checkpoint": "/somewhere/best.pt"})
+    assert unsent == ["model version of no-weights"], unsent
+    assert not client.search_model_versions("name='no-weights'")
