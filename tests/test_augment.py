@@ -351,3 +351,27 @@ def test_chunked_warp_gives_the_same_batch(rects_yaml, monkeypatch):
     chunked = run()
     for key in ("img", "cls", "bboxes", "batch_idx"):
         assert torch.equal(whole[key], chunked[key]), key
+
+
+@pytest.mark.quick
+def test_plain_rows_of_a_mixed_batch_keep_their_own_labels_once(rects_yaml):
+    """Issue 44, 1: at 0 < mosaic < 1 a batch mixes mosaic and plain images. A plain image holds its own two
+    rectangles once each, as Ultralytics' pipeline gives it (no Mosaic: RandomPerspective of the image alone); it
+    came back with every box four times (the four zero-offset tiles of its row each kept their labels)."""
+    from raytrain_yolo.train.augment import draw
+
+    ds = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp(imgsz=S, mosaic=0.5), torch.device("cpu"))
+    own = (ds.boxes.start[1:] - ds.boxes.start[:-1])  # labels per image in the dataset: 2
+    plain_rows = 0
+    for seed in range(6):
+        idx = torch.arange(len(own))
+        d = draw(ds.hyp, len(idx), len(own), torch.Generator().manual_seed(seed))  # augment's own first draw
+        out = augment(ds.images, ds.hw, ds.boxes, idx, ds.hyp, torch.Generator().manual_seed(seed))
+        per_row = torch.bincount(out["batch_idx"].long(), minlength=len(idx))
+        for row in torch.nonzero(~d.mosaic).flatten().tolist():
+            plain_rows += 1
+            assert per_row[row] <= own[idx[row]], (seed, row, int(per_row[row]))
+            boxes = out["bboxes"][out["batch_idx"] == row]
+            assert len(torch.unique(boxes, dim=0)) == len(boxes), "a box given twice"
+        assert bool(d.mosaic.any()), "the batch mixes mosaic rows in"
+    assert plain_rows >= 6

@@ -106,3 +106,19 @@ def test_parent_mlflow_run_with_nested_trials(sweep):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 2  # the feasible trials; infeasible ones never start training
+
+
+@pytest.mark.quick
+def test_a_trial_that_never_reported_is_a_failed_row(tmp_path):
+    """Issue 44, 6: a throughput trial whose actor never started (a node lost, a runtime-env failure) has no config
+    in its Ray Tune Result: it is a failed row naming the cause, not an AttributeError that ends the sweep without
+    results.parquet or best.yaml."""
+    from ray.tune import Result
+
+    from raytrain_yolo.sweep.throughput import SweepBudget, summarize_trial
+
+    lost = Result(metrics={}, checkpoint=None, error=RuntimeError("The actor died unexpectedly: node lost"),
+                  path=str(tmp_path / "trial_00001"))
+    row = summarize_trial(lost, ["batch", "workers"], SweepBudget())
+    assert row["status"] == "failed" and "node lost" in row["reason"] and row["trial"] == "trial_00001", row
+    assert row["batch"] is None and row["images_per_second"] is None

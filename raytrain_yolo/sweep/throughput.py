@@ -192,7 +192,8 @@ class SweepResult:
 
 
 def summarize_trial(result, knobs_present: list[str], budget: SweepBudget) -> dict[str, Any]:
-    row: dict[str, Any] = {k: result.config.get(k) for k in knobs_present}
+    config = result.config or {}  # None for a trial that never reported (its actor did not start: a lost node)
+    row: dict[str, Any] = {k: config.get(k) for k in knobs_present}
     row["trial"] = result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else None
     df = result.metrics_dataframe
     records = [] if df is None else df.to_dict("records")

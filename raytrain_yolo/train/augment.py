@@ -246,6 +246,9 @@ def transform_labels(labels: Labels, lay: Layout, d: Draws, size: int):
     Returns (cls (n, 1), bboxes (n, 4) normalised xywh, batch_idx (n,)), the batch format of its loss.
     """
     counts = labels.start[lay.tiles + 1] - labels.start[lay.tiles]  # (B, D)
+    # A plain (non-mosaic) row of a batch that has mosaic rows is laid out as four copies of its image with zero
+    # offsets; only its first tile is drawn, so only that tile's labels are its own.
+    counts = torch.where(d.mosaic[:, None] | (torch.arange(counts.shape[1]) == 0), counts, 0)
     owner = torch.arange(counts.numel()).repeat_interleave(counts.flatten())  # flat (b, tile) per row
     first = labels.start[lay.tiles].flatten()[owner]
     within = torch.arange(owner.numel()) - (counts.flatten().cumsum(0) - counts.flatten())[owner]
