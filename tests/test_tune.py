@@ -1,8 +1,9 @@
 """Issue 4: a real Ray Tune throughput sweep over real training trials on CPU workers.
 
-The sweep runs as the README shows it, minus the size: no --num-workers, no --tracking-uri and no --storage-path,
-from a fresh folder (once test_resources' default sweep, a launch of its own): each trial's workers and the trial
-itself must fit the machine together (they did not: it hung), and the store and the runs land in that folder.
+The sweep runs as the README shows it, minus the size: no --num-workers and no --storage-path, from a fresh folder
+(once test_resources' default sweep, a launch of its own): each trial's workers and the trial itself must fit the
+machine together (they did not: it hung), and the runs land in that folder. Its --tracking-uri is the session's
+MLflow server with a password in the URI, as platforms hand it over (issue 39): it must reach no file at rest.
 Two dimensions, batch and AMP (until 2026-12-02 also `--loader ultralytics,device`: two trials more, about 90 s of
 2 cores, given to issue 22's fault cells; a grid dimension is a grid dimension, and the device loader trains in
 test_augment and test_tasks).
@@ -19,29 +20,46 @@ from conftest import load_summary, mlflow_runs, run_cli
 WINDOWS = 3
 
 
+SECRET = "S3cr3tPassw0rd"  # in the tracking URI, as platforms hand it over: never written at rest, never printed
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, mlflow_server):
     cwd = tmp_path_factory.mktemp("tune")
+    experiment = f"tune-{cwd.name}"  # the session's server is shared: this sweep's own experiment
     proc = run_cli(
         "tune", "--cpu", "--batch", "8,2", "--amp", "fp32,bf16",
         "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
-        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep", timeout=1200, cwd=cwd,
+        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep",
+        "--tracking-uri", mlflow_server.replace("http://", f"http://user:{SECRET}@"), "--experiment", experiment,
+        timeout=1200, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, cwd / "runs" / "raytrain", f"sqlite:///{cwd / 'mlflow.db'}"
+    return proc, cwd / "runs" / "raytrain", (mlflow_server, experiment)
 
 
-def test_the_default_sweep_fits_the_machine_and_keeps_one_store_in_its_folder(sweep):
-    _, storage, uri = sweep
+def test_no_secret_in_the_sweeps_files_or_console(sweep):
+    """Issue 39, 4: the tracking URI's password reaches MLflow (the runs are there) but none of Tune's files
+    (params.json, params.pkl, result.json, experiment state), our own files, or the console."""
+    proc, storage, _ = sweep
+    assert SECRET not in proc.stdout + proc.stderr
+    files = [p for p in storage.rglob("*") if p.is_file()]
+    assert any(p.name == "params.json" for p in files) and any(p.name == "result.json" for p in files)
+    leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+def test_the_default_sweep_fits_the_machine_and_keeps_one_store(sweep):
+    _, storage, (uri, experiment) = sweep
     best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
     assert best["scaling"]["num_workers"] == 2, best["scaling"]  # the fit default, with CPUs shared out
     summaries = [load_summary(storage / "sweep" / "trials", t.name) for t in (storage / "sweep" / "trials").iterdir()
                  if (t / "summary.json").is_file()]
     # The trials that ran to the end wrote one (those ASHA stopped did not): two workers each.
     assert summaries and all(s["world_size"] == 2 for s in summaries)
-    # One store for the sweep, in the folder the command ran from, with each trial nested under the sweep's run.
-    assert all(s["tracking_uri"] == uri for s in summaries)
-    _, runs = mlflow_runs(uri)
+    # One store for the sweep, with each trial nested under the sweep's run; summaries name it masked.
+    assert all(s["tracking_uri"] == uri.replace("http://", "http://user:***@") for s in summaries)
+    _, runs = mlflow_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
@@ -100,8 +118,8 @@ def test_early_stopping_stops_the_slow_configuration(sweep):
 
 
 def test_parent_mlflow_run_with_nested_trials(sweep):
-    _, _, uri = sweep
-    _, runs = mlflow_runs(uri)
+    _, _, (uri, experiment) = sweep
+    _, runs = mlflow_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]

@@ -68,8 +68,12 @@ def metric_key(key: str) -> str:
 
 
 def _client(uri: str):
+    """A client of `uri`. When the URI carries credentials (`http://user:password@host`), MLflow's own "View run at"
+    links, which print the URI as given, are off in this process (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT)."""
     from mlflow import MlflowClient
 
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
 
 

@@ -154,9 +154,11 @@ def infeasible_reason(spec: RunSpec, max_node_cpus: int) -> str | None:
     return None
 
 
-def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = None) -> None:
+def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = None, base: dict | None = None) -> None:
     """Tune's function trainable: one real training launch, reporting images/s per window. `mlflow_settings`: the
-    sweep driver's MLflow client settings (tracking.client_settings)."""
+    sweep driver's MLflow client settings (tracking.client_settings); `base`: the sweep's RunSpec as a dict. Both
+    reach the trial through Ray's object store (`tune.with_parameters`), never Tune's param_space, which Tune
+    writes to params.json/params.pkl/result.json and prints: they may hold credentials (a tracking URI's)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -165,7 +167,7 @@ def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = N
     from raytrain_yolo.train.launch import launch
 
     use_client_settings(mlflow_settings)
-    base = RunSpec.from_dict(config["base"])
+    base = RunSpec.from_dict(base)
     budget = SweepBudget(**config["budget"])
     knobs = {k: config[k] for k in KNOBS if k in config}
     spec = trial_spec(base, knobs, tune.get_context().get_trial_name(), budget)
@@ -311,10 +313,10 @@ def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_n
         if budget.early_stop else FIFOScheduler()
     )
     param_space = {k: tune.grid_search(v) for k, v in grid.items()}
-    param_space.update(base=base.to_dict(), budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
+    param_space.update(budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
     storage_path, storage_filesystem = storage.ray_storage(base.storage_path, base.storage_wait_s)
     return tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings()),
+        tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings(), base=base.to_dict()),
                             {"CPU": TRIAL_DRIVER_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
