@@ -26,7 +26,7 @@ from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_
 from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.core.jobs import Weights, plan
+from raytrain_yolo.plan.job import Weights, plan
 
 LIGHT_CPUS = 0.1  # per read, letterbox and write task: light work that must fit beside the model actors
 LIGHT_RESERVE = 0.5  # CPUs a CPU-only cluster keeps free of model actors, for those tasks

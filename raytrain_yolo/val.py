@@ -15,11 +15,12 @@ import json
 import sys
 from typing import Any
 
-from raytrain_yolo.core import preflight, storage
+from raytrain_yolo.core import storage
+from raytrain_yolo.plan.dataset import DataCheck, check_data
 from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.core.jobs import JobPlan, Weights, plan
+from raytrain_yolo.plan.job import JobPlan, Weights, plan
 
 VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
 
@@ -35,10 +36,10 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
     data = str(storage.normalise(data)) if not storage.is_uri(data) else data
 
-    found: dict[str, preflight.DataCheck] = {}
+    found: dict[str, DataCheck] = {}
 
     def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:
-        found["data"] = preflight.check_data(data, task, splits=(split,), training=False,
+        found["data"] = check_data(data, task, splits=(split,), training=False,
                                              single_cls=bool(overrides.get("single_cls")))
         return {"data": data}, ""  # only the driver writes: the metrics
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from raytrain_yolo import fit
-from raytrain_yolo.core import preflight
+from raytrain_yolo.plan.dataset import check_data
+from raytrain_yolo.plan.request import check_run
 from raytrain_yolo.core.config import RunSpec, SyntheticSpec
 from raytrain_yolo.data.synthetic import ensure_synthetic
 
@@ -53,13 +54,13 @@ def refused(capsys, data: Path, *args) -> str:
 def test_polygon_labels_train_a_detect_model(tmp_path):
     # Ultralytics turns each polygon into its box and trains a detect model on every image.
     data = copy_dataset("segment", tmp_path / "d")
-    found = preflight.check_data(str(data), "detect")
+    found = check_data(str(data), "detect")
     for split in ("train", "val"):
         s = found.splits[split]
         assert (s.images, s.instances) == ultralytics_counts(data, split), split
         assert s.images == len(list((tmp_path / "d" / "images" / split).glob("*.jpg"))) and not s.skipped
     start = time.perf_counter()
-    preflight.check_data(str(data), "detect")
+    check_data(str(data), "detect")
     assert time.perf_counter() - start < 0.5  # 8 + 4 images, and no font look-up on the network
 
 
@@ -91,7 +92,7 @@ def test_relative_path_is_resolved_as_ultralytics_does(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = RunSpec(train={"data": "configs/data.yaml", "model": "yolo26n.yaml"}, storage_path=str(tmp_path / "runs"))
     spec.tracking.enabled = False
-    spec, train_args, _ = preflight.check_run(spec)
+    spec, train_args, _ = check_run(spec)
     root = tmp_path / "datasets" / "shapes"
     assert spec.data_root == str(root) and train_args["data"] == str(tmp_path / "configs" / "data.yaml")
 
@@ -115,7 +116,7 @@ def test_corrupt_pair_refused_or_skipped_as_ultralytics_does(capsys, tmp_path):
                   "--allow-bad-labels", "fix the file"):
         assert words in last, (words, last)
 
-    found = preflight.check_data(str(data), "detect", allow_bad_labels=True)
+    found = check_data(str(data), "detect", allow_bad_labels=True)
     out = capsys.readouterr().out
     assert "train: 1 of 8 image/label pairs skipped" in out and "000003.jpg" in out, out
     assert (found.splits["train"].images, found.splits["train"].instances) == ultralytics_counts(data, "train")

@@ -66,7 +66,7 @@ def upload(client, src: Path, prefix: str) -> None:
 
 
 def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
-    from raytrain_yolo.core.preflight import check_data
+    from raytrain_yolo.plan.dataset import check_data
     from raytrain_yolo.data.sync import localize
 
     monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))

@@ -8,7 +8,7 @@ from raytrain_yolo.core.cli import spec_from_args
 from raytrain_yolo.core.config import RunSpec, ScalingSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.fit import build_parser
-from raytrain_yolo.core.preflight import check_run
+from raytrain_yolo.plan.request import check_run
 from raytrain_yolo.plan import RunPlan
 from raytrain_yolo.train.launch import build_trainer
 

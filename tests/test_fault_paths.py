@@ -77,7 +77,7 @@ def test_a_runs_scratch_folder_is_emptied_at_each_start_and_removed_at_the_end(t
 def test_save_false_is_refused_before_ray_starts(tmp_path):
     """Ray Train restarts from the last.pt in each checkpoint, and the run ends with best.pt/last.pt: without
     save, a restart failed with "Resume checkpoint not found"."""
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
 
     def spec(**kw) -> RunSpec:
         return RunSpec(train={"save": False, "epochs": 1}, scaling=ScalingSpec(num_workers=1, use_gpu=False),
@@ -228,7 +228,7 @@ def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch
     assert start_attempts(RunSpec(max_failures=0)) == 0
     assert start_attempts(RunSpec(max_failures=1, scaling=ScalingSpec(num_workers=2, min_workers=1))) == -1
     with pytest.raises(UserError, match=r"--restart-wait -1 must be 0 or more seconds"):
-        from raytrain_yolo.core.preflight import check_run
+        from raytrain_yolo.plan.request import check_run
 
         check_run(RunSpec(max_failures=1, restart_wait_s=-1, tracking=TrackingSpec(enabled=False)))
 
@@ -245,7 +245,7 @@ def test_the_storage_filesystem_keeps_its_retries_once_pickled(monkeypatch):
     import pyarrow.fs as pafs
     from ray import cloudpickle
 
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
     from raytrain_yolo.core.storage import RetryingS3FileSystem, ray_storage, s3_attempts
 
     server = socket.create_server(("127.0.0.1", 0))
@@ -294,7 +294,7 @@ def test_a_node_local_model_cache_keeps_the_models_used_last_and_those_in_use(tm
     import os
     import time
 
-    from raytrain_yolo.core.jobs import keep_recent
+    from raytrain_yolo.plan.job import keep_recent
 
     cache, now = tmp_path / "raytrain-yolo-weights", time.time()
     ages = {"a": 60, "b": 120, "c": 3600, "d": 7200, "e": 9000, "f": 10000}  # seconds since last used

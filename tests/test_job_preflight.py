@@ -1,4 +1,4 @@
-"""Issue 17, part 4: val and predict go through fit's node check (preflight.check_nodes) for what their workers
+"""Issue 17, part 4: val and predict go through fit's node check (check_nodes) for what their workers
 read: model=, data= or source=. A single node cannot lack a driver's file, so this checks the probe each other
 node runs (a plain function here, a Ray task there) and the flags; tests/multinode.py has the real nodes."""
 
@@ -8,7 +8,7 @@ import pytest
 
 import uuid
 
-from raytrain_yolo.core import preflight
+from raytrain_yolo.plan.nodes import check_nodes, probe_node
 
 
 pytestmark = pytest.mark.quick  # no training run, no Ray cluster
@@ -18,10 +18,10 @@ def test_probe_names_the_first_input_a_node_lacks(tmp_path):
     model.write_bytes(b"x")
     inputs = {f"model={model}": str(model), "source=/only-on-the-driver": str(tmp_path / "only-on-the-driver"),
               "data=/nope": str(tmp_path / "nope")}
-    answer = preflight.probe_node({}, uuid.uuid4().hex, None, [], "", inputs)
+    answer = probe_node({}, uuid.uuid4().hex, None, [], "", inputs)
     assert answer["missing"] == "source=/only-on-the-driver" and not answer["gloo_loopback"]
-    assert preflight.probe_node({}, "t", None, [], "", {f"model={model}": str(model)})["missing"] is None
-    assert preflight.probe_node({}, "t", None, [], "gloo")["missing"] is None  # fit's call: no inputs
+    assert probe_node({}, "t", None, [], "", {f"model={model}": str(model)})["missing"] is None
+    assert probe_node({}, "t", None, [], "gloo")["missing"] is None  # fit's call: no inputs
 
 
 def test_val_and_predict_take_allow_node_local():

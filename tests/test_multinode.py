@@ -163,7 +163,7 @@ PREFLIGHT_SCRIPT = """
 import contextlib, io, json, os, sys
 import ray
 from raytrain_yolo.core.config import RunSpec, SyntheticSpec
-from raytrain_yolo.core.preflight import check_nodes
+from raytrain_yolo.plan.nodes import check_nodes
 from raytrain_yolo.data.synthetic import ensure_synthetic
 from raytrain_yolo.fit import main
 

@@ -48,7 +48,7 @@ def test_a_checkpoint_keeps_its_imgsz_as_in_ultralytics(tmp_path):
     arguments, as `YOLO(model).train(cfg=...)` does."""
     from ultralytics import YOLO
 
-    from raytrain_yolo.core.preflight import check_request
+    from raytrain_yolo.plan.request import check_request
 
     ckpt = tiny_checkpoint(tmp_path / "good.pt", imgsz=64, single_cls=True, lr0=0.5)
     theirs = YOLO(str(ckpt)).overrides
@@ -66,7 +66,7 @@ def test_a_checkpoint_keeps_its_imgsz_as_in_ultralytics(tmp_path):
 
 def recorded_run(tmp_path, **train) -> RunSpec:
     """The record an unfinished run leaves (its driver lost mid-run): plan.json, no summary."""
-    from raytrain_yolo.core.preflight import check_request
+    from raytrain_yolo.plan.request import check_request
     from raytrain_yolo.plan.run_plan import RunPlan, write_record
 
     spec = RunSpec(train={"epochs": 6, "lr0": 0.01, "imgsz": 64, **train}, tracking=TrackingSpec(enabled=False),
@@ -93,7 +93,7 @@ def test_a_rerun_of_an_unfinished_run_with_other_arguments_is_refused_before_ray
 
 @pytest.mark.quick
 def test_a_resume_takes_what_ultralytics_resume_may_change_and_says_so(tmp_path):
-    from raytrain_yolo.core.preflight import check_request
+    from raytrain_yolo.plan.request import check_request
     from raytrain_yolo.plan import RunPlan, rerun
 
     spec = recorded_run(tmp_path)

@@ -94,7 +94,7 @@ def cpu_spec(workers: int | None, cpus: float) -> RunSpec:
 def test_the_fit_is_per_node_not_the_cluster_sum():
     """2 nodes x 4 CPUs: the cluster has 8, yet a 6-CPU worker fits on neither node; two 3-CPU workers fit (one
     per node), three of 2.5 CPUs do not (7.5 of the 8 CPUs, but one per node)."""
-    from raytrain_yolo.core.preflight import _fit_scaling
+    from raytrain_yolo.plan.resources import _fit_scaling
 
     nodes = {"10.0.0.1": {"CPU": 4.0}, "10.0.0.2": {"CPU": 4.0}}
     total = free = {"CPU": 8.0}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, total_train_loss
-from raytrain_yolo.core import preflight
+from raytrain_yolo.plan.dataset import check_data
 from raytrain_yolo.core.config import SyntheticSpec
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.data.synthetic import ensure_synthetic
@@ -51,7 +51,7 @@ def test_task_trains_on_its_embedded_data(task_run, task):
 @pytest.mark.parametrize("task", ["detect", "pose", "segment", "obb"])
 def test_embedded_labels_pass_preflight_and_ultralytics(task):
     data = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64), task)
-    preflight.check_data(str(data), task)
+    check_data(str(data), task)
     from ultralytics.data.utils import check_det_dataset, verify_image_label
 
     cfg = check_det_dataset(str(data))
@@ -83,7 +83,7 @@ def test_preflight_names_file_and_line_of_a_bad_task_label(task, tmp_path):
     text, words = BAD_LINES[task]
     label.write_text(text or label.read_text() + "0 0.1 0.1 0.2 0.2\n")
     with pytest.raises(UserError) as e:
-        preflight.check_data(str(data), task)
+        check_data(str(data), task)
     msg = str(e.value)
     assert "\n" not in msg and "000002.jpg" in msg and "000002.txt" in msg and "--allow-bad-labels" in msg, msg
     for w in words:
@@ -101,10 +101,10 @@ def test_pose_keypoint_outside_the_image_and_missing_kpt_shape(tmp_path):
     (tmp_path / "d" / "labels" / "val" / "000001.txt").write_text(
         "0 0.5 0.5 0.2 0.2 0.5 0.4 2 1.5 0.6 2 0.6 0.6 2\n")
     with pytest.raises(UserError, match=r"000001.txt: Ultralytics would skip .*out of bounds coordinates \[1.5\]"):
-        preflight.check_data(str(data), "pose")
+        check_data(str(data), "pose")
     data.write_text(data.read_text().replace("kpt_shape: [3, 3]", "kpt_shape: [3]"))
     with pytest.raises(UserError, match=r"kpt_shape: \[keypoints, 2 or 3\]"):
-        preflight.check_data(str(data), "pose")
+        check_data(str(data), "pose")
 
 
 @pytest.mark.quick

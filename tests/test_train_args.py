@@ -32,7 +32,7 @@ def hyp_file(tmp_path: Path, **extra) -> Path:
 @pytest.mark.quick
 def test_cfg_file_is_read_under_the_arguments_given_with_it(tmp_path):
     from raytrain_yolo.core.errors import UserError
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
 
     spec = RunSpec(train={"cfg": str(hyp_file(tmp_path)), "epochs": 2}, tracking=TrackingSpec(enabled=False),
                    synthetic=SyntheticSpec(train=8, val=4, imgsz=64), storage_path=str(tmp_path / "runs"))
@@ -208,7 +208,7 @@ def test_distill_model_is_a_local_teacher_checked_before_ray(tmp_path, monkeypat
     working directory's, made absolute for the workers."""
     from raytrain_yolo.core.config import parse_key_values
     from raytrain_yolo.core.errors import UserError
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
 
     monkeypatch.chdir(tmp_path)
     teacher(tmp_path / "t.pt")
@@ -234,7 +234,7 @@ def test_split_is_the_split_the_trainer_validates_on(tmp_path):
     before Ray (a data.yaml without it failed on every rank after Ray started); the embedded dataset has train and val
     only."""
     from raytrain_yolo.core.errors import UserError
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
 
     data = mixed_shapes(tmp_path)
 

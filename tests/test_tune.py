@@ -96,7 +96,7 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
     # `fit --config best.yaml epochs=1`, through fit's own parser and the preflight its launch runs (once a training
     # run of its own: that a resolved configuration trains is every fit's test, from a best.yaml test_hpo's).
     from raytrain_yolo.core.cli import spec_from_args
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.request import check_run
     from raytrain_yolo.fit import build_parser
 
     ns = build_parser().parse_args(["--config", str(storage / "sweep" / "best.yaml"), "epochs=1", "--storage-path",

@@ -1,2 +1,2 @@
-"""What every job shares: typed config, the one preflight pass, command-line plumbing, console,
-storage (pyarrow filesystems), MLflow tracking, and val/predict's job planning."""
+"""The ground floor every job stands on: typed config, command-line plumbing, console, storage (pyarrow
+filesystems), joining Ray, MLflow tracking. Imports nothing above it (`plan/`, `train/`, the jobs)."""

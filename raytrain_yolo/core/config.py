@@ -122,7 +122,7 @@ class RunSpec:
     max_windows: int = 0  # >0: a throughput trial stops after this many windows
     resume_from: str = ""  # a Ray Train checkpoint to start from when the run has none of its own (PBT exploit)
     verbose: bool = False  # full Ultralytics and Ray worker logs on the console too (they always go to run.log)
-    data_root: str = ""  # set by preflight when data.yaml's path: is relative: the root Ultralytics resolved on the
+    data_root: str = ""  # set by the plan (dataset check) when data.yaml's path: is relative: the root Ultralytics resolved on the
     # driver (from its working directory), which the workers train on wherever they run (data.sync.pin_root)
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,20 +347,6 @@ def check_batch(batch: Any, num_workers: int, min_workers: int | None = None) ->
             f"batch={batch} must be a multiple of the {num_workers} workers (each gets batch/{num_workers}): use batch={fix}"
         )
     return batch
-
-
-def check_loader(loader: str, task: str, train_args: dict[str, Any]) -> None:
-    """`--loader device` implements the detect task's default augmentations; refuse what it would silently drop."""
-    if loader not in LOADERS:
-        raise UserError(f"--loader {loader} is not one of {', '.join(LOADERS)}")
-    if loader.startswith("device"):
-        if task != "detect":
-            raise UserError(f"--loader device augments detection boxes only, not task={task}: use --loader ultralytics")
-        from raytrain_yolo.train.augment import unsupported
-
-        bad = unsupported(train_args)
-        if bad:
-            raise UserError(f"--loader device does not implement {bad[0]}: drop it, or use --loader ultralytics")
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

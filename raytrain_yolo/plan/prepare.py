@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from raytrain_yolo.core import preflight, storage
+from raytrain_yolo.core import storage
 from raytrain_yolo.core.cluster import connect_ray, worker_env
 from raytrain_yolo.core.config import RunSpec, check_batch
 from raytrain_yolo.core.tracking import resolve_uri
 from raytrain_yolo.plan import rerun
+from raytrain_yolo.plan.nodes import check_nodes
+from raytrain_yolo.plan.request import check_inputs, check_request
+from raytrain_yolo.plan.resources import resolve_scaling
 from raytrain_yolo.plan.run_plan import RunPlan
 
 
@@ -23,13 +26,13 @@ def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool =
     refusal suggests. `inputs_checked`: the caller (a sweep's driver, for each trial) already checked the dataset,
     storage and tracking server of this exact request, so they are not read again.
     Raises UserError (one line, naming the fix) for anything the run would fail on later."""
-    spec, train_args, task = preflight.check_request(copy.deepcopy(spec))
+    spec, train_args, task = check_request(copy.deepcopy(spec))
     plan = RunPlan(spec, train_args, task)
     finished, taken = rerun.decide(spec.run_dir, spec.name, plan.record()["asked"], argv)
     if finished is not None:
         return dataclasses.replace(plan, finished=finished, taken=taken)
     if not inputs_checked:
-        preflight.check_inputs(spec, train_args, task)
+        check_inputs(spec, train_args, task)
     join_cluster(spec, train_args)
     return RunPlan(spec, train_args, task, taken=taken)
 
@@ -37,7 +40,7 @@ def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool =
 def join_cluster(spec: RunSpec, train_args: dict) -> None:
     """Join Ray, fit the workers to its free resources (spec.scaling set), and check the nodes."""
     connect_ray(spec.verbose)
-    preflight.resolve_scaling(spec)
+    resolve_scaling(spec)
     check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
     data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
-    preflight.check_nodes(spec, data, resolve_uri(spec) if spec.tracking.enabled else None, worker_env())
+    check_nodes(spec, data, resolve_uri(spec) if spec.tracking.enabled else None, worker_env())

@@ -104,8 +104,8 @@ class HpoPlan:
 def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
     from raytrain_yolo.core.cli import bool_list, spec_from_args
-    from raytrain_yolo.core.preflight import check_metric, check_space
-    from raytrain_yolo.core.preflight import check_run
+    from raytrain_yolo.plan.space import check_metric, check_space
+    from raytrain_yolo.plan.request import check_run
 
     for flag in THROUGHPUT_ONLY:
         if getattr(ns, flag, None) not in (None, False):
@@ -447,7 +447,7 @@ def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
     runs a 0.1-CPU trial driver: on a small CPU machine the workers get what is left, see sweep/throughput.py)."""
     import ray
 
-    from raytrain_yolo.core.preflight import resolve_scaling
+    from raytrain_yolo.plan.resources import resolve_scaling
     from raytrain_yolo.sweep.throughput import trials_side_by_side, worker_cpus_beside_trial
 
     cpus = float(ray.cluster_resources().get("CPU", 0))

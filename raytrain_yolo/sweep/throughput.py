@@ -255,7 +255,7 @@ def size_trials(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> tuple[
     validated, and how many trials run side by side. Returns the grid to sweep and the largest node's CPUs."""
     import ray
 
-    from raytrain_yolo.core.preflight import LOCAL_CPU_WORKERS, resolve_scaling
+    from raytrain_yolo.plan.resources import LOCAL_CPU_WORKERS, resolve_scaling
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_node_cpus = int(max((n["Resources"].get("CPU", 0) for n in nodes), default=1))

@@ -386,47 +386,14 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
            state: dict[str, Any] | None, rank: int, world_size: int, device: torch.device,
            scratch: Scratch) -> dict[str, Any] | None:
     """Ultralytics' training on this worker, from the restored `state` when there is one. Ends with a collective
-    of every rank (the caller then removes the run's scratch folder)."""
+    of every rank (the caller then removes the run's scratch folder). Rank 0 returns the run's outcome."""
     if state and (state["epoch"] >= args["epochs"] or state.get("stopped_early")):  # finished, no summary yet
-        # No worker of this group trained, so no worker facts: the summary's world size is the last epoch's.
-        if world_size > 1:
-            dist.barrier()  # every rank has unpacked its checkpoint
-        if rank != 0:
-            return None
-        return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
-                "save_dir": kept_save_dir(spec, save_dir), "device_name": None, "data": data_yaml,
-                "stopped_early": state.get("stopped_early")}
-
-    from raytrain_yolo.train.adapter import keep_offline, trainer_class, unwrap  # first Ultralytics import here
-
-    keep_offline()
-
-    Trainer = trainer_class(config["task"], spec.loader, spec.prefetch)
-    overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
-    if state:  # Ultralytics' own resume: it restores everything in last.pt and starts at the next epoch
-        overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
-    trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
-    # The pre-train routine has read last.pt (model, optimizer, EMA, ...): its local copy is no longer needed.
-    trainer.add_callback("on_pretrain_routine_end", lambda _: forget_restored(state))
-
-    if spec.trace_samples:
-        trainer.traced_files = []
+        return _finished_already(spec, state, save_dir, data_yaml, rank, world_size)
+    trainer = _ultralytics_trainer(config, spec, args, save_dir, state, world_size, device)
     meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
                         epochs=int(args["epochs"]))
-    logger = None
-    if rank == 0 and config.get("tracking"):
-        from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
-
-        t = config["tracking"]
-        use_client_settings(t.get("client_settings"))
-        # Every attempt logs the arguments (MLflow keeps the first value of each): a run resumed after its driver was
-        # lost before rank 0 logged them has them all the same.
-        logger = EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
-        if state:
-            logger.sync_history(state["history"])
-        trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
-        reporter.on_metrics.append(logger.log_epoch)
+    logger = _epoch_logger(config, state, trainer, reporter) if rank == 0 and config.get("tracking") else None
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
@@ -438,6 +405,72 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         logger.log_outputs(trainer)
         if logger.unsent():
             print(f"mlflow: never reached the tracking server: {', '.join(logger.unsent())}", flush=True)
+    gathered = _gather_facts(trainer, reporter, rank, world_size)
+    if rank != 0:
+        return None
+    return {
+        "workers": gathered,
+        "history": reporter.history,
+        "images_per_second": meter.images_per_second,
+        "resumed_from": state["epoch"] if state else None,
+        "tracking_unsent": logger.unsent() if logger else [],
+        "stopped_early": reporter.stopped_early,
+        "save_dir": kept_save_dir(spec, trainer.save_dir),
+        "data": data_yaml,
+        "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
+    }
+
+
+def _finished_already(spec: RunSpec, state: dict[str, Any], save_dir: Path, data_yaml: str, rank: int,
+                      world_size: int) -> dict[str, Any] | None:
+    """The restored checkpoint is the run's last (the driver was lost before it wrote the summary): nothing to
+    train. No worker of this group trained, so no worker facts: the summary's world size is the last epoch's."""
+    if world_size > 1:
+        dist.barrier()  # every rank has unpacked its checkpoint
+    if rank != 0:
+        return None
+    return {"workers": [], "history": state["history"], "images_per_second": None, "resumed_from": state["epoch"],
+            "save_dir": kept_save_dir(spec, save_dir), "device_name": None, "data": data_yaml,
+            "stopped_early": state.get("stopped_early")}
+
+
+def _ultralytics_trainer(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], save_dir: Path,
+                         state: dict[str, Any] | None, world_size: int, device: torch.device):
+    """The task's Ray-aware Ultralytics trainer (adapter.trainer_class), resuming `state`'s last.pt with
+    Ultralytics' own resume when there is one (it restores everything in it and starts at the next epoch)."""
+    from raytrain_yolo.train.adapter import keep_offline, trainer_class  # first Ultralytics import here
+
+    keep_offline()
+    Trainer = trainer_class(config["task"], spec.loader, spec.prefetch)
+    overrides = {**args, "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
+    if state:
+        overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
+    trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
+    # The pre-train routine has read last.pt (model, optimizer, EMA, ...): its local copy is no longer needed.
+    trainer.add_callback("on_pretrain_routine_end", lambda _: forget_restored(state))
+    if spec.trace_samples:
+        trainer.traced_files = []
+    return trainer
+
+
+def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter):
+    """Rank 0's MLflow logger, hung on the trainer and the reporter. Every attempt logs the arguments (MLflow
+    keeps the first value of each): a run resumed after its driver was lost before rank 0 logged them has them."""
+    from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
+
+    t = config["tracking"]
+    use_client_settings(t.get("client_settings"))
+    logger = EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
+    if state:
+        logger.sync_history(state["history"])
+    trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
+    reporter.on_metrics.append(logger.log_epoch)
+    return logger
+
+
+def _gather_facts(trainer, reporter: Reporter, rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's device, host and parameter digest, gathered on every rank (a collective of all)."""
+    from raytrain_yolo.train.adapter import unwrap
 
     facts = {
         "rank": rank,
@@ -453,16 +486,4 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, facts)
-    if rank != 0:
-        return None
-    return {
-        "workers": gathered,
-        "history": reporter.history,
-        "images_per_second": meter.images_per_second,
-        "resumed_from": state["epoch"] if state else None,
-        "tracking_unsent": logger.unsent() if logger else [],
-        "stopped_early": reporter.stopped_early,
-        "save_dir": kept_save_dir(spec, trainer.save_dir),
-        "data": data_yaml,
-        "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
-    }
+    return gathered

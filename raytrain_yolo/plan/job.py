@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from raytrain_yolo.core import preflight
 from raytrain_yolo.core.config import RunSpec, ScalingSpec, check_name, default_name
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.plan.model import check_weights
+from raytrain_yolo.plan.nodes import check_nodes
+from raytrain_yolo.plan.resources import resolve_scaling
 
 
 @dataclass(frozen=True)
@@ -165,16 +167,15 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     """The one preflight pass of val and predict, in fit's order: the model; then `check(task, out_dir)`, the
     job's own checks on the driver, which returns what its workers read (argument -> path) and the folder they
     write to ('' for none); then join Ray, fit the workers to the cluster (fit's rules and messages), and make
-    sure every node sees those paths and that folder (preflight.check_nodes, as for fit). The model is not
+    sure every node sees those paths and that folder (check_nodes, as for fit). The model is not
     among them: it reaches the workers through the object store (`Weights`)."""
     from raytrain_yolo.core import storage
     from raytrain_yolo.core.cluster import connect_ray, worker_env
-    from raytrain_yolo.core.preflight import resolve_scaling
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
     weights = resolve_model(model, tracking_uri)
-    task = preflight.check_weights(weights)
+    task = check_weights(weights)
     spec = RunSpec(scaling=scaling, storage_path=storage.normalise(storage_path),
                    name=check_name(name or default_name(prefix)), resource_wait_s=wait_s,
                    allow_node_local=allow_node_local)
@@ -182,6 +183,6 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
     connect_ray()
     resolve_scaling(spec)
     local = {f"{k}={v}": v for k, v in reads.items() if v and not storage.is_uri(v)}
-    preflight.check_nodes(spec, None, None, worker_env(), inputs=local, writes=writes, gloo=False)
+    check_nodes(spec, None, None, worker_env(), inputs=local, writes=writes, gloo=False)
     s = spec.scaling
     return JobPlan(weights, task, s.num_workers, bool(s.use_gpu), s.cpus_per_worker, spec.run_dir, Weights.put(weights))
