@@ -345,3 +345,23 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     _, runs = mlflow_runs(uri)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
     assert checkpoint_copies() <= copies, "a donor's checkpoint, copied for the exploit, was left in the temp folder"
+
+
+@pytest.mark.quick
+def test_a_trial_its_trainer_stopped_early_is_a_finished_trial(tmp_path):
+    """Issue 39: patience=1 ended a trial at epoch 2 of 6 with fitness 0.80. The trainer ended it, not the
+    scheduler: the row is finished (the sweep ranks it and writes best.yaml), and says why it stopped."""
+    import pandas as pd
+    from ray.tune import Result
+
+    from raytrain_yolo.core.config import SearchDim
+    from raytrain_yolo.sweep.accuracy import HpoPlan, summarize_trial
+
+    epochs = pd.DataFrame([{"epoch": 1, "fitness": 0.7, "lr0": 0.01},
+                           {"epoch": 2, "fitness": 0.8, "lr0": 0.01,
+                            "stopped_early": "patience=1: no better fitness since epoch 1"}])
+    result = Result(metrics={"config": {"lr0": 0.01}}, checkpoint=None, error=None, path=str(tmp_path / "trial_1"),
+                    metrics_dataframe=epochs)
+    row = summarize_trial(result, HpoPlan(space={"lr0": SearchDim("range", (0.001, 0.1))}, epochs=6))
+    assert row["status"] == "finished" and row["best"] == 0.8 and row["epochs"] == 2, row
+    assert "stopped early at epoch 2 of 6" in row["reason"] and "patience=1" in row["reason"]

@@ -273,3 +273,49 @@ def test_mlflow_holds_the_epochs_of_the_attempt_whose_checkpoint_was_registered(
     unsent = tracker.finish("FINISHED", {"best_checkpoint": "/somewhere/best.pt"})
     assert unsent == ["model version of no-weights"], unsent
     assert not client.search_model_versions("name='no-weights'")
+
+
+@pytest.mark.quick
+def test_every_local_store_form_mlflow_documents_is_made_absolute(tmp_path, monkeypatch):
+    """Issue 39: `file:./mlruns` was taken for a folder named `file:.` in each trial's working directory; every
+    local form MLflow documents names one absolute store, and a server or `databricks` is left as given."""
+    from raytrain_yolo.core.config import RunSpec, TrackingSpec
+    from raytrain_yolo.core.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    store = (tmp_path / "mlruns").as_uri()
+    for uri in ("mlruns", "./mlruns", "file:./mlruns", f"file:{tmp_path}/mlruns", store):
+        assert resolve_uri(RunSpec(tracking=TrackingSpec(uri=uri))) == store, uri
+    assert resolve_uri(RunSpec(tracking=TrackingSpec(uri="sqlite:///m.db"))) == f"sqlite:///{tmp_path / 'm.db'}"
+    for uri in ("databricks", "databricks://profile", "http://user:pw@host:5000", "postgresql://u@db/mlflow"):
+        assert resolve_uri(RunSpec(tracking=TrackingSpec(uri=uri))) == uri
+
+
+def test_a_run_and_experiment_a_platform_hands_over_are_used(tmp_path, monkeypatch):
+    """Issue 39: as Ultralytics' MLflow integration does, MLFLOW_EXPERIMENT_NAME names the experiment (the flag
+    wins) and a run handed over in MLFLOW_RUN_ID is logged into instead of a new one; a handed run that is not in
+    the store is refused before Ray, naming the variable."""
+    from mlflow import MlflowClient
+
+    from raytrain_yolo import fit
+    from raytrain_yolo.core.cli import spec_from_args
+    from raytrain_yolo.core.errors import UserError
+    from raytrain_yolo.core.tracking import RunTracker, check_reachable, resolve_uri
+
+    uri = f"sqlite:///{tmp_path / 'platform.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("platform")).info.run_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    argv = ["--tracking-uri", uri, "--storage-path", str(tmp_path), "--name", "r"]
+    assert spec_from_args(fit.build_parser().parse_args(argv), []).tracking.experiment == "from-env"
+    spec = spec_from_args(fit.build_parser().parse_args([*argv, "--experiment", "flag"]), [])
+    assert spec.tracking.experiment == "flag"
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    check_reachable(resolve_uri(spec), spec.tracking.experiment)
+    assert RunTracker(spec).start({"ray/num_workers": 2}) == run_id
+    run = client.get_run(run_id)
+    assert run.data.params["ray/num_workers"] == "2" and run.info.status == "RUNNING"
+    assert len(client.search_runs([run.info.experiment_id])) == 1 and client.get_experiment_by_name("flag") is None
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with pytest.raises(UserError, match="MLFLOW_RUN_ID=0+ is not a run in"):
+        check_reachable(resolve_uri(spec), spec.tracking.experiment)

@@ -86,7 +86,7 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
     trk = p.add_argument_group("MLflow tracking")
     trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
-    trk.add_argument("--experiment", help="MLflow experiment name (default raytrain_yolo)")
+    trk.add_argument("--experiment", help="MLflow experiment name (default $MLFLOW_EXPERIMENT_NAME, else raytrain_yolo)")
     trk.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     trk.add_argument("--register-model", metavar="NAME", help="register best.pt in the MLflow model registry")
 
@@ -153,7 +153,8 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         ("scaling", "pg_timeout_s"): ns.process_group_timeout,
         ("scaling", "resize_check_s"): ns.resize_check,
         ("tracking", "uri"): ns.tracking_uri,
-        ("tracking", "experiment"): ns.experiment,
+        # As Ultralytics' MLflow integration chooses it: the flag, else MLFLOW_EXPERIMENT_NAME (platforms set it).
+        ("tracking", "experiment"): ns.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"),
         ("tracking", "register_model"): ns.register_model,
         ("synthetic", "train"): ns.synthetic_train,
         ("synthetic", "val"): ns.synthetic_val,

@@ -43,13 +43,21 @@ def mlflow_retry_budget_s() -> float:
 def resolve_uri(spec: RunSpec) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working directory.
 
-    Local stores come back absolute: a tune trial runs in a folder of its own and must find the same store."""
+    Local stores come back absolute, in every form MLflow documents (a folder, `file:./mlruns`, `file:/abs`,
+    `file:///abs`, `sqlite:///relative.db`): a tune trial runs in a folder of its own and must find the same
+    store. `databricks` and every URI with a scheme of its own are left as given."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import get_uri_scheme
+
     uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if "://" not in uri and ":" not in uri[1:2]:  # a bare folder: MLflow's file store, made absolute
-        return Path(uri).expanduser().resolve().as_uri()
-    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):  # relative to this folder
+    scheme = get_uri_scheme(uri)
+    if uri == "databricks" or (scheme not in ("", "file", "sqlite") and len(scheme) > 1):
+        return uri
+    if scheme in ("", "file") or len(scheme) == 1:  # a folder (a Windows drive letter too): MLflow's file store
+        return Path(local_file_uri_to_path(uri) if scheme == "file" else uri).expanduser().resolve().as_uri()
+    if not uri[len("sqlite:///"):].startswith("/"):  # sqlite:///relative.db: relative to this folder
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri
 
@@ -145,6 +153,20 @@ def check_reachable(uri: str, experiment: str | None = None) -> None:
             f"MLflow experiment '{experiment}' in {redact(uri)} is deleted: restore it with `mlflow experiments restore "
             f"--experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={redact(uri)}), or log to another with "
             "--experiment NAME")
+    handed = handed_run_id()
+    if handed:
+        try:
+            with _probing():
+                _client(uri).get_run(handed)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"MLFLOW_RUN_ID={handed} is not a run in {redact(uri)} ({_first_line(e)}): unset it, or "
+                            "set MLFLOW_TRACKING_URI to the store that holds it") from None
+
+
+def handed_run_id() -> str | None:
+    """A run a platform made and handed over in MLFLOW_RUN_ID: logged into as Ultralytics' integration does
+    (`mlflow.start_run()` takes that run), instead of a new one."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
 
 
 def versions() -> dict[str, str]:
@@ -189,11 +211,18 @@ class RunTracker:
     def start(self, extra_params: dict[str, Any]) -> str:
         check_reachable(self.uri, self.spec.tracking.experiment)
         self.client = _client(self.uri)
+        key = redact(self.spec.tracking.run_key or self.spec.run_dir)  # a tag: never a credential
+        handed = None if self.spec.tracking.parent_run_id else handed_run_id()
+        if handed:  # the platform's run: ours to log into, in its own experiment
+            self.run_id, self.resumed = handed, True
+            self.client.update_run(handed, status="RUNNING")
+            self.client.set_tag(handed, RUN_KEY_TAG, key)
+            log_params(self.client, handed, {**extra_params, **versions()})
+            return handed
         exp = self.client.get_experiment_by_name(self.spec.tracking.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.spec.tracking.experiment, artifact_location=_artifact_location(self.uri)
         )
-        key = redact(self.spec.tracking.run_key or self.spec.run_dir)  # a tag: never a credential
         found = self.client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
         )

@@ -521,10 +521,14 @@ def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
             exploits.append(tag)
     row["exploits"] = ", ".join(exploits)
     row["checkpoint"] = next((r["checkpoint_path"] for r in reversed(records) if r.get("checkpoint_path")), None)
+    stopped = next((r["stopped_early"] for r in reversed(records) if isinstance(r.get("stopped_early"), str)
+                    and r["stopped_early"]), None)  # the trainer ended the run itself (patience=, time=)
     if result.error:
         row["status"], row["reason"] = "failed", root_cause(result.error)[:300]
     elif row["epochs"] >= plan.epochs:
         row["status"], row["reason"] = "finished", None
+    elif stopped:
+        row["status"], row["reason"] = "finished", f"stopped early at epoch {row['epochs']} of {plan.epochs} ({stopped})"
     else:
         row["status"] = "stopped early"
         row["reason"] = f"{plan.scheduler.upper()} stopped it after epoch {row['epochs']} of {plan.epochs}"

@@ -174,6 +174,7 @@ class Reporter:
             last = bool(trainer.stop)  # the trainer's final epoch (all of them, patience=, time=): rank 0 knows now
             if last and metrics["epoch"] < self.epochs:
                 self.stopped_early = stopped_early(trainer, metrics["epoch"], self.epochs)
+                metrics["stopped_early"] = self.stopped_early["reason"]  # a sweep ranks the trial as finished
             try:
                 for src in [trainer.wdir / name for name in CHECKPOINT_FILES] + [trainer.csv, trainer.save_dir / "args.yaml"]:
                     if src.is_file() and last and src.suffix == ".pt":
