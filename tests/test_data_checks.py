@@ -122,3 +122,22 @@ def test_corrupt_pair_refused_or_skipped_as_ultralytics_does(capsys, tmp_path):
     assert (found.splits["train"].images, found.splits["train"].instances) == ultralytics_counts(data, "train")
     assert found.splits["train"].images == 7
 
+
+
+def test_the_check_is_ultralytics_label_scan_and_leaves_its_cache_for_the_run(tmp_path):
+    """Issue 39: the dataset check runs Ultralytics' own scan over every image of each split (no cap) and writes the
+    `labels/<split>.cache` Ultralytics' datasets read: the dataset the trainer builds next reuses it (the file is not
+    written again), and a second check reads it instead of scanning. `fraction=` keeps the share Ultralytics
+    trains on."""
+    data = copy_dataset("detect", tmp_path / "d")
+    found = check_data(str(data), "detect")
+    caches = {split: tmp_path / "d" / "labels" / f"{split}.cache" for split in ("train", "val")}
+    assert all(c.is_file() for c in caches.values()), sorted(p.name for p in (tmp_path / "d" / "labels").iterdir())
+    written = {split: c.stat().st_mtime_ns for split, c in caches.items()}
+    for split in ("train", "val"):
+        assert (found.splits[split].images, found.splits[split].instances) == ultralytics_counts(data, split)
+    again = check_data(str(data), "detect")
+    assert {split: c.stat().st_mtime_ns for split, c in caches.items()} == written, "scanned again"
+    assert again.splits["train"].images == found.splits["train"].images == TINY.train
+    half = check_data(str(data), "detect", fraction=0.5)
+    assert half.splits["train"].images == TINY.train // 2 and half.splits["val"].images == TINY.val

@@ -3,7 +3,9 @@ Ultralytics' `verify_image_label`, refused in one line naming the file and the f
 
 from __future__ import annotations
 
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,6 @@ from typing import Any
 import yaml
 
 from raytrain_yolo.core.errors import UserError
-
-MAX_LABEL_FILES = 50_000  # label scan bound: enough for the datasets people start with, seconds of I/O
-
 
 @dataclass
 class SplitCheck:
@@ -37,11 +36,12 @@ class DataCheck:
 
 
 def check_data(data: str, task: str, allow_bad_labels: bool = False, splits=("train", "val"), training: bool = True,
-               single_cls: bool = False) -> DataCheck:
+               single_cls: bool = False, fraction: float = 1.0) -> DataCheck:
     """The data.yaml and its `splits` as Ultralytics sees them: `check_det_dataset` resolves the file (path:,
-    names/nc, the split folders), then `verify_image_label` checks every image/label pair (up to MAX_LABEL_FILES
-    per split) with the arguments YOLODataset passes. `training`: the train split is the one Ultralytics builds
-    with augmentation, where it requires labels."""
+    names/nc, the split folders), then Ultralytics' own label scan checks every image/label pair of each split
+    and writes (or reuses) the `labels/<split>.cache` its datasets read (`LabelScan`), so the workers and the next
+    run do not scan again. `training`: the train split is the one Ultralytics builds with augmentation, where it
+    requires labels, and of which it keeps `fraction` (the training argument)."""
     p = Path(data).expanduser()
     raw = _read_yaml(p, data)
     cfg = _ultralytics_dataset(p, data, raw, splits[-1])
@@ -49,8 +49,9 @@ def check_data(data: str, task: str, allow_bad_labels: bool = False, splits=("tr
         _check_kpt_shape(cfg, data)
     found = DataCheck(cfg, str(Path(cfg["path"]).resolve()), _cwd_relative(raw))
     for key in splits:
-        found.splits[key] = _check_split(key, raw, found, task, data, allow_bad_labels,
-                                         training and key == "train", single_cls)
+        train = training and key == "train"
+        found.splits[key] = _check_split(key, raw, found, task, data, allow_bad_labels, train, single_cls,
+                                         fraction if train else 1.0)
     return found
 
 
@@ -140,79 +141,94 @@ def _missing_split(key: str, raw: dict, missing: Path, root: Path | None, data: 
     return f"{key}: {entry} in data={data} does not exist (looked for {missing}){hint}"
 
 
-def _image_files(paths: list[str]) -> list[str]:
-    """The images Ultralytics' BaseDataset.get_img_files lists: folders searched recursively, .txt files read as
-    one image path per line (`./` relative to the list), any suffix in Ultralytics' IMG_FORMATS; sorted."""
-    import glob
-    import os
+def label_scan(cfg: dict, task: str, single_cls: bool, augment: bool, fraction: float):
+    """Ultralytics' own scan of a split, without the rest of a dataset: a `YOLODataset` that sets only what its
+    scanning methods read, so that `get_img_files` lists the images (folders searched recursively, `.txt` lists,
+    `fraction`), `_load_or_scan_cache` reads the `labels/<split>.cache` its datasets read (reused when its hash
+    matches, else written by `cache_labels`, which runs `verify_image_label` on every pair), and `verify_labels`
+    checks the label kinds (segment and OBB need a polygon per box). No image is decoded, no transform built."""
+    from ultralytics.data.dataset import YOLODataset
 
-    from ultralytics.data.utils import IMG_FORMATS
+    class LabelScan(YOLODataset):
+        def __init__(self):  # noqa: D107 - YOLODataset's own would read every image's shape and build transforms
+            self.data, self.single_cls, self.augment, self.prefix, self.fraction = cfg, single_cls, augment, "", fraction
+            self.use_segments, self.use_keypoints, self.use_obb = task == "segment", task == "pose", task == "obb"
 
-    files: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += glob.glob(str(Path(glob.escape(p)) / "**" / "*.*"), recursive=True)
-        elif p.is_file():
-            parent = str(p.parent) + os.sep
-            lines = p.read_text(encoding="utf-8-sig").strip().splitlines()
-            files += [x.replace("./", parent, 1) if x.startswith("./") else x for x in lines]
-    return sorted(x.replace("/", os.sep) for x in files if x.rpartition(".")[-1].lower() in IMG_FORMATS)
+    return LabelScan()
+
+
+def _scan(scan, folders: list[str], key: str, data: str) -> tuple[list[str], dict]:
+    """(the image files, the cache: `labels` of the usable pairs, `results` (found, missing, empty, corrupt,
+    total), `msgs`), as Ultralytics' dataset gets them, its progress bar and info lines kept off the console (its
+    LOGGER above INFO also disables its TQDM); its refusals as one line."""
+    with _ultralytics_quiet():
+        return _scan_loud(scan, folders, key, data)
+
+
+@contextmanager
+def _ultralytics_quiet():
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _scan_loud(scan, folders: list[str], key: str, data: str) -> tuple[list[str], dict]:
+    try:
+        scan.im_files = scan.get_img_files(folders)
+    except FileNotFoundError:
+        raise UserError(f"no images in {', '.join(folders)} ({key}: of data={data}): put .jpg/.png files there "
+                        f"or fix {key}: in the data.yaml") from None
+    label_files = scan.get_label_files()
+    cache, _ = scan._load_or_scan_cache(Path(label_files[0]).parent.with_suffix(".cache"), scan.get_cache_hash())
+    return scan.im_files, cache
 
 
 def _check_split(key: str, raw: dict, found: DataCheck, task: str, data: str, allow_bad_labels: bool,
-                 augment: bool, single_cls: bool) -> SplitCheck:
-    """One split's image/label pairs through Ultralytics' verify_image_label, refused as Ultralytics would
-    refuse them (no image left, no label found for training); corrupt pairs refused unless allow_bad_labels."""
+                 augment: bool, single_cls: bool, fraction: float = 1.0) -> SplitCheck:
+    """One split through Ultralytics' label scan (label_scan), refused as Ultralytics would refuse it (no image
+    left, no label found for training, boxes where polygons are needed); corrupt pairs refused unless
+    allow_bad_labels."""
     cfg = found.data
     folders = cfg[key] if isinstance(cfg[key], list) else [cfg[key]]
     for folder in folders:
         if not Path(folder).exists():
             raise UserError(_missing_split(key, raw, Path(folder), Path(found.root), data))
-    im_files = _image_files(folders)
-    if not im_files:
-        raise UserError(f"no images in {', '.join(folders)} ({key}: of data={data}): put .jpg/.png files there "
-                        f"or fix {key}: in the data.yaml")
-    im_files = im_files[:MAX_LABEL_FILES]
-    results = _verify_pairs(im_files, cfg, task, single_cls)
-    kept = [r for r in results if r[0] is not None]
-    corrupt = [(im, _reason(r[9])) for im, r in zip(im_files, results) if r[8]]
+    scan = label_scan(cfg, task, single_cls, augment, fraction)
+    try:
+        im_files, cache = _scan(scan, folders, key, data)
+    except ValueError:  # cache_labels: "No labels found" in a split Ultralytics trains on
+        raise UserError(_no_labels(key, scan.im_files, data)) from None
+    kept = cache["labels"]
+    nf, nm, ne, nc, _ = cache["results"]
+    corrupt = [(m.split(": ignoring corrupt image/label: ", 1)[0], _reason(m)) for m in cache["msgs"]
+               if "ignoring corrupt image/label: " in m]
     if not kept:
         raise UserError(f"Ultralytics finds no usable image in {key}: of data={data} ({len(corrupt)} corrupt, "
                         f"e.g. {corrupt[0][0]}: {corrupt[0][1]}): fix the images and their labels")
-    label_files = sum(r[6] for r in results)
-    if augment and label_files == 0:
-        raise UserError(_no_labels(key, im_files, data))
     if corrupt and not allow_bad_labels:
         im, why = corrupt[0]
         raise UserError(f"{im} with labels {_label_file(im)}: Ultralytics would skip this image ({why}): fix the "
                         f"file, or pass --allow-bad-labels to skip such images as Ultralytics does "
                         f"({len(corrupt)} in {key}:)")
-    _check_label_kinds(kept, task, key, data)
-    out = SplitCheck(len(kept), label_files, sum(len(r[1]) for r in kept), sum(r[5] + r[7] for r in kept),
+    try:
+        scan.verify_labels(kept, Path(f"{key}.cache"))
+    except ValueError as e:
+        raise UserError(f"{key}: of data={data}: {_ultralytics_says(e)}: use a {task} dataset or a detect "
+                        "model") from None
+    out = SplitCheck(len(kept), nf, sum(len(lb["cls"]) for lb in kept), sum(len(lb["cls"]) == 0 for lb in kept),
                      [f"{im}: {why}" for im, why in corrupt])
     if corrupt:
         print(f"labels     {key}: {len(corrupt)} of {len(im_files)} image/label pairs skipped, as Ultralytics "
               f"does (--allow-bad-labels), e.g. {out.skipped[0]}", flush=True)
-    elif label_files == 0:
+    elif nf == 0:
         print(f"labels     {key}: no label files for its {len(im_files)} images (Ultralytics reads them as "
               f"backgrounds, e.g. {_label_file(im_files[0])} for {Path(im_files[0]).name})", flush=True)
     return out
-
-
-def _verify_pairs(im_files: list[str], cfg: dict, task: str, single_cls: bool) -> list:
-    """Ultralytics' verify_image_label over the pairs, with YOLODataset.verify_args' arguments, in a thread pool
-    as YOLODataset.cache_labels runs it."""
-    from itertools import repeat
-    from multiprocessing.pool import ThreadPool
-
-    from ultralytics.data.utils import img2label_paths, verify_image_label
-    from ultralytics.utils import NUM_THREADS
-
-    nkpt, ndim = cfg.get("kpt_shape", (0, 0))
-    args = zip(im_files, img2label_paths(im_files), repeat(""), repeat(task == "pose"),
-               repeat(cfg.get("bg_class_idx") or len(cfg["names"])), repeat(nkpt), repeat(ndim), repeat(single_cls))
-    with ThreadPool(min(NUM_THREADS, max(1, len(im_files) // 64 + 1))) as pool:
-        return pool.map(verify_image_label, args)
 
 
 def _label_file(im_file: str) -> str:
@@ -243,21 +259,3 @@ def _no_labels(key: str, im_files: list[str], data: str) -> str:
     seen = f" (it holds {others[0].name}, ...)" if others else " (it holds no .txt files)"
     return (f"no label file for any {key} image of data={data} in {folder}{seen}. {rule}: name each label file "
             "like its image")
-
-
-def _check_label_kinds(kept: list, task: str, key: str, data: str) -> None:
-    """YOLODataset.verify_labels: segment and OBB training need a polygon for every box."""
-    from types import SimpleNamespace
-
-    from ultralytics.data.dataset import YOLODataset
-
-    if task not in ("segment", "obb"):
-        return
-    labels = [YOLODataset.result_to_label(None, r)[0] for r in kept]
-    stand_in = SimpleNamespace(use_segments=task == "segment", use_obb=task == "obb",
-                               format_class=YOLODataset.format_class)
-    try:
-        YOLODataset.verify_labels(stand_in, labels, Path(f"{key}.cache"))
-    except ValueError as e:
-        raise UserError(f"{key}: of data={data}: {_ultralytics_says(e)}: use a {task} dataset or a detect "
-                        "model") from None

@@ -88,11 +88,11 @@ def check_inputs(spec: RunSpec, train_args: dict[str, Any], task: str) -> None:
             from raytrain_yolo.data import sync
 
             check_data(sync.localize(data), task, spec.allow_bad_labels, splits,
-                       single_cls=bool(train_args.get("single_cls")))
+                       single_cls=bool(train_args.get("single_cls")), fraction=train_args.get("fraction", 1.0))
         else:
             train_args["data"] = str(Path(data).expanduser().resolve())
             found = check_data(train_args["data"], task, spec.allow_bad_labels, splits,
-                               single_cls=bool(train_args.get("single_cls")))
+                               single_cls=bool(train_args.get("single_cls")), fraction=train_args.get("fraction", 1.0))
             spec.data_root = found.root if found.cwd_relative else ""
     storage.check_writable(spec.run_dir)
     if spec.tracking.enabled:
