@@ -148,3 +148,15 @@ def test_a_run_the_trainer_stopped_is_finished(tmp_path, capfd, monkeypatch):
     again = run_cli("fit", *args, ray="none")
     assert again.returncode == 0 and "finished already" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert "stopped early at epoch 1 of 2" in again.stdout
+
+
+@pytest.mark.quick
+def test_resume_of_a_plain_ultralytics_checkpoint_is_refused_with_fixes_that_apply(tmp_path, capfd, monkeypatch):
+    """Issue 39: resume=True with model= a plain Ultralytics last.pt (or resume=last.pt) was told to "rerun the same
+    command with the same --name", which no run of this tool has: the line names the three ways that apply."""
+    from conftest import refused_in_process
+
+    last = tiny_checkpoint(tmp_path / "last.pt", imgsz=64)
+    for argv in ([f"model={last}", "resume=True"], [f"resume={last}"]):
+        line = refused_in_process("fit", ["--storage-path", str(tmp_path), "--no-tracking", *argv], capfd, monkeypatch)
+        assert f"yolo train resume model={last}" in line and f"pass model={last}" in line and "--name" in line, line

@@ -278,8 +278,10 @@ def validate_train_args(train: dict[str, Any]) -> dict[str, Any]:
     """Check Ultralytics arguments with Ultralytics' own rules; one line per problem, naming the fix."""
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
 
+    if train.get("resume"):  # Ultralytics' resume=True / resume=last.pt
+        raise UserError(_resume_refused(train["resume"], train.get("model")))
     for key, why in RAY_OWNED_KEYS.items():
-        if key in train:
+        if key in train and not (key == "resume" and not train[key]):
             raise UserError(f"'{key}=' is not accepted here: {why}")
     unknown = [k for k in train if k not in DEFAULT_CFG_DICT]
     if unknown:
@@ -303,6 +305,17 @@ def validate_train_args(train: dict[str, Any]) -> dict[str, Any]:
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise UserError(f"epochs={epochs} must be a whole number of at least 1")
     return args
+
+
+def _resume_refused(resume: Any, model: Any) -> str:
+    """Ultralytics' `resume=` continues a run from its last.pt. A run here resumes by its --name (the same command
+    again); a plain Ultralytics last.pt (trained outside Ray) has no Ray run to resume: it is continued by
+    Ultralytics itself, or trained further here from its weights as a new run."""
+    last = resume if isinstance(resume, str) else model if str(model or "").endswith(".pt") else "PATH/last.pt"
+    return (f"resume={resume} is Ultralytics' resume, which Ray runs here do by --name: to continue a run of this "
+            f"tool, rerun its command with the same --name; to continue a plain Ultralytics checkpoint, resume it "
+            f"with Ultralytics (yolo train resume model={last}); to train on from its weights as a new run here, "
+            f"drop resume= and pass model={last}")
 
 
 def load_cfg_file(path: str) -> dict[str, Any]:
