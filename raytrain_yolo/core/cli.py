@@ -68,8 +68,8 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                        help="wait this long for an autoscaling cluster to have the workers' CPUs/GPUs "
                        "(default 0: a request the cluster cannot meet fails at once)")
     ray_g.add_argument("--restart-wait", type=float, metavar="SECONDS",
-                       help="with --max-failures: how long a restart waits for its workers to be placed again, "
-                       "e.g. while an autoscaler replaces a lost node (default 600)")
+                       help="with --max-failures: how long restarts wait, in all over the run, for their workers "
+                       "to be placed again, e.g. while an autoscaler replaces a lost node (default 600)")
     ray_g.add_argument("--storage-wait", type=float, metavar="SECONDS",
                        help="with an s3:// --storage-path: how long an upload keeps retrying while the endpoint "
                        "does not answer (a restart, a network cut) before the run fails (default 120)")
