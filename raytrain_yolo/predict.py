@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['output']}", flush=True)
         return 0
 
-    return run_main(body, ns.debug)
+    return run_main(body, ns.debug, job="predict")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.objective == "map":
         from raytrain_yolo.sweep import accuracy
 
-        return run_main(lambda: accuracy.main(ns), ns.debug)
+        return run_main(lambda: accuracy.main(ns), ns.debug, job="sweep")
     for flag in ("trials", "scheduler", "metric", "grace_epochs", "perturbation_epochs"):
         if getattr(ns, flag) is not None:
             build_parser().error(f"--{flag.replace('_', '-')} belongs to the accuracy sweep: add --objective map")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_sweep(format_table(result.rows, knobs), result.paths, result.best,
                            "no configuration finished its budget")
 
-    return run_main(body, ns.debug)
+    return run_main(body, ns.debug, job="sweep")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics    {ns.output or out['output_dir'] + '/val.json'}", flush=True)
         return 0
 
-    return run_main(body, ns.debug)
+    return run_main(body, ns.debug, job="val")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,17 @@ def test_every_readme_command_parses():
         module = importlib.import_module(f"raytrain_yolo.{job}" + (".cli" if job == "bench" else ""))
         ns = module.build_parser().parse_args(argv)
         parse_key_values(getattr(ns, "overrides", []) or [])
+
+
+@pytest.mark.quick
+def test_a_failed_job_names_itself(capsys):
+    """Issue 40: val and predict failures said "training failed"; each job's one line names the job."""
+    from raytrain_yolo.core.cli import run_main
+
+    def fails() -> int:
+        raise RuntimeError("the source went away")
+
+    for job in ("val", "predict"):
+        assert run_main(fails, False, job=job) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {job} failed: RuntimeError: the source went away"), err

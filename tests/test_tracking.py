@@ -319,3 +319,35 @@ def test_a_run_and_experiment_a_platform_hands_over_are_used(tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
     with pytest.raises(UserError, match="MLFLOW_RUN_ID=0+ is not a run in"):
         check_reachable(resolve_uri(spec), spec.tracking.experiment)
+
+
+def test_a_registered_version_is_loaded_only_while_its_weights_are_the_registered_ones(tmp_path):
+    """Issue 44, 5: a `.pt` is a pickle, so `models:/` weights are trusted input; what can be checked is: rank 0
+    records best.pt's SHA-256 as it uploads it, registration copies it onto the version, and val/predict compare
+    the file before loading it. A changed file is refused in one line."""
+    from mlflow import MlflowClient
+
+    from raytrain_yolo.core.config import RunSpec, TrackingSpec
+    from raytrain_yolo.core.errors import UserError
+    from raytrain_yolo.core.tracking import WEIGHTS_DIGEST_TAG, EpochLogger, RunTracker, file_sha256
+    from raytrain_yolo.plan.job import resolve_model
+    from test_plan import tiny_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("weights")).info.run_id
+    save_dir = tmp_path / "train"
+    (save_dir / "weights").mkdir(parents=True)
+    best = tiny_checkpoint(save_dir / "weights" / "best.pt", imgsz=64)
+    EpochLogger(uri, run_id).log_outputs(SimpleNamespace(wdir=save_dir / "weights", save_dir=save_dir))
+    tracker = RunTracker(RunSpec(tracking=TrackingSpec(uri=uri, register_model="shapes")))
+    tracker.client, tracker.run_id = client, run_id
+    assert tracker.finish("FINISHED", {"best_checkpoint": str(best)}) == []
+    version = client.get_model_version("shapes", "1")
+    assert version.tags[WEIGHTS_DIGEST_TAG] == file_sha256(best)
+    local = resolve_model("models:/shapes/1", uri)
+    assert file_sha256(local) == file_sha256(best)
+    with open(local, "ab") as f:
+        f.write(b"\0")  # the node's copy changed after registration
+    with pytest.raises(UserError, match="is not the file that was registered"):
+        resolve_model("models:/shapes/1", uri)

@@ -194,8 +194,9 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def run_main(body: Callable[[], int], debug: bool) -> int:
-    """Run a CLI body: user mistakes are one line and exit 2; failed training is one line and exit 1."""
+def run_main(body: Callable[[], int], debug: bool, job: str = "training") -> int:
+    """Run a CLI body: user mistakes are one line and exit 2; a failed job is one line naming it (`job`:
+    "training", "val", "predict", "sweep") and exit 1."""
     try:
         return body()
     except UserError as e:
@@ -214,7 +215,7 @@ def run_main(body: Callable[[], int], debug: bool) -> int:
             traceback.print_exc()
         elif any(c.__name__ == "TrainingFailedError" for c in type(e).__mro__):
             print(redact(str(e).rstrip()), file=sys.stderr)  # the workers' own tracebacks (Ray Train gathers them)
-        print(f"error: training failed: {plain(root_cause(e))} (rerun with --debug for the traceback)",
+        print(f"error: {job} failed: {plain(root_cause(e))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
 

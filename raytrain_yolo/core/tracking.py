@@ -8,6 +8,7 @@ checkpoint artifacts into that run by id, so restarted workers keep writing to t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.storage import is_uri as storage_is_uri
 from raytrain_yolo.core.storage import redact
 
+WEIGHTS_DIGEST_TAG = "raytrain_yolo.best_sha256"  # run and model version tag: SHA-256 of weights/best.pt
 RUN_KEY_TAG = "raytrain_yolo.run"  # <storage>/<name>: identifies one training across driver restarts
 SENTINEL_METRIC = "lr/pg0"  # logged every epoch: its steps tell which epochs MLflow has
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -302,8 +304,10 @@ class RunTracker:
         if "weights/best.pt" not in held:  # rank 0 could not upload it (the server was down at the end)
             raise RuntimeError(f"run {self.run_id} holds no weights/best.pt, so no version was registered; "
                                "log it, then register it with MLflow")
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/weights"
-        self.client.create_model_version(name, source=source, run_id=self.run_id)
+        run = self.client.get_run(self.run_id)
+        digest = run.data.tags.get(WEIGHTS_DIGEST_TAG)
+        self.client.create_model_version(name, source=f"{run.info.artifact_uri}/weights", run_id=self.run_id,
+                                         tags={WEIGHTS_DIGEST_TAG: digest} if digest else None)
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, str]:
@@ -450,6 +454,19 @@ class EpochLogger:
         for path, folder in files:
             self._send(f"artifact {folder + '/' if folder else ''}{path.name}",
                        lambda path=path, folder=folder: self.client.log_artifact(self.run_id, str(path), folder))
+        best = trainer.wdir / "best.pt"
+        if best.is_file():  # what a registered version of this run is checked against before it is loaded
+            digest = file_sha256(best)
+            self._send("best.pt's digest", lambda: self.client.set_tag(self.run_id, WEIGHTS_DIGEST_TAG, digest))
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _rank0_line(line: str) -> None:

@@ -107,7 +107,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
     """A local .pt path; `models:/NAME/VERSION` (a model `fit --register-model` registered) is downloaded first."""
     if not str(model).startswith("models:/"):
         return str(Path(model).expanduser().resolve()) if str(model).endswith(".pt") else str(model)
-    from raytrain_yolo.core.tracking import check_reachable, resolve_uri
+    from raytrain_yolo.core.tracking import WEIGHTS_DIGEST_TAG, check_reachable, file_sha256, resolve_uri
 
     uri = resolve_uri(RunSpec.from_dict({"tracking": {"uri": tracking_uri}}))
     check_reachable(uri)
@@ -123,6 +123,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
             name, alias = name.split("@", 1)
             version = client.get_model_version_by_alias(name, alias).version
         local = _registry_download(client, uri, name, str(version))
+        recorded = client.get_model_version(name, str(version)).tags.get(WEIGHTS_DIGEST_TAG)
     except MlflowException as e:
         first = str(e).strip().splitlines()[0][:200]
         raise UserError(f"model={model} not found in the MLflow registry at {uri} ({first}): check the name and "
@@ -131,6 +132,10 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> str:
     if not found:
         raise UserError(f"model={model} in the MLflow registry holds no .pt file: register a run's weights "
                         "(fit --register-model NAME)")
+    if recorded and file_sha256(found[0]) != recorded:  # a .pt is a pickle: never load one that changed
+        raise UserError(f"model={model}: {found[0].name} is not the file that was registered (its SHA-256 differs "
+                        f"from the version's {WEIGHTS_DIGEST_TAG} tag, {recorded[:12]}...): register the weights you "
+                        "trust again, or pass model= a local file you trust")
     return str(found[0])
 
 
