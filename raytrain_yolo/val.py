@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from typing import Any
 
 from raytrain_yolo.core import storage
-from raytrain_yolo.plan.dataset import DataCheck, check_data
 from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.plan.dataset import DataCheck, check_data
 from raytrain_yolo.plan.job import JobPlan, Weights, plan
 
 VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
@@ -55,8 +58,9 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     refs = [shard_fn.remote(job.weights, {**args, "device": job.device}, (i, job.num_workers), root)
             for i in range(job.num_workers)]
     results = ray.get(refs)
-    yolo, merger = sharded_validator(job.model, {**args, "device": "cpu"}, None, results)
-    stats = merger(model=yolo.model)
+    with local_project(args) as merged_args:
+        yolo, merger = sharded_validator(job.model, {**merged_args, "device": "cpu"}, None, results)
+        stats = merger(model=yolo.model)
     out = _report(job, data, split, merger, stats)
     storage.write_text(f"{job.out_dir}/val.json", json.dumps(out, indent=2, default=float))
     return out
@@ -71,9 +75,25 @@ def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int], data_r
     if data_root:
         args = {**args, "data": pin_root(args["data"], data_root)}
 
-    yolo, validator = sharded_validator(weights.local(), args, shard)
-    validator(model=yolo.model)
-    return validator.shard_result
+    with local_project(args) as args:
+        yolo, validator = sharded_validator(weights.local(), args, shard)
+        validator(model=yolo.model)
+        return validator.shard_result
+
+
+@contextmanager
+def local_project(args: dict):
+    """`args` with Ultralytics' `project=` on this node: the run's folder when --storage-path is a local path, else
+    a temporary folder removed at the end (Ultralytics makes `project` with pathlib, so an `s3://` URI became a
+    folder literally named `s3:` in each worker's working directory)."""
+    if not storage.is_uri(str(args.get("project", ""))):
+        yield args
+        return
+    folder = tempfile.mkdtemp(prefix="raytrain-yolo-val-")
+    try:
+        yield {**args, "project": folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _report(job: JobPlan, data: str, split: str, merger, stats: dict) -> dict[str, Any]:

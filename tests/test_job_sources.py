@@ -151,6 +151,23 @@ def test_predict_from_and_to_object_storage_equals_a_local_folder(registered, ra
     assert ours and theirs == ours
 
 
+def test_val_to_object_storage_leaves_no_local_folder(registered, ray_local, tmp_path, monkeypatch):
+    """Issue 44, 7: `val --storage-path s3://...` made a folder literally named `s3:` where it ran (Ultralytics
+    makes its `project=` with pathlib); the metrics go to the bucket and nothing stays behind here."""
+    from pyarrow import fs as pafs
+
+    from raytrain_yolo.val import validate
+
+    _, s, _, _ = registered
+    monkeypatch.chdir(tmp_path)
+    out = validate(s["best_checkpoint"], s["data"], scaling=ScalingSpec(num_workers=1, use_gpu=False),
+                   storage_path="s3://datasets/vals", name="vs3", batch=4)
+    assert out["images"] > 0 and out["output_dir"] == "s3://datasets/vals/vs3"
+    s3fs, root = pafs.FileSystem.from_uri("s3://datasets/vals/vs3")
+    assert s3fs.get_file_info(f"{root}/val.json").type == pafs.FileType.File
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
 def test_s3_endpoint_refusing_connections_for_30_s_is_waited_out_then_a_lost_driver_resumes_from_it(
         s3_link, ray_local, tmp_path):
     """Three of issue 22's cells in one `fit` (2 gloo workers, checkpoints in s3://, a real MLflow store):
