@@ -217,6 +217,9 @@ def test_a_task_without_a_trainer_here_is_refused_before_ray(fails, tmp_path):
     (("--loader", "device", "model=yolo26n-pose.yaml"), ("task=pose", "--loader ultralytics")),
     (("--loader", "device-tiles"), ("--loader device-tiles is not one of", "device-jpeg")),
     (("--prefetch",), ("--prefetch builds batches of --loader device", "add --loader device")),
+    # Issue 39: values Ultralytics refuses only once training starts, refused before Ray by Ultralytics' own code.
+    (("optimizer=Adagrad",), ("optimizer=Adagrad", "not found in list of available optimizers", "AdamW")),
+    (("pretrained=nowhere/w.pt",), ("pretrained=nowhere/w.pt not found", "nothing is downloaded")),
 ])
 @pytest.mark.quick
 def test_bad_arguments(fails, args, words):

@@ -88,12 +88,12 @@ def _ultralytics_dataset(p: Path, data: str, raw: dict, split: str) -> dict[str,
         missing = re.search(r"missing path '([^']+)'", str(e))
         if missing:
             raise UserError(_missing_split(split, raw, Path(missing[1]), None, data)) from None
-        raise UserError(f"data={data}: {_ultralytics_says(e, p)}: fix the data.yaml") from None
+        raise UserError(f"data={data}: {ultralytics_says(e, p)}: fix the data.yaml") from None
     except Exception as e:  # noqa: BLE001 - Ultralytics refuses with TypeError, SyntaxError, KeyError, ...
-        raise UserError(f"data={data}: {_ultralytics_says(e, p)}{_names_hint(raw)}: fix the data.yaml") from None
+        raise UserError(f"data={data}: {ultralytics_says(e, p)}{_names_hint(raw)}: fix the data.yaml") from None
 
 
-def _ultralytics_says(e: BaseException, p: Path | None = None) -> str:
+def ultralytics_says(e: BaseException, p: Path | None = None) -> str:
     """An Ultralytics message as one plain line: no colours, emoji, download notes or help links."""
     from ultralytics.utils import remove_colorstr
 
@@ -161,12 +161,13 @@ def _scan(scan, folders: list[str], key: str, data: str) -> tuple[list[str], dic
     """(the image files, the cache: `labels` of the usable pairs, `results` (found, missing, empty, corrupt,
     total), `msgs`), as Ultralytics' dataset gets them, its progress bar and info lines kept off the console (its
     LOGGER above INFO also disables its TQDM); its refusals as one line."""
-    with _ultralytics_quiet():
+    with ultralytics_quiet():
         return _scan_loud(scan, folders, key, data)
 
 
 @contextmanager
-def _ultralytics_quiet():
+def ultralytics_quiet():
+    """Within the block Ultralytics' LOGGER says warnings only (its TQDM bars are off above INFO too)."""
     from ultralytics.utils import LOGGER
 
     level = LOGGER.level
@@ -218,7 +219,7 @@ def _check_split(key: str, raw: dict, found: DataCheck, task: str, data: str, al
     try:
         scan.verify_labels(kept, Path(f"{key}.cache"))
     except ValueError as e:
-        raise UserError(f"{key}: of data={data}: {_ultralytics_says(e)}: use a {task} dataset or a detect "
+        raise UserError(f"{key}: of data={data}: {ultralytics_says(e)}: use a {task} dataset or a detect "
                         "model") from None
     out = SplitCheck(len(kept), nf, sum(len(lb["cls"]) for lb in kept), sum(len(lb["cls"]) == 0 for lb in kept),
                      [f"{im}: {why}" for im, why in corrupt])

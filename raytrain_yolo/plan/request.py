@@ -71,7 +71,39 @@ def check_request(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
         train_args["model"] = str(Path(train_args["model"]).resolve())
     if train_args.get("distill_model"):
         train_args["distill_model"] = check_teacher(train_args["distill_model"])
+    if isinstance(train_args.get("pretrained"), str):  # pretrained=PATH: weights to start from
+        train_args["pretrained"] = check_pretrained(train_args["pretrained"])
+    check_optimizer(train_args.get("optimizer", "auto"))
     return spec, train_args, task
+
+
+def check_optimizer(name: Any) -> None:
+    """`optimizer=` as Ultralytics' trainer builds it (`BaseTrainer.build_optimizer`, which refuses an unknown name
+    only once training starts), tried here on a one-layer module; its refusal as one line."""
+    import torch
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from raytrain_yolo.plan.dataset import ultralytics_quiet, ultralytics_says
+
+    if str(name).lower() == "auto":
+        return
+    try:
+        with ultralytics_quiet():
+            BaseTrainer.build_optimizer(None, torch.nn.Linear(1, 1), name=str(name))
+    except NotImplementedError as e:
+        raise UserError(f"optimizer={name}: {ultralytics_says(e).split(' Request support')[0].rstrip('. ')}: pick one of "
+                        "those") from None
+    except Exception:  # noqa: BLE001 - a known name that needs a real model (MuSGD): Ultralytics builds it later
+        pass
+
+
+def check_pretrained(path: str) -> str:
+    """`pretrained=PATH` names weights Ultralytics loads into the model at the start (nothing is downloaded here):
+    a local .pt, made absolute (the workers run elsewhere). Raises UserError naming the key."""
+    from raytrain_yolo.plan.model import load_checkpoint_model
+
+    load_checkpoint_model(path, key="pretrained")
+    return str(Path(path).expanduser().resolve())
 
 
 def check_inputs(spec: RunSpec, train_args: dict[str, Any], task: str) -> None:
