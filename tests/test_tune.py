@@ -118,12 +118,17 @@ def test_early_stopping_stops_the_slow_configuration(sweep):
 
 
 def test_parent_mlflow_run_with_nested_trials(sweep):
-    _, _, (uri, experiment) = sweep
+    _, storage, (uri, experiment) = sweep
     _, runs = mlflow_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 2  # the feasible trials; infeasible ones never start training
+    # Issue 39: a trial ASHA stopped is ended (FINISHED, tagged), not left RUNNING.
+    assert all(r.info.status == "FINISHED" for r in children), [(r.info.run_name, r.info.status) for r in children]
+    stopped = [r for r in children if r.data.tags.get("raytrain_yolo.status") == "stopped early"]
+    rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
+    assert len(stopped) == sum(r["status"] == "stopped early" for r in rows)
 
 
 @pytest.mark.quick

@@ -37,6 +37,7 @@ from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
+from raytrain_yolo.sweep.trials import close_trial_runs
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -482,7 +483,7 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
         rows.sort(key=lambda r: (r["status"] != "finished", -_num(r["best"]), -_num(r["final"])))
         best = next((r for r in rows if r["status"] == "finished"), None)
         if tracker:
-            close_trial_runs(spec, rows)
+            close_trial_runs(spec, rows, done="finished")
         paths = write_outputs(spec, plan, rows, best)
     if tracker:
         tracker.finished(paths.values())
@@ -559,22 +560,6 @@ def _progress(result) -> list[dict[str, Any]]:
 
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def close_trial_runs(spec: RunSpec, rows: list[dict]) -> None:
-    """Trials that Ray stopped or that failed could not end their own MLflow runs: end them with the reason.
-    A trial that the scheduler stopped may have ended its run FAILED on the way out (its Train controller died
-    with it): that run is FINISHED too, tagged `stopped early`."""
-    from raytrain_yolo.core.tracking import end_open_run, resolve_uri
-
-    uri = resolve_uri(spec)
-    for r in rows:
-        if r["status"] == "finished" or not r["trial"]:
-            continue
-        status = "FAILED" if r["status"] == "failed" else "FINISHED"
-        end_open_run(uri, spec.tracking.experiment, f"{spec.run_dir}/trials/{r['trial']}", status,
-                     {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r["reason"] or ""},
-                     ended=("RUNNING", "FAILED") if r["status"] == "stopped early" else ("RUNNING",))
 
 
 def write_outputs(spec: RunSpec, plan: HpoPlan, rows: list[dict], best: dict | None) -> dict[str, str]:

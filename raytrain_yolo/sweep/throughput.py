@@ -22,6 +22,7 @@ from raytrain_yolo.core import storage
 from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
+from raytrain_yolo.sweep.trials import close_trial_runs
 from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
@@ -243,6 +244,8 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         rows += [summarize_trial(r, list(grid), budget) for r in grid_results]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
         best = next((r for r in rows if r["status"] == "ok"), None)
+        if tracker:  # the trials ASHA stopped, or that failed, could not end their own runs
+            close_trial_runs(base, rows, done="ok")
         paths = write_outputs(base, rows, best, list(grid))
     if tracker:
         tracker.finished(paths.values())

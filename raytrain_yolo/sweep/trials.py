@@ -1,0 +1,22 @@
+"""What both sweeps do with their trials' MLflow runs once Tune is done."""
+
+from __future__ import annotations
+
+from raytrain_yolo.core.config import RunSpec
+
+
+def close_trial_runs(spec: RunSpec, rows: list[dict], done: str) -> None:
+    """Trials that Ray stopped or that failed could not end their own MLflow runs: end them, tagged with their row's
+    status and reason. `done` is the status of a trial that ended by itself ("finished", "ok"): left alone. A trial
+    that the scheduler stopped (ASHA, PBT) may have ended its run FAILED on the way out (its Train controller died
+    with it): that run is FINISHED too, tagged `stopped early`; a failed trial's is FAILED."""
+    from raytrain_yolo.core.tracking import end_open_run, resolve_uri
+
+    uri = resolve_uri(spec)
+    for r in rows:
+        if r["status"] == done or not r.get("trial"):
+            continue
+        status = "FAILED" if r["status"] in ("failed", "out of memory") else "FINISHED"
+        end_open_run(uri, spec.tracking.experiment, f"{spec.run_dir}/trials/{r['trial']}", status,
+                     {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r.get("reason") or ""},
+                     ended=("RUNNING", "FAILED") if r["status"] == "stopped early" else ("RUNNING",))
