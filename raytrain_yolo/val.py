@@ -22,7 +22,7 @@ from raytrain_yolo.core import storage
 from raytrain_yolo.core.cli import OneLineParser, add_job_flags, run_main, stop_ray
 from raytrain_yolo.core.config import ScalingSpec, parse_key_values, validate_train_args
 from raytrain_yolo.core.errors import UserError
-from raytrain_yolo.plan.dataset import DataCheck, check_data
+from raytrain_yolo.plan.dataset import DataCheck, check_data, read_data_yaml
 from raytrain_yolo.plan.job import JobPlan, Weights, plan
 
 VAL_DEFAULTS = {"plots": False}  # plots need a font download; pass plots=True where the font is installed
@@ -39,6 +39,8 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
     data = str(storage.normalise(data)) if not storage.is_uri(data) else data
 
+    if not storage.is_uri(data):
+        read_data_yaml(data)  # the data.yaml first: a missing one is refused before the model loads
     found: dict[str, DataCheck] = {}
 
     def check(task: str, out_dir: str) -> tuple[dict[str, str], str]:

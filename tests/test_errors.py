@@ -194,7 +194,13 @@ def test_a_task_without_a_trainer_here_is_refused_before_ray(fails, tmp_path):
 
     fails("model=yolo26n-cls.yaml", words=("model=yolo26n-cls.yaml is a classify model", "detect, pose, segment, obb"))
     YOLO("yolo26n-cls.yaml").save(str(tmp_path / "cls.pt"))
-    fails(f"model={tmp_path}/cls.pt", f"source={tmp_path}", module="predict", tracking=True, words=("is a classify model",))
+    import cv2
+    import numpy as np
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.jpg"), np.zeros((32, 32, 3), np.uint8))  # the source is checked first
+    fails(f"model={tmp_path}/cls.pt", f"source={tmp_path / 'images'}", module="predict", tracking=True,
+          words=("is a classify model",))
 
 
 # --- arguments ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ CPU, so it never competes with the workers for the cluster), and the few lines t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -165,3 +166,15 @@ class EpochPrinter:
             self.out.write(line + "\n")
         self.out.flush()
 
+
+@contextmanager
+def ultralytics_quiet():
+    """Within the block Ultralytics' LOGGER says warnings only (its TQDM bars are off above INFO too)."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)

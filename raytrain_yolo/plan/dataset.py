@@ -3,16 +3,15 @@ Ultralytics' `verify_image_label`, refused in one line naming the file and the f
 
 from __future__ import annotations
 
-import logging
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from raytrain_yolo.core.errors import UserError
+from raytrain_yolo.core.console import ultralytics_quiet
+from raytrain_yolo.core.errors import UserError, ultralytics_says
 
 @dataclass
 class SplitCheck:
@@ -55,6 +54,11 @@ def check_data(data: str, task: str, allow_bad_labels: bool = False, splits=("tr
     return found
 
 
+def read_data_yaml(data: str) -> dict[str, Any]:
+    """The data.yaml itself, read (not its images): the cheap first check, before any model is loaded."""
+    return _read_yaml(Path(data).expanduser(), data)
+
+
 def _read_yaml(p: Path, data: str) -> dict[str, Any]:
     """What Ultralytics has no one-line answer for: a data= that is no local .yaml file, or YAML that does not parse
     (nothing is downloaded, so Ultralytics' dataset names and URLs are not looked up)."""
@@ -91,18 +95,6 @@ def _ultralytics_dataset(p: Path, data: str, raw: dict, split: str) -> dict[str,
         raise UserError(f"data={data}: {ultralytics_says(e, p)}: fix the data.yaml") from None
     except Exception as e:  # noqa: BLE001 - Ultralytics refuses with TypeError, SyntaxError, KeyError, ...
         raise UserError(f"data={data}: {ultralytics_says(e, p)}{_names_hint(raw)}: fix the data.yaml") from None
-
-
-def ultralytics_says(e: BaseException, p: Path | None = None) -> str:
-    """An Ultralytics message as one plain line: no colours, emoji, download notes or help links."""
-    from ultralytics.utils import remove_colorstr
-
-    text = remove_colorstr(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).replace("\u274c", "")
-    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith(("Note ", "See https"))]
-    line = " ".join(" ".join(lines).split()).rstrip(".")
-    if p is not None and line.startswith(str(p)):
-        line = line[len(str(p)):].strip()
-    return f"Ultralytics says {line}" if line else f"Ultralytics refuses it ({type(e).__name__})"
 
 
 def _names_hint(raw: dict) -> str:
@@ -163,19 +155,6 @@ def _scan(scan, folders: list[str], key: str, data: str) -> tuple[list[str], dic
     LOGGER above INFO also disables its TQDM); its refusals as one line."""
     with ultralytics_quiet():
         return _scan_loud(scan, folders, key, data)
-
-
-@contextmanager
-def ultralytics_quiet():
-    """Within the block Ultralytics' LOGGER says warnings only (its TQDM bars are off above INFO too)."""
-    from ultralytics.utils import LOGGER
-
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        LOGGER.setLevel(level)
 
 
 def _scan_loud(scan, folders: list[str], key: str, data: str) -> tuple[list[str], dict]:

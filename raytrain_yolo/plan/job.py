@@ -167,24 +167,30 @@ def _registry_download(client, uri: str, name: str, version: str) -> Path:
 
 def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, prefix: str,
          tracking_uri: str | None = None, wait_s: float = 0,
-         check: Callable[[str, str], tuple[dict[str, str], str]] | None = None,
-         allow_node_local: bool = False) -> JobPlan:
+         check: Callable[[str | None, str], tuple[dict[str, str], str]] | None = None,
+         allow_node_local: bool = False, check_first: bool = False) -> JobPlan:
     """The one preflight pass of val and predict, in fit's order: the model; then `check(task, out_dir)`, the
     job's own checks on the driver, which returns what its workers read (argument -> path) and the folder they
     write to ('' for none); then join Ray, fit the workers to the cluster (fit's rules and messages), and make
     sure every node sees those paths and that folder (check_nodes, as for fit). The model is not
-    among them: it reaches the workers through the object store (`Weights`)."""
+    among them: it reaches the workers through the object store (`Weights`). `check_first`: the job's checks need
+    no task (predict's source and output), so they run before the model is loaded (seconds on a loaded machine)."""
     from raytrain_yolo.core import storage
     from raytrain_yolo.core.cluster import connect_ray, worker_env
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
-    weights = resolve_model(model, tracking_uri)
-    task = check_weights(weights)
     spec = RunSpec(scaling=scaling, storage_path=storage.normalise(storage_path),
                    name=check_name(name or default_name(prefix)), resource_wait_s=wait_s,
                    allow_node_local=allow_node_local)
-    reads, writes = check(task, spec.run_dir) if check else ({}, "")
+    if check_first and check:
+        reads, writes = check(None, spec.run_dir)
+    weights = resolve_model(model, tracking_uri)
+    task = check_weights(weights)
+    if check and not check_first:
+        reads, writes = check(task, spec.run_dir)
+    elif not check:
+        reads, writes = {}, ""
     connect_ray()
     resolve_scaling(spec)
     local = {f"{k}={v}": v for k, v in reads.items() if v and not storage.is_uri(v)}

@@ -83,7 +83,8 @@ def check_optimizer(name: Any) -> None:
     import torch
     from ultralytics.engine.trainer import BaseTrainer
 
-    from raytrain_yolo.plan.dataset import ultralytics_quiet, ultralytics_says
+    from raytrain_yolo.core.console import ultralytics_quiet
+    from raytrain_yolo.core.errors import ultralytics_says
 
     if str(name).lower() == "auto":
         return
