@@ -63,7 +63,8 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
     with local_project(args) as merged_args:
         yolo, merger = sharded_validator(job.model, {**merged_args, "device": "cpu"}, None, results)
         stats = merger(model=yolo.model)
-    out = _report(job, data, split, merger, stats)
+        outputs = publish_outputs(merger.save_dir, f"{job.out_dir}/ultralytics", merged_args)
+    out = {**_report(job, data, split, merger, stats), "outputs": outputs}
     storage.write_text(f"{job.out_dir}/val.json", json.dumps(out, indent=2, default=float))
     return out
 
@@ -77,18 +78,33 @@ def _validate_shard(weights: Weights, args: dict, shard: tuple[int, int], data_r
     if data_root:
         args = {**args, "data": pin_root(args["data"], data_root)}
 
-    with local_project(args) as args:
+    with local_project(args, always=True) as args:  # its save_txt/save_json files go back to the driver
         yolo, validator = sharded_validator(weights.local(), args, shard)
         validator(model=yolo.model)
         return validator.shard_result
 
 
+def publish_outputs(save_dir, dest: str, args: dict) -> dict[str, Any]:
+    """Where the merged validator's `save_json`/`save_txt` files are, as Ultralytics names them
+    (`predictions.json`, `labels/<image>.txt`), copied to `dest` when the run's folder is object storage (the
+    validator wrote them to a node-local folder)."""
+    files = [f for f in [save_dir / "predictions.json", *sorted((save_dir / "labels").glob("*.txt"))] if f.is_file()]
+    where = dest if storage.is_uri(dest) else str(save_dir)
+    if storage.is_uri(dest):
+        for f in files:
+            storage.write_text(f"{dest}/{f.relative_to(save_dir).as_posix()}", f.read_text())
+    json_file = save_dir / "predictions.json"
+    return {"predictions_json": f"{where}/predictions.json" if json_file.is_file() else None,
+            "labels": f"{where}/labels" if args.get("save_txt") else None,
+            "label_files": sum(1 for f in files if f.suffix == ".txt")}
+
+
 @contextmanager
-def local_project(args: dict):
+def local_project(args: dict, always: bool = False):
     """`args` with Ultralytics' `project=` on this node: the run's folder when --storage-path is a local path, else
-    a temporary folder removed at the end (Ultralytics makes `project` with pathlib, so an `s3://` URI became a
-    folder literally named `s3:` in each worker's working directory)."""
-    if not storage.is_uri(str(args.get("project", ""))):
+    (and `always`: a shard's own) a temporary folder removed at the end (Ultralytics makes `project` with pathlib,
+    so an `s3://` URI became a folder literally named `s3:` in each worker's working directory)."""
+    if not always and not storage.is_uri(str(args.get("project", ""))):
         yield args
         return
     folder = tempfile.mkdtemp(prefix="raytrain-yolo-val-")

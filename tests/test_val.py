@@ -31,15 +31,25 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     # batch=6 over 16 images: 3 batches, so the two workers get unequal shards (2 and 1). model= and data= are
     # relative to the command's working directory, which the workers (on the session's head) do not share.
     here = Path(s["data"]).parent
+    # Issue 40: with save_json, save_txt and save_conf, every image's label file and one predictions.json with
+    # every image's entries, as Ultralytics writes them (the shards' files are merged, none overwrites another).
+    outputs = ("save_json=True", "save_txt=True", "save_conf=True")
     proc = run_cli("val", "--cpu", "--num-workers", 2, "--storage-path", tmp_path, "--name", "v", "--output", out,
-                   f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=data.yaml", "batch=6", timeout=300,
-                   cwd=here)
+                   f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=data.yaml", "batch=6", *outputs,
+                   timeout=300, cwd=here)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got == json.loads((tmp_path / "v" / "val.json").read_text())
     assert got["workers"] == 2 and got["images"] == 16 and got["split"] == "val" and got["task"] == "detect"
-    theirs, m = ultralytics_val(s, batch=6)
+    theirs, m = ultralytics_val(s, batch=6, save_json=True, save_txt=True, save_conf=True,
+                                project=str(tmp_path / "theirs"), name="u")
     assert_same_metrics(got["metrics"], theirs)
+    mine, their_dir = tmp_path / "v" / "ultralytics", tmp_path / "theirs" / "u"
+    assert got["outputs"]["predictions_json"] == str(mine / "predictions.json")
+    assert json.loads((mine / "predictions.json").read_text()) == json.loads((their_dir / "predictions.json").read_text())
+    labels = {f.name: f.read_text() for f in (mine / "labels").glob("*.txt")}
+    assert labels and labels == {f.name: f.read_text() for f in (their_dir / "labels").glob("*.txt")}
+    assert got["outputs"]["label_files"] == len(labels)
     row = ("%22s" + "%11i" * 2 + "%11.3g" * 4) % ("all", 16, m.nt_per_class.sum(), *m.mean_results())
     assert row in proc.stdout  # Ultralytics' own table, printed once by the driver
 

@@ -261,7 +261,11 @@ class ShardValidatorMixin:
     `shard_result`; `shard=None`: validate nothing, merge `shard_results` and compute the metrics.
 
     The dataset, its rect batch shapes and its batch order are Ultralytics' own, so every image is letterboxed as
-    in a single-process `model.val()`, and the merged statistics are put back in batch order.
+    in a single-process `model.val()`, and the merged statistics are put back in batch order. So are the outputs
+    Ultralytics writes as it validates: `save_json`'s predictions (and, for a custom detect dataset, the ground truth
+    its COCO evaluation builds), and `save_txt`'s label files, which each shard writes in a folder of its own and
+    hands over; the merging validator writes `predictions.json`, evaluates it as Ultralytics does, and writes every
+    image's label file.
     """
 
     shard: tuple[int, int] | None = None
@@ -270,7 +274,7 @@ class ShardValidatorMixin:
     def get_dataloader(self, dataset_path, batch_size):
         loader = super().get_dataloader(dataset_path, batch_size)
         n, bs = len(loader.dataset), loader.batch_size
-        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        self._batches = batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
         self._batch_ids = list(range(self.shard[0], len(batches), self.shard[1])) if self.shard else []
         return torch.utils.data.DataLoader(
             loader.dataset, batch_sampler=[batches[i] for i in self._batch_ids], num_workers=loader.num_workers,
@@ -279,11 +283,47 @@ class ShardValidatorMixin:
 
     def init_metrics(self, model):
         super().init_metrics(model)
-        self._ends = []
+        self._ends, self._marks = [], []
+        if self.shard and getattr(self, "eval_ids", None) is not None:  # the dataset index of each image it sees
+            self.eval_ids = [i for b in self._batch_ids for i in self._batches[b]]
 
     def update_metrics(self, preds, batch):
         super().update_metrics(preds, batch)
         self._ends.append(len(self.metrics.stats["tp"]))  # where each batch's per-image entries end
+        self._marks.append(self._json_lengths())  # and its JSON entries
+
+    def _json_lengths(self) -> tuple[int, int, int, int]:
+        gdict = self.gdict if getattr(self, "build_gdict", False) else None
+        return (len(getattr(self, "jdict", None) or []), len(getattr(self, "pred_counts", None) or []),
+                len(gdict["images"]) if gdict else 0, len(gdict["annotations"]) if gdict else 0)
+
+    def _shard_outputs(self) -> dict:
+        """This shard's save_json entries per batch, and its save_txt label files (name -> text)."""
+        gdict = self.gdict if getattr(self, "build_gdict", False) else None
+        parts, start = {}, (0, 0, 0, 0)
+        for b, end in zip(self._batch_ids, self._marks):
+            parts[b] = {"jdict": (self.jdict or [])[start[0]:end[0]],
+                        "pred_counts": (getattr(self, "pred_counts", None) or [])[start[1]:end[1]],
+                        "images": gdict["images"][start[2]:end[2]] if gdict else [],
+                        "annotations": gdict["annotations"][start[3]:end[3]] if gdict else []}
+            start = end
+        labels = {f.name: f.read_text() for f in (self.save_dir / "labels").glob("*.txt")} if self.args.save_txt else {}
+        return {"json": parts, "labels": labels}
+
+    def _merge_outputs(self) -> None:
+        """The shards' save_json entries in batch order, and their label files, as one process would have them."""
+        parts = {b: part for r in self.shard_results for b, part in r["outputs"]["json"].items()}
+        order = sorted(parts)
+        self.jdict = [x for b in order for x in parts[b]["jdict"]]
+        if getattr(self, "pred_counts", None) is not None:
+            self.pred_counts = [x for b in order for x in parts[b]["pred_counts"]]
+        if getattr(self, "build_gdict", False):
+            for key in ("images", "annotations"):
+                self.gdict[key] = [x for b in order for x in parts[b][key]]
+        if self.args.save_txt:
+            for r in self.shard_results:
+                for name, text in r["outputs"]["labels"].items():
+                    (self.save_dir / "labels" / name).write_text(text)
 
     def _image_metric_groups(self):
         return [m for m in (getattr(self.metrics, k, None) for k in ("box", "seg", "pose")) if hasattr(m, "image_metrics")]
@@ -297,6 +337,7 @@ class ShardValidatorMixin:
                 "image_metrics": [dict(m.image_metrics) for m in self._image_metric_groups()],
                 "confusion": self.confusion_matrix.matrix,
                 "seen": self.seen,
+                "outputs": self._shard_outputs(),
             }
             return
         merged = {}
@@ -309,6 +350,7 @@ class ShardValidatorMixin:
                 group.image_metrics.update(part)
             self.confusion_matrix.matrix = self.confusion_matrix.matrix + r["confusion"]
         self.seen = sum(r["seen"] for r in self.shard_results)
+        self._merge_outputs()
 
     def get_stats(self):
         return {} if self.shard else super().get_stats()
