@@ -188,3 +188,35 @@ def test_prefetch_gives_the_same_batches_and_ends_with_the_epoch(mixed_yaml):
     ds.batch = broken
     with pytest.raises(RuntimeError, match="augmentation failed"):
         next(iter(ahead))
+
+
+def _agree(rank: int, port: int, kinds: list, out) -> None:
+    import torch.distributed as dist
+
+    from raytrain_yolo.train.loader import agree_store
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(kinds))
+    try:
+        out.put((rank, agree_store(kinds[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.quick
+def test_every_rank_uses_the_store_that_fits_on_every_rank():
+    """Issue 44, 2: two gloo ranks, one with room for the decoded store and one without: both use the compressed
+    shard (near the threshold each rank chose by its own free memory; with a decoded store on one rank and a shard
+    on the other, some images trained twice an epoch and others never)."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out, port, kinds = ctx.Queue(), free_port(), ["decoded", "jpeg"]
+    procs = [ctx.Process(target=_agree, args=(r, port, kinds, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert got == {0: "jpeg", 1: "jpeg"}, got

@@ -302,6 +302,20 @@ def choose_store(loader: str, files: list[str], imgsz: int, device: torch.device
     return "stream"
 
 
+def agree_store(kind: str) -> str:
+    """The store every rank uses: each rank chose by its own free memory, and near the threshold they disagreed
+    (rank 0 holds more: the EMA, the validator), so some images trained twice an epoch and others never (a decoded
+    store samples the whole set, the others a fixed shard per rank). The ranks take the most frugal choice among
+    them (decoded, then jpeg, then stream), which fits on every rank. A collective of all ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return kind
+    kinds: list = [None] * dist.get_world_size()
+    dist.all_gather_object(kinds, kind)
+    return max(kinds, key=STORES.index)
+
+
 def _labels_table(labels: list[dict], hw: torch.Tensor) -> Labels:
     """Ultralytics' per-image normalised xywh boxes as one table of pixel xyxy on the stored images."""
     from ultralytics.utils.ops import xywh2xyxy
@@ -336,7 +350,8 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     hyp, seed = AugmentHyp.from_args(args), int(args.seed)
     start = time.perf_counter()
-    kind = choose_store(getattr(trainer, "device_loader", "device"), source.im_files, hyp.imgsz, trainer.device, world)
+    kind = agree_store(choose_store(getattr(trainer, "device_loader", "device"), source.im_files, hyp.imgsz,
+                                    trainer.device, world))
     if kind == "decoded":
         sampler, dataset = None, DeviceDataset(source, hyp, trainer.device)
     else:
