@@ -66,8 +66,8 @@ def upload(client, src: Path, prefix: str) -> None:
 
 
 def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
+    from raytrain_yolo.data.sync import localize, release
     from raytrain_yolo.plan.dataset import check_data
-    from raytrain_yolo.data.sync import localize
 
     monkeypatch.setenv("RAYTRAIN_YOLO_CACHE", str(tmp_path / "node-cache"))
     src = ensure_synthetic(SyntheticSpec(train=8, val=4, imgsz=64)).parent
@@ -90,9 +90,15 @@ def test_copied_once_reused_then_refreshed(s3, tmp_path, monkeypatch):
 
     assert localize(uri) == str(local) and image.stat().st_mtime_ns == stamp, "unchanged: reused, not copied"
 
+    # Issue 44, 3: the bucket changed while a run (this process) reads the copy: a new copy beside it, the one in
+    # use left as it is; once nobody holds the old copy, the next localize removes it.
+    old_label = (local.parent / "labels" / "train" / "000000.txt").read_text()
     s3.put_object(Bucket="datasets", Key="shapes/labels/train/000000.txt", Body=b"0 0.5 0.5 0.2 0.2\n")
-    assert localize(uri) == str(local)
-    assert (local.parent / "labels" / "train" / "000000.txt").read_text() == "0 0.5 0.5 0.2 0.2\n", "refreshed"
+    fresh = Path(localize(uri))
+    assert fresh != local and (fresh.parent / "labels" / "train" / "000000.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"
+    assert (local.parent / "labels" / "train" / "000000.txt").read_text() == old_label, "replaced under its reader"
+    release()
+    assert localize(uri) == str(fresh) and not local.parent.exists(), "the unused old copy is removed"
 
 
 def test_missing_dataset_is_one_line(s3, tmp_path, monkeypatch):

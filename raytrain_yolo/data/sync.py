@@ -5,7 +5,11 @@ that holds `data.yaml` into its node-local cache (`$RAYTRAIN_YOLO_CACHE/datasets
 `~/.cache/raytrain_yolo/datasets/`) with pyarrow's filesystems (the ones Ray Train uses for checkpoints):
 - one copier per node: the first worker takes a file lock, the others on that node wait for it;
 - reused on the next run when nothing changed: the copy keeps the listing (paths, sizes, modification times)
-  it was made from, and a new listing that matches it means no download.
+  it was made from, and a new listing that matches it means no download;
+- versioned by that listing's digest (`datasets/<uri>-<listing>/`): a changed bucket gets a new copy beside the
+  old one, which is never replaced under a run that reads it (or writes Ultralytics' `labels/*.cache` into it).
+  Every process that uses a copy holds a shared lock on `<copy>.inuse` for its life; an older copy is removed
+  once no process holds it.
 """
 
 from __future__ import annotations
@@ -47,16 +51,53 @@ def localize(uri: str) -> str:
     name = path.rsplit("/", 1)[1]
     if name not in listing:
         raise UserError(f"data={uri} not found: pass the URI of an existing YOLO data.yaml")
-    dest = cache_root() / "datasets" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    base = cache_root() / "datasets" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    version = hashlib.sha1(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:12]
+    dest = base.with_name(f"{base.name}-{version}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{dest}.lock", "w") as lock:
+    with open(f"{base}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copier per node; the others wait here and then reuse its copy
         try:
             if _read_listing(dest) != listing:
                 _download(fs, root, dest, listing)
+            _hold(dest)
+            _prune(base, dest)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(dest / name)
+
+
+_HELD: dict[str, object] = {}  # copy -> the open `<copy>.inuse` this process holds a shared lock on
+
+
+def _hold(dest: Path) -> None:
+    """Mark the copy in use by this process, for as long as it lives (the lock goes with the process)."""
+    if str(dest) not in _HELD:
+        f = open(f"{dest}.inuse", "a")
+        fcntl.flock(f, fcntl.LOCK_SH)
+        _HELD[str(dest)] = f
+
+
+def release() -> None:
+    """This process no longer reads its node copies (a long-lived process between jobs): an older copy it held
+    may be removed by the next `localize` of its URI."""
+    for f in _HELD.values():
+        f.close()
+    _HELD.clear()
+
+
+def _prune(base: Path, keep: Path) -> None:
+    """Remove the older copies of the same URI that no process holds."""
+    for other in base.parent.glob(f"{base.name}-*"):
+        if other == keep or not other.is_dir():
+            continue
+        with open(f"{other}.inuse", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a run on this node still reads it
+            shutil.rmtree(other, ignore_errors=True)
+            Path(f"{other}.inuse").unlink(missing_ok=True)
 
 
 def pin_root(data_yaml: str, root: str) -> str:
