@@ -48,6 +48,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAGE="/var/tmp/.$NAME-stage"  # outside /tmp: where a node sees the host's /tmp while it mounts its own
 
 die() { echo "error: $*" >&2; exit 2; }
+# shellcheck source=cluster/private.sh
+source "$REPO/cluster/private.sh"
 [[ ${#NAME} -le 8 && "$NAME" =~ ^[a-z][a-z0-9]*$ ]] || die "MN_NAME=$NAME must be 1-8 lowercase letters/digits"
 [[ "$SUBNET" =~ ^10\.[0-9]+\.[0-9]+$ ]] || die "MN_SUBNET=$SUBNET must look like 10.X.Y (a private /24)"
 
@@ -236,11 +238,12 @@ wait_mlflow() {  # the MLflow server start_services launched answers (it boots w
     ) || die "the MLflow server did not come up on $HOST_IP:$MLFLOW_PORT"
 }
 
-stop_pidfile() {  # a service we started in its own session: its whole process group
+stop_pidfile() {  # a service we started in its own session (its command line holds $2): its whole process group
     local f=$1 pid
-    [[ -f "$f" ]] || return 0
-    pid="$(cat "$f")"
-    kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
+    pid="$(checked_pid "$f" "$2")"
+    if [[ -n "$pid" ]]; then
+        kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
+    fi
     rm -f "$f"
 }
 
@@ -254,6 +257,8 @@ up() {
     fi
     command -v "$BIN/moto_server" >/dev/null || die "moto_server not found next to $RAY: pip install 'moto[server]'"
     trap 'rc=$?; if [[ $rc != 0 ]]; then echo "up failed: tearing down" >&2; down >/dev/null 2>&1; fi' EXIT
+    private_dir "$DIR"  # refused when another user made it: they could plant the token, a pid file or a link
+    private_dir "$STAGE"
     mkdir -p "$DIR/logs" "$DIR/shared" "$DIR/home"
     {
         echo "127.0.0.1 localhost"
@@ -287,8 +292,8 @@ down() {
         ip link del "${NAME}h$i" 2>/dev/null || true
         rm -f "$DIR/n$i.holder"
     done
-    stop_pidfile "$DIR/mlflow.pid"
-    stop_pidfile "$DIR/moto.pid"
+    stop_pidfile "$DIR/mlflow.pid" "mlflow"
+    stop_pidfile "$DIR/moto.pid" "moto_server"
     ip link del "$BRIDGE" 2>/dev/null || true
     rmdir "$STAGE"/n* "$STAGE" 2>/dev/null || true
     echo "cluster $NAME down (state kept in $DIR; rm -rf it to drop the shared folder and the runs)"

@@ -17,7 +17,9 @@
 #
 # The head runs as `ray start --head --block` in its own session, in the background; its pid is kept in
 # $RAY_TEMP_DIR/local-up.pid so that local-down.sh stops exactly this cluster (`ray stop` would stop every Ray
-# on the machine). Its own temp dir keeps `ray.init()` elsewhere on this machine from joining it by accident.
+# on the machine). Its own temp dir keeps `ray.init()` elsewhere on this machine from joining it by accident. That
+# folder is this user's alone (0700): one that exists and is a link, another user's, or writable by others is
+# refused (cluster/private.sh), and a pid file counts only when it names this cluster's head.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,9 +38,12 @@ PID_FILE="$TEMP_DIR/local-up.pid"
 LOG="$TEMP_DIR/local-up.log"
 DASHBOARD="http://127.0.0.1:$DASHBOARD_PORT"
 
-mkdir -p "$TEMP_DIR"
-if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
-    echo "error: a cluster started by local-up.sh is already running (pid $(cat "$PID_FILE")): cluster/local-down.sh first" >&2
+# shellcheck source=cluster/private.sh
+source "$REPO/cluster/private.sh"
+private_dir "$TEMP_DIR"   # refused when another user made it: they could plant the pid file, log or a link
+RUNNING="$(checked_pid "$PID_FILE" "--temp-dir $TEMP_DIR")"
+if [[ -n "$RUNNING" ]]; then
+    echo "error: a cluster started by local-up.sh is already running (pid $RUNNING): cluster/local-down.sh first" >&2
     exit 2
 fi
 

@@ -237,6 +237,45 @@ def test_local_up_starts_a_token_cluster_that_local_down_stops(tmp_path):
         http_status(f"{url}/api/jobs/")
 
 
+@pytest.mark.quick
+def test_the_local_cluster_scripts_trust_only_their_own_state(tmp_path):
+    """Issue 44, 4: local-up.sh keeps its pid file, log and sockets in a folder of this user's alone: a folder at that
+    path that is a link, another user's, or writable by others is refused before anything starts (its planter could
+    plant the pid file local-down.sh signals, or a link a root-owned file is truncated through); and local-down.sh
+    signals only the head its pid file names, never a process the file names by mistake."""
+    env = {**clean_env(), "RAY": "/bin/false", "HOME": str(tmp_path)}  # nothing may get as far as Ray
+
+    def up(state) -> subprocess.CompletedProcess:
+        return subprocess.run([str(CLUSTER / "local-up.sh")], env={**env, "RAY_TEMP_DIR": str(state)},
+                              capture_output=True, text=True, timeout=60)
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    cases = {"link": "is a symbolic link", "open": "may be written by others"}
+    if os.geteuid() == 0:  # a folder of another user's needs root to make
+        (tmp_path / "theirs").mkdir()
+        os.chown(tmp_path / "theirs", 65534, 65534)
+        cases["theirs"] = "is not a folder of yours"
+    for name, words in cases.items():
+        proc = up(tmp_path / name)
+        assert proc.returncode == 2 and words in proc.stderr, (name, proc.returncode, proc.stderr)
+        assert not list((tmp_path / "elsewhere").iterdir()), "nothing written through the link"
+    state = Path(tempfile.mkdtemp(prefix="rtyd-", dir=tmp_path))
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        (state / "local-up.pid").write_text(str(bystander.pid))  # stale: that pid is now another program's
+        down = subprocess.run([str(CLUSTER / "local-down.sh")], env={**env, "RAY_TEMP_DIR": str(state)},
+                              capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0 and "stale pid file" in down.stdout, down.stdout + down.stderr
+        assert bystander.poll() is None, "local-down.sh signalled a process that is not its cluster's head"
+        assert not (state / "local-up.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def _in_group(p, pgid: int) -> bool:
     import psutil
 
