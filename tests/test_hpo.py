@@ -110,6 +110,23 @@ def test_bad_metric_is_one_line(tmp_path):
 
 
 @pytest.mark.quick
+def test_scheduler_options_that_cannot_work_name_a_fix_that_does(tmp_path):
+    """Issue 42, 4: one-epoch trials have no epoch boundary for ASHA or PBT; the refusal names `--scheduler none`
+    (it said "lower it or raise epochs=", and no grace period is below 1), and a grace period too long names one
+    that fits."""
+    from raytrain_yolo.core.errors import UserError
+
+    space = write_space(tmp_path)
+    for scheduler in ("asha", "pbt"):
+        with pytest.raises(UserError, match=f"--scheduler {scheduler} acts between a trial's epochs and epochs=1 has "
+                                            "none: use --scheduler none"):
+            plan(tmp_path, "--space", space, "--scheduler", scheduler, "--trials", 2, "epochs=1")
+    with pytest.raises(UserError, match="--grace-epochs 5 must be at least 1 and below epochs=3: use --grace-epochs 2"):
+        plan(tmp_path, "--space", space, "--grace-epochs", 5, "epochs=3")
+    assert plan(tmp_path, "--space", space, "--scheduler", "none", "epochs=1")[1].scheduler == "none"
+
+
+@pytest.mark.quick
 def test_a_user_error_ends_the_command_before_ray_starts(tmp_path):
     """The command line's shape of every error above: exit 2, one line on stderr, no Ray."""
     proc = run_cli("tune", "--objective", "map", "--space", write_space(tmp_path, {"lr00": [0.0, 0.1]}),

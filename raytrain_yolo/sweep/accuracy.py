@@ -104,35 +104,11 @@ class HpoPlan:
 
 def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     """Build and check the whole sweep from the command line; every problem is one line naming the fix."""
-    from raytrain_yolo.core.cli import bool_list, spec_from_args
-    from raytrain_yolo.plan.space import check_metric, check_space
     from raytrain_yolo.plan.request import check_run
+    from raytrain_yolo.plan.space import check_metric, check_space
 
-    for flag in THROUGHPUT_ONLY:
-        if getattr(ns, flag, None) not in (None, False):
-            opt = "--" + flag.replace("_", "-")
-            raise UserError(f"{opt} is a throughput-sweep knob: with --objective map put {flag} in --space "
-                            f"({flag}: {{choices: [...]}}) or pass {flag}=VALUE")
-    if ns.no_early_stop:
-        raise UserError("--no-early-stop is for the throughput sweep: with --objective map use --scheduler none")
-    workers = ns.num_workers
-    if workers and len(workers) != 1:
-        raise UserError(f"--num-workers {','.join(map(str, workers))}: with --objective map give one count "
-                        "(workers per trial), e.g. --num-workers 2")
-    loaders = ns.loader
-    if loaders and len(loaders) != 1:
-        raise UserError("--loader takes one value with --objective map: ultralytics or device")
-    prefetch = ns.prefetch
-    if prefetch and len(prefetch) != 1:
-        raise UserError("--prefetch takes one value with --objective map: true or false")
-    spec = spec_from_args(ns, ns.overrides)
-    if workers:
-        spec.scaling.num_workers = workers[0]
-    if loaders:
-        spec.loader = loaders[0]
-    if prefetch:
-        spec.prefetch = bool_list(prefetch)[0]
-    spec.name = spec.name or default_name("hpo")
+    _refuse_throughput_knobs(ns)
+    spec = _base_spec(ns)
     if ns.space:
         raw, source = _read_space(ns.space), ns.space
     else:
@@ -142,10 +118,53 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     spec.train.update(fixed)
     if str(spec.train.get("optimizer", "auto")).lower() == "auto" and "optimizer" not in space:
         spec.train["optimizer"] = "SGD"  # `auto` ignores lr0 and momentum, and picks by run length
-    spec, train_args, task = check_run(spec)  # arguments, model, data, storage, tracking: as fit checks them
+    # arguments, model, data (the label scan, once for the whole sweep: trials skip it), storage, tracking
+    spec, train_args, task = check_run(spec)
     epochs = int(train_args["epochs"])
     plan = HpoPlan(space=space, epochs=epochs, space_source=source, fixed=fixed,
                    metric=check_metric(ns.metric or "fitness", task), seed=int(train_args.get("seed", 0) or 0))
+    _schedule(plan, ns, source)
+    plan.definition = sweep_definition(spec, plan)
+    check_same_sweep(spec, plan)
+    return spec, plan
+
+
+def _refuse_throughput_knobs(ns) -> None:
+    """The throughput sweep's flags, and lists where the accuracy sweep takes one value."""
+    for flag in THROUGHPUT_ONLY:
+        if getattr(ns, flag, None) not in (None, False):
+            opt = "--" + flag.replace("_", "-")
+            raise UserError(f"{opt} is a throughput-sweep knob: with --objective map put {flag} in --space "
+                            f"({flag}: {{choices: [...]}}) or pass {flag}=VALUE")
+    if ns.no_early_stop:
+        raise UserError("--no-early-stop is for the throughput sweep: with --objective map use --scheduler none")
+    if ns.num_workers and len(ns.num_workers) != 1:
+        raise UserError(f"--num-workers {','.join(map(str, ns.num_workers))}: with --objective map give one count "
+                        "(workers per trial), e.g. --num-workers 2")
+    if ns.loader and len(ns.loader) != 1:
+        raise UserError("--loader takes one value with --objective map: ultralytics or device")
+    if ns.prefetch and len(ns.prefetch) != 1:
+        raise UserError("--prefetch takes one value with --objective map: true or false")
+
+
+def _base_spec(ns) -> RunSpec:
+    """The RunSpec every trial starts from: the flags and key=value arguments, one worker count and loader."""
+    from raytrain_yolo.core.cli import bool_list, spec_from_args
+
+    spec = spec_from_args(ns, ns.overrides)
+    if ns.num_workers:
+        spec.scaling.num_workers = ns.num_workers[0]
+    if ns.loader:
+        spec.loader = ns.loader[0]
+    if ns.prefetch:
+        spec.prefetch = bool_list(ns.prefetch)[0]
+    spec.name = spec.name or default_name("hpo")
+    return spec
+
+
+def _schedule(plan: HpoPlan, ns, source: str) -> None:
+    """Trials, scheduler and its epochs, concurrency; the impossible combinations refused with a fix that applies."""
+    epochs = plan.epochs
     if ns.trials is not None:
         plan.trials = ns.trials
     if plan.trials < 1:
@@ -159,14 +178,16 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     plan.perturbation_epochs = ns.perturbation_epochs if ns.perturbation_epochs is not None else max(1, epochs // 4)
     checks = {"asha": ("--grace-epochs", plan.grace_epochs), "pbt": ("--perturbation-epochs", plan.perturbation_epochs)}
     for scheduler, (opt, v) in checks.items():
-        if plan.scheduler == scheduler and not 1 <= v < epochs:
-            raise UserError(f"{opt} {v} must be at least 1 and below epochs={epochs}: lower it or raise epochs=")
+        if plan.scheduler != scheduler or 1 <= v < epochs:
+            continue
+        if epochs == 1:  # no epoch boundary inside a trial: nothing to stop at or perturb
+            raise UserError(f"--scheduler {scheduler} acts between a trial's epochs and epochs=1 has none: use "
+                            "--scheduler none (every trial runs its epoch), or raise epochs=")
+        raise UserError(f"{opt} {v} must be at least 1 and below epochs={epochs}: use {opt} {min(max(v, 1), epochs - 1)}, "
+                        "or raise epochs=")
     plan.max_concurrent = ns.max_concurrent
     if plan.max_concurrent is not None and plan.max_concurrent < 1:
         raise UserError(f"--max-concurrent {plan.max_concurrent} must be at least 1")
-    plan.definition = sweep_definition(spec, plan)
-    check_same_sweep(spec, plan)
-    return spec, plan
 
 
 DEFINITION_FILE = "sweep_definition.json"
