@@ -248,26 +248,29 @@ def test_ultralytics_own_tracking_callbacks_are_dropped(synthetic_cache, tmp_pat
 
 
 def test_mlflow_holds_the_epochs_of_the_attempt_whose_checkpoint_was_registered(mlflow_server):
-    """Issue 39: an attempt logged epoch 2, then was lost before Ray registered epoch 2's checkpoint; the restart
-    resumes from epoch 1 and trains epoch 2 again. Its values are the run's: MLflow shows them (they were skipped as
-    "already logged"). The checkpoint's own epoch 1 is not logged twice. And no model version is registered for a
-    run that holds no weights/best.pt (its `models:/` would fail in val and predict)."""
+    """Issue 39: an attempt reported epoch 2 and was lost before Ray registered epoch 2's checkpoint; the restart
+    resumes from epoch 1 and trains epoch 2 again. Rank 0 hands an epoch to MLflow only once its checkpoint is
+    registered (the next report, or the run's end), so MLflow holds the retrained values, once (it held the lost
+    attempt's box_loss 5.0008 and skipped the retrained 5.5748 as already logged). And no model version is
+    registered for a run that holds no weights/best.pt (its `models:/` would fail in val and predict)."""
     from mlflow import MlflowClient
 
     from raytrain_yolo.core.config import RunSpec, TrackingSpec
-    from raytrain_yolo.core.tracking import EpochLogger, RunTracker
+    from raytrain_yolo.core.tracking import AfterRegistration, EpochLogger, RunTracker
 
     client = MlflowClient(mlflow_server)
     run_id = client.create_run(client.create_experiment("stale-epochs")).info.run_id
-    lost = EpochLogger(mlflow_server, run_id)
-    lost.log_epoch({"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5})
-    lost.log_epoch({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.0008})
+    lost = AfterRegistration(EpochLogger(mlflow_server, run_id).log_epoch)
+    lost({"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5})
+    lost({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.0008})  # the attempt dies here: no flush
     restart = EpochLogger(mlflow_server, run_id)
-    restart.sync_history([{"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5}])
-    restart.log_epoch({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.5748})
-    assert client.get_run(run_id).data.metrics["train/box_loss"] == 5.5748
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/box_loss"))
-    assert steps.count(1) == 1, steps
+    restart.sync_history([{"epoch": 1, "lr/pg0": 0.1, "train/box_loss": 5.5}])  # the registered checkpoint's
+    again = AfterRegistration(restart.log_epoch)
+    again({"epoch": 2, "lr/pg0": 0.2, "train/box_loss": 5.5748})
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr/pg0")) == [1], "epoch 2 before registration"
+    again.flush()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/box_loss"))
+    assert history == [(1, 5.5), (2, 5.5748)], history
     tracker = RunTracker(RunSpec(tracking=TrackingSpec(uri=mlflow_server, register_model="no-weights")))
     tracker.client, tracker.run_id = client, run_id
     unsent = tracker.finish("FINISHED", {"best_checkpoint": "/somewhere/best.pt"})

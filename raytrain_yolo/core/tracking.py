@@ -354,14 +354,14 @@ class EpochLogger:
         self.down = False
         self.training = True  # until log_outputs: no call may hold the training loop
         self.gave_up = False  # after the run, one call waited out the retry budget and failed: no more waiting
-        # Steps already in MLflow: an epoch of the restored checkpoint's history (and a throughput window) is logged
-        # once. Asked first; with the server down the question waits at the head of the queue, and each such
-        # step's send, when its turn comes, skips a step the answer holds. An epoch after the restored one is this
-        # attempt's: logged again if a lost attempt had logged it (sync_history). `queued`: steps this process has
-        # queued or sent.
+        # Steps already in MLflow: a step is logged once. The worker hands an epoch over only once its checkpoint
+        # is registered (AfterRegistration), so a logged epoch is the run's, and a restart that trains an epoch
+        # again never finds a lost attempt's values of it here. Asked first; with the server down the question
+        # waits at the head of the queue, and each step's send, when its turn comes, skips a step the answer holds
+        # (a restart's replayed history, sent as the server came back, had logged epoch 1 twice, 2026-12-01).
+        # `queued`: steps this process has queued or sent.
         self.logged: set[int] = set()
         self.queued: set[int] = set()
-        self.restored = 0  # the epoch this attempt resumed from (sync_history): later epochs are logged anew
         self._send("the run's logged epochs", lambda: self.logged.update(
             m.step for m in self.client.get_metric_history(run_id, metric_key(SENTINEL_METRIC))))
 
@@ -401,10 +401,7 @@ class EpochLogger:
         return [what for what, _ in self.pending]
 
     def sync_history(self, history: list[dict[str, Any]]) -> None:
-        """On restart: log the epochs the checkpoint has but MLflow missed. Every later epoch is this attempt's to
-        log, also one a lost attempt logged before its checkpoint was registered (its values were never the run's):
-        the new value is logged at the same step, later, so it is the one MLflow shows."""
-        self.restored = max((int(m["epoch"]) for m in history), default=0)
+        """On restart: log the epochs the checkpoint has but MLflow missed."""
         for metrics in history:
             self.log_epoch(metrics)
 
@@ -428,8 +425,7 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         step, now = int(metrics.get("window") or metrics["epoch"]), int(time.time() * 1000)
-        once = metrics.get("window") is not None or step <= self.restored  # the registered checkpoint's epochs
-        if step in self.queued or (once and step in self.logged):
+        if step in self.logged or step in self.queued:
             return
         self.queued.add(step)
         items = [
@@ -439,7 +435,7 @@ class EpochLogger:
         ]
 
         def send() -> None:
-            if not (once and step in self.logged):  # the server's answer, asked before this, may hold it
+            if step not in self.logged:  # the server's answer, asked before this, may hold it
                 self.client.log_batch(self.run_id, metrics=items)
                 self.logged.add(step)
 
@@ -467,6 +463,32 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class AfterRegistration:
+    """Hands each epoch's metrics to `send` (EpochLogger.log_epoch) one report later, when Ray has registered that
+    epoch's checkpoint, and the last epoch's at the end (`flush`). A worker group lost between a report and Ray
+    registering its checkpoint retrains that epoch; logged at once, MLflow kept the lost attempt's values of it and
+    skipped the retrained ones as already logged. Ray Train's controller registers a report's checkpoint within a
+    poll of its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), long before the next epoch ends. Throughput windows
+    have no checkpoint: they go at once. MLflow shows an epoch one epoch later than the console does."""
+
+    def __init__(self, send):
+        self.send, self.held = send, None
+
+    def __call__(self, metrics: dict[str, Any], trainer=None) -> None:
+        if metrics.get("window") is not None:
+            self.send(metrics, trainer)
+            return
+        if self.held is not None:
+            self.send(*self.held)
+        self.held = (metrics, trainer)
+
+    def flush(self) -> None:
+        """After the last epoch: its metrics too."""
+        if self.held is not None:
+            self.send(*self.held)
+            self.held = None
 
 
 def _rank0_line(line: str) -> None:

@@ -394,7 +394,8 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
                         epochs=int(args["epochs"]))
-    logger = _epoch_logger(config, state, trainer, reporter) if rank == 0 and config.get("tracking") else None
+    logger, to_mlflow = _epoch_logger(config, state, trainer, reporter) if rank == 0 and config.get("tracking") \
+        else (None, None)
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
@@ -403,6 +404,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
     trainer.train()
     if logger:
+        to_mlflow.flush()
         logger.log_outputs(trainer)
         if logger.unsent():
             print(f"mlflow: never reached the tracking server: {', '.join(logger.unsent())}", flush=True)
@@ -455,9 +457,10 @@ def _ultralytics_trainer(config: dict[str, Any], spec: RunSpec, args: dict[str, 
 
 
 def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter):
-    """Rank 0's MLflow logger, hung on the trainer and the reporter. Every attempt logs the arguments (MLflow
-    keeps the first value of each): a run resumed after its driver was lost before rank 0 logged them has them."""
-    from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
+    """Rank 0's MLflow logger, hung on the trainer and the reporter (each epoch handed over once Ray registered its
+    checkpoint: AfterRegistration); returns both. Every attempt logs the arguments (MLflow keeps the first value
+    of each): a run resumed after its driver was lost before rank 0 logged them has them."""
+    from raytrain_yolo.core.tracking import AfterRegistration, EpochLogger, use_client_settings
 
     t = config["tracking"]
     use_client_settings(t.get("client_settings"))
@@ -465,8 +468,9 @@ def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer,
     if state:
         logger.sync_history(state["history"])
     trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
-    reporter.on_metrics.append(logger.log_epoch)
-    return logger
+    to_mlflow = AfterRegistration(logger.log_epoch)
+    reporter.on_metrics.append(to_mlflow)
+    return logger, to_mlflow
 
 
 def _gather_facts(trainer, reporter: Reporter, rank: int, world_size: int) -> list[dict[str, Any]]:
