@@ -325,7 +325,7 @@ case "$cmd" in
         ;;
     mlflow-down)
         [[ -f "$DIR/mlflow.pid" ]] || die "no MLflow server of cluster $NAME is running"
-        stop_pidfile "$DIR/mlflow.pid"
+        stop_pidfile "$DIR/mlflow.pid" "mlflow"
         echo "the MLflow server ($HOST_IP:$MLFLOW_PORT) is down: killed"
         ;;
     mlflow-up)

@@ -124,7 +124,10 @@ def _report(job: JobPlan, data: str, split: str, merger, stats: dict) -> dict[st
         "device": "cuda" if job.use_gpu else "cpu",
         "images": int(merger.seen),
         "instances": int(merger.metrics.nt_per_class.sum()) if merger.metrics.nt_per_class is not None else 0,
-        "metrics": {k: float(v) for k, v in stats.items()},
+        # what YOLO(model).val() returns (its metrics' results_dict); what else the validator computed (save_json's
+        # COCO metrics of the merged predictions, zeros where Ultralytics could not evaluate them) beside it
+        "metrics": {k: float(v) for k, v in merger.metrics.results_dict.items()},
+        "coco_metrics": {k: float(v) for k, v in stats.items() if k not in merger.metrics.results_dict},
         "speed_ms_per_image": {k: float(v) for k, v in merger.speed.items()},
         "output_dir": job.out_dir,
     }

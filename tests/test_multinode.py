@@ -209,7 +209,8 @@ def test_preflight_refuses_what_only_one_node_sees(cluster):
     probe = cluster.on_head(sys.executable, "-c", PREFLIGHT_SCRIPT, json.dumps(list(map(str, SMALL))), S3_RUNS,
                             str(cluster.shared), timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    out = json.loads(probe.stdout.strip().splitlines()[-1])
+    # The last JSON line: Ray's raylet may print a warning of its own after it ("N PYTHON worker processes ...").
+    out = json.loads(next(x for x in reversed(probe.stdout.strip().splitlines()) if x.startswith("{")))
     (rc, last) = out["storage"]
     assert rc == 2 and "not shared" in last and "s3://" in last, last
     (rc, last) = out["tracking"]

@@ -68,7 +68,8 @@ def test_predict_cli_on_two_workers_equals_ultralytics(task_run, images, tmp_pat
                    f"model={s['last_checkpoint']}", f"source={images}", f"conf={CONF}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(out)
-    assert table.column_names == ["image", "class", "name", "confidence", "box"]
+    assert table.column_names == ["image", "frame", "class", "name", "confidence", "box"]
+    assert set(table.column("frame").to_pylist()) == {None}  # images: no video frame
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["images"] == N_IMAGES and summary["workers"] == 2 and summary["images_per_second"] > 0
     theirs = ultralytics_objects(s["last_checkpoint"], str(images))
@@ -97,14 +98,14 @@ def test_predict_library_call_for_every_task(task_run, ray_local, task, keys, tm
     assert assert_same_objects(by_image(rows), ultralytics_objects(s["last_checkpoint"], val), keys) > 0
 
 
-def test_predict_refuses_bad_input_in_one_line(task_run, tmp_path, capfd, monkeypatch):
+def test_predict_refuses_bad_input_in_one_line(task_run, images, tmp_path, capfd, monkeypatch):
     _, s = task_run("detect")
     (tmp_path / "empty").mkdir()
     cases = [
         ((f"model={s['last_checkpoint']}", f"source={tmp_path / 'nope'}"), "not found"),
         ((f"model={s['last_checkpoint']}", f"source={tmp_path / 'empty'}"), "holds no images"),
         ((f"model={s['last_checkpoint']}",), "no source= given"),
-        (("model=models:/nothing/1", f"source={tmp_path}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
+        (("model=models:/nothing/1", f"source={images}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
          "not found in the MLflow registry"),
         # an --output that cannot be written (here: under a file), named as the user named it (issue 21, part 5)
         ((f"model={s['last_checkpoint']}", f"source={tmp_path / 'empty'}", "--output", tmp_path / "a-file" / "preds"),

@@ -37,7 +37,7 @@ from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
-from raytrain_yolo.sweep.trials import close_trial_runs
+from raytrain_yolo.sweep.trials import close_trial_runs, trial_name
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -237,11 +237,6 @@ def trial_config(base: RunSpec, hyp: dict[str, Any]) -> dict[str, Any]:
     if base.is_synthetic:
         out["synthetic"] = dataclasses.asdict(base.synthetic)
     return out
-
-
-def trial_name(trial) -> str:
-    """Tune trial and folder name; also the name of the trial's Ray Train run (no '-': see run_trial)."""
-    return f"trial_{trial.trial_id}"
 
 
 def _plain(v: Any) -> Any:

@@ -22,7 +22,7 @@ from raytrain_yolo.core import storage
 from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
-from raytrain_yolo.sweep.trials import close_trial_runs
+from raytrain_yolo.sweep.trials import close_trial_runs, trial_name
 from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
@@ -323,7 +323,9 @@ def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_n
                             {"CPU": TRIAL_DRIVER_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=budget.max_concurrent),
+                                    max_concurrent_trials=budget.max_concurrent,
+                                    # one name for the trial's folder, Train run and MLflow run (close_trial_runs)
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=base.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                   verbose=1),
     )

@@ -20,3 +20,9 @@ def close_trial_runs(spec: RunSpec, rows: list[dict], done: str) -> None:
         end_open_run(uri, spec.tracking.experiment, f"{spec.run_dir}/trials/{r['trial']}", status,
                      {"raytrain_yolo.status": r["status"], "raytrain_yolo.reason": r.get("reason") or ""},
                      ended=("RUNNING", "FAILED") if r["status"] == "stopped early" else ("RUNNING",))
+
+
+def trial_name(trial) -> str:
+    """Tune trial and folder name, and the name of the trial's Ray Train run and MLflow run key, in both sweeps
+    (no '-': the accuracy sweep's exploited runs are `<trial>-e<epoch>-from-<donor>`)."""
+    return f"trial_{trial.trial_id}"

@@ -140,8 +140,11 @@ class RayTrainerMixin:
         return super().preprocess_batch(batch)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
-        """Global rank 0 builds the dataset (and writes its label cache) before any other rank on any node."""
-        if rank == -1 or not (dist.is_available() and dist.is_initialized()):
+        """Global rank 0 builds the dataset (and writes its label cache) before any other rank on any node. The
+        device loader orders its own dataset build so (loader.build), and agrees on its store with a collective
+        of all ranks after it, which must not run while the other ranks wait here."""
+        device_train = mode == "train" and str(getattr(self, "device_loader", "")).startswith("device")
+        if rank == -1 or device_train or not (dist.is_available() and dist.is_initialized()):
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
         with torch_distributed_zero_first(RANK):  # RANK, not LOCAL_RANK: one writer per cluster
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)

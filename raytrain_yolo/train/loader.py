@@ -339,13 +339,13 @@ def build(trainer, img_path: str, batch_size: int) -> DeviceLoader:
 
     import torch.distributed as dist
     from ultralytics.data import build_yolo_dataset
-    from ultralytics.utils import LOCAL_RANK, LOGGER
+    from ultralytics.utils import LOGGER, RANK
     from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
     args = trainer.args
     gs = max(int(unwrap_model(trainer.model).stride.max()), 32)
     cfg = type(args)(**{**vars(args), "cache": False})  # the device store is the cache
-    with torch_distributed_zero_first(LOCAL_RANK):  # as Ultralytics: one rank writes the labels *.cache
+    with torch_distributed_zero_first(RANK):  # one rank of the cluster writes the labels *.cache, then the others
         source = build_yolo_dataset(cfg, img_path, batch_size, trainer.data, mode="train", rect=False, stride=gs)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     hyp, seed = AugmentHyp.from_args(args), int(args.seed)
