@@ -287,7 +287,9 @@ def test_device_loader_trains_under_ray_ddp(tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server)  # the server's own view, never cut
     run = client.get_run(s["mlflow_run_id"])
     sent = sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr/pg0"))
-    assert sent == list(range(1, len(sent) + 1)) and 1 <= len(sent) < epochs, sent
+    # Rank 0 hands an epoch to MLflow once its checkpoint is registered, one report later (issue 39): the path is
+    # cut right after the first checkpoint, so the server may hold no epoch; what it lacks is named below.
+    assert sent == list(range(1, len(sent) + 1)) and len(sent) < epochs, sent
     unsent = s["tracking_unsent"]
     assert [u for u in unsent if u.endswith("'s metrics")] == [f"epoch {e}'s metrics" for e in range(len(sent) + 1, epochs + 1)], unsent
     assert "run status FINISHED" in unsent and run.info.status == "RUNNING", (unsent, run.info.status)
