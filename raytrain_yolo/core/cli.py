@@ -37,6 +37,19 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The flags of a training job (fit, and tune with `sweep`: --num-workers is then a list of counts)."""
+    _ray_flags(p, sweep)
+    _tracking_flags(p)
+    _synthetic_flags(p)
+    p.add_argument("--allow-bad-labels", action="store_true",
+                   help="train even if some label lines are malformed (Ultralytics skips those images)")
+    p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the full Ultralytics and Ray worker logs on the console too (they always go to the run's log file)")
+
+
+def _ray_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     ray_g = p.add_argument_group("Ray (where and on how many workers)")
     if sweep:
         ray_g.add_argument("--num-workers", type=int_list, help="Ray Train workers per trial, e.g. 1,2 (a swept knob)")
@@ -84,24 +97,21 @@ def add_run_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                        "file-based tracking store and data= (for paths that only look node-local)")
     ray_g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept: the best N by fitness plus the latest (default 2)")
 
+
+def _tracking_flags(p: argparse.ArgumentParser) -> None:
     trk = p.add_argument_group("MLflow tracking")
     trk.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
     trk.add_argument("--experiment", help="MLflow experiment name (default $MLFLOW_EXPERIMENT_NAME, else raytrain_yolo)")
     trk.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     trk.add_argument("--register-model", metavar="NAME", help="register best.pt in the MLflow model registry")
 
+
+def _synthetic_flags(p: argparse.ArgumentParser) -> None:
     syn = p.add_argument_group("embedded synthetic dataset (used when no data= is given)")
     syn.add_argument("--synthetic-train", type=int, help="training images (default 256)")
     syn.add_argument("--synthetic-val", type=int, help="validation images (default 64)")
     syn.add_argument("--synthetic-size", type=int, help="image side in pixels (default 160)")
     syn.add_argument("--synthetic-seed", type=int, help="generator seed (default 0)")
-
-    p.add_argument("--allow-bad-labels", action="store_true",
-                   help="train even if some label lines are malformed (Ultralytics skips those images)")
-    p.add_argument("--config", help="YAML file: flat Ultralytics keys and/or sections train:, scaling:, tracking:, ...")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    p.add_argument("--verbose", action="store_true",
-                   help="show the full Ultralytics and Ray worker logs on the console too (they always go to the run's log file)")
 
 
 def worker_range(text: str) -> tuple[int | None, int]:
