@@ -32,6 +32,29 @@ def log_path(storage_path: str, name: str) -> str:
     return str(Path(storage_path) / name / LOG_NAME)
 
 
+def publish_log(local: str, dest: str) -> bool:
+    """With object storage the run's log is written node-locally (log_path); at the run's end it is copied to `dest`
+    in the storage and removed from the node, with its folder when nothing else is in it (each node kept one for
+    ever). A copy that fails leaves the local file, and says where it is. Returns whether it was copied."""
+    from raytrain_yolo.core import storage
+
+    path = Path(local)
+    if not path.is_file():
+        return False
+    try:
+        storage.write_text(dest, path.read_text(errors="replace"))
+    except Exception as e:  # noqa: BLE001 - the run is over; its log stays where it is
+        print(f"warning: the log {local} could not be copied to {storage.redact(dest)} ({type(e).__name__}): it "
+              "stays there", file=sys.stderr, flush=True)
+        return False
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # another run's file, or a run of the same name still writing
+    return True
+
+
 def _open_append(path: str) -> int:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

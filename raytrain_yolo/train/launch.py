@@ -66,9 +66,12 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
     storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
     if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
         os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
+    import ray
+
     config = {"spec": spec.to_dict(), "train_args": plan.args(), "task": plan.task, "tracking": tracking,
               "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
-              "plan": plan.record()}
+              "plan": plan.record(),
+              "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -134,6 +137,8 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchRe
             result = trainer.fit()
         drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
+        if storage.is_uri(spec.storage_path) and console.publish_log(log_file, f"{spec.run_dir}/run.log"):
+            log_file = f"{spec.run_dir}/run.log"  # the node-local log, now beside the run (each node's: logs/)
         summary.update(wall_seconds=round(time.monotonic() - started, 1), log_file=log_file)
         if tracker:
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raytrain_yolo.core.config import RunSpec
-from raytrain_yolo.core.console import capture_process_output
+from raytrain_yolo.core.console import capture_process_output, publish_log
 from raytrain_yolo.data.synthetic import ensure_synthetic
 
 IPS_KEY = "throughput/images_per_second"
@@ -358,6 +358,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     finally:
         scratch.drop_rank()  # with the restored checkpoint's copy, when Ultralytics never got to load it
     scratch.drop_run()  # every rank is past _train's last collective: no rank of the run uses this node's folder
+    if "://" in spec.storage_path and config.get("log_file") and ctx.get_local_rank() == 0 \
+            and ray.get_runtime_context().get_node_id() != config.get("driver_node"):
+        # this node's share of the run's log, beside the run (the driver's node's is the driver's to copy)
+        publish_log(config["log_file"], f"{spec.run_dir}/logs/{ray.util.get_node_ip_address()}.log")
     return result
 
 
