@@ -377,3 +377,24 @@ def test_plain_rows_of_a_mixed_batch_keep_their_own_labels_once(rects_yaml):
             assert len(torch.unique(boxes, dim=0)) == len(boxes), "a box given twice"
         assert bool(d.mosaic.any()), "the batch mixes mosaic rows in"
     assert plain_rows >= 6
+
+
+@pytest.mark.quick
+def test_mixed_mosaic_batches_have_ultralytics_box_counts(rects_yaml):
+    """Issue 44, 1, against Ultralytics' own pipeline: at mosaic=0.5 the boxes per training image, averaged over
+    many draws, are those of Ultralytics' Mosaic + RandomPerspective at the same probability (each plain image's
+    boxes four times gave about 1.6x as many)."""
+    from ultralytics.cfg import get_cfg
+
+    hyp = {"mosaic": 0.5, "mixup": 0.0, "cutmix": 0.0}
+    theirs = ultralytics_dataset(rects_yaml, S, **hyp)
+    their_counts = [len(theirs[i % len(theirs)]["cls"]) for i in range(400)]
+    ours = DeviceDataset(ultralytics_dataset(rects_yaml, S), AugmentHyp.from_args(get_cfg(overrides={"imgsz": S, **hyp})),
+                         torch.device("cpu"))
+    n = len(ours.hw)
+    our_counts = []
+    for seed in range(50):
+        out = augment(ours.images, ours.hw, ours.boxes, torch.arange(n), ours.hyp, torch.Generator().manual_seed(seed))
+        our_counts += torch.bincount(out["batch_idx"].long(), minlength=n).tolist()
+    mine, their = np.mean(our_counts), np.mean(their_counts)
+    assert abs(mine - their) < 0.2 * their, (mine, their)
