@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ LIGHT_RESERVE = 0.5  # CPUs a CPU-only cluster keeps free of model actors, for t
 DEFAULT_BATCH = 16  # images per model call (Ultralytics' predict default is 1: one image per call)
 SUMMARY = "_summary.json"  # beside the Parquet files; marks a folder as predict's own output
 IN_PROGRESS = "_in_progress.json"  # written first, removed last: a predict that failed half-way left this folder
+LABELS = "_labels"  # save_txt: Ultralytics' label files, beside the Parquet files (a leading _: Parquet readers skip it)
 NAMED_UNREADABLE = 20  # unreadable files named on the console (all of them are in _summary.json)
 
 
@@ -150,10 +152,12 @@ def video_frames(batch: dict[str, np.ndarray], letterbox: dict, read_flag: int, 
 class ModelActor:
     """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
 
-    def __init__(self, weights: Weights, args: dict, task: str, ledger):
+    def __init__(self, weights: Weights, args: dict, task: str, ledger, labels: dict | None = None):
         from raytrain_yolo.train.adapter import BatchPredictor
 
         self.predict, self.schema, self.ledger = BatchPredictor(weights.local(), args), schema(task), ledger
+        self.labels = labels  # save_txt: {"dir": <output>/_labels, "bases": {path: Ultralytics' file stem}}
+        self.save_conf = bool(args.get("save_conf"))
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -171,11 +175,43 @@ class ModelActor:
             for i, r in zip(idx, results):
                 frame = int(frames[i]) or None  # a video's frame number, from 1; None for an image
                 rows += [{"image": r.path, "frame": frame, **row} for row in result_rows(r)]
+                if self.labels:
+                    self._save_txt(r, frame)
         if len(paths):
             videos = int(np.count_nonzero(frames))
             first = f"{paths[0]}#{int(frames[0])}" if frames[0] else str(paths[0])
             ray.get(self.ledger.add_call.remote(first, len(paths) - videos, videos, len(rows)))
         return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+    def _save_txt(self, result, frame: int | None) -> None:
+        """Ultralytics' `save_txt` file of one image or video frame (`Results.save_txt`: its lines, its name),
+        written under `<output>/_labels/`; none for an image without objects, as Ultralytics writes none."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="raytrain-yolo-txt-") as tmp:
+            txt = Path(result.save_txt(f"{tmp}/labels.txt", save_conf=self.save_conf))
+            if not txt.is_file():
+                return
+            stem = self.labels["bases"][result.path] + ("" if frame is None else f"_{frame}")
+            storage.write_text(f"{self.labels['dir']}/{stem}.txt", txt.read_text())
+
+
+def label_stems(paths: list[str]) -> dict[str, str]:
+    """The file stem Ultralytics' predictor gives each source file's `save_txt` labels, in its reading order (images,
+    then videos): the file's stem, and `-2`, `-3`, ... for a stem already taken (`bus.jpg` and `bus.png`), as
+    `BasePredictor.write_results` names them (a video's frames add `_<frame>`)."""
+    stems: dict[str, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem = base = Path(path).stem
+        k = 1
+        while stem in taken:
+            k += 1
+            stem = f"{base}-{k}"
+        taken.add(stem)
+        stems[path] = stem
+    return stems
 
 
 def _output_fs(out: str):
@@ -249,6 +285,8 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     found: dict[str, Any] = {}
 
     def check(task: str | None, out_dir: str) -> tuple[dict[str, str], str]:
+        storage.refuse_credentials(source, "source=")
+        storage.refuse_credentials(output, "--output")
         out = output or f"{out_dir}/predictions"
         found["out"] = out = out if storage.is_uri(out) else storage.normalise(out)
         found["replace"] = check_output(out)
@@ -266,7 +304,9 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     storage.write_text(f"{out}/{IN_PROGRESS}", json.dumps({"model": job.model, "source": str(source)}))
     start = time.perf_counter()
     ledger = ray.remote(Ledger).options(**on_this_node()).remote()  # a lost worker node must not take the count
-    _pipeline(job, src, overrides, batch, ledger).write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})
+    labels = {"dir": f"{out}/{LABELS}", "bases": label_stems([src.prefix + p for p in src.images] + src.videos)} \
+        if overrides.get("save_txt") else None
+    _pipeline(job, src, overrides, batch, ledger, labels).write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})
     seconds = time.perf_counter() - start
     seen = ray.get(ledger.report.remote())
     ray.kill(ledger)
@@ -278,7 +318,7 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     return summary
 
 
-def _pipeline(job: JobPlan, src: Source, overrides: dict, batch: int, ledger):
+def _pipeline(job: JobPlan, src: Source, overrides: dict, batch: int, ledger, labels: dict | None = None):
     """The Ray Data pipeline: images read and letterboxed, video frames read and letterboxed, on light CPU tasks;
     the model on `job.num_workers` actors."""
     import ray
@@ -303,7 +343,7 @@ def _pipeline(job: JobPlan, src: Source, overrides: dict, batch: int, ledger):
             "vid_stride": int(p["args"].get("vid_stride") or 1)}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.map_batches(ModelActor, fn_constructor_kwargs={"weights": job.weights, "args": p["args"],
-                                                             "task": job.task, "ledger": ledger},
+                                                             "task": job.task, "ledger": ledger, "labels": labels},
                           batch_size=batch, concurrency=job.num_workers, num_cpus=opts["num_cpus"],
                           num_gpus=opts["num_gpus"], runtime_env=opts["runtime_env"])
 
@@ -343,7 +383,8 @@ Rows: image, frame (a video's frame number from 1; empty for an image), class, n
 in the image's pixels), and keypoints (pose: [x, y, conf]
 per keypoint), polygon (segment: the mask outline's [x, y] points) or obb and corners (obb: x y w h angle, and
 the 4 corners). Images without objects have no rows. The Parquet files go to --output DIR (default
-<storage-path>/<name>/predictions), with _summary.json beside them.
+<storage-path>/<name>/predictions), with _summary.json beside them; save_txt=True (save_conf=True) adds
+Ultralytics' label files under _labels/ there.
 """
 
 

@@ -36,6 +36,7 @@ def validate(model: str, data: str, split: str = "val", scaling: ScalingSpec | N
 
     if data is None:
         raise UserError("no data= given: pass the data.yaml of the dataset to validate on")
+    storage.refuse_credentials(data, "data=")
     overrides = validate_train_args({**VAL_DEFAULTS, **overrides, "split": split})
     data = str(storage.normalise(data)) if not storage.is_uri(data) else data
 

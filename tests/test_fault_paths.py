@@ -368,3 +368,22 @@ def test_a_rank_ending_after_another_removed_the_runs_scratch_folder_ends_cleanl
     finally:
         stop.set()
         churn.join()
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("fit", ["--storage-path", "s3://AKIAX:s3cr3t@bucket/runs", "--synthetic-train", 8], "--storage-path"),
+    ("fit", ["--no-tracking", "data=s3://AKIAX:s3cr3t@bucket/d/data.yaml"], "data="),
+    ("val", ["model=missing.pt", "data=s3://AKIAX:s3cr3t@bucket/d/data.yaml"], "data="),
+    ("predict", ["model=missing.pt", "source=gs://tok:s3cr3t@bucket/images/"], "source="),
+    ("predict", ["model=missing.pt", "source=/nowhere", "--output", "s3://AKIAX:s3cr3t@bucket/out"], "--output"),
+])
+def test_credentials_inside_an_object_storage_uri_are_refused_first(module, argv, flag, tmp_path, capfd, monkeypatch):
+    """Issue 39, 4: credentials written into an s3:// (or gs://) URI were carried into every path derived from it
+    (checkpoint paths, Tune's state) and not every later reader takes them from a URI: refused before anything is
+    read, naming the variables that carry them instead, without printing the secret."""
+    from conftest import refused_in_process
+
+    monkeypatch.chdir(tmp_path)
+    line = refused_in_process(module, argv, capfd, monkeypatch)
+    assert f"{flag} " in line and "holds credentials" in line and "AWS_ACCESS_KEY_ID" in line, line
+    assert "s3cr3t" not in line, line

@@ -306,6 +306,49 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     assert checkpoint_copies() <= copies, "the restored trial's checkpoint copy was left in the temp folder"
 
 
+def test_ctrl_c_then_the_same_command_keeps_one_mlflow_run_per_trial(tmp_path):
+    """Issue 39, 3: Tune catches Ctrl-C itself, saves the experiment and returns the trials as if they had ended.
+    The sweep ranked them as such (best.yaml from a half-trained trial, exit 0), ended its MLflow runs FINISHED,
+    and the same command then resumed the sweep into a second parent run and new trial runs. Now: exit 130, the
+    sweep's run KILLED, nothing ranked; the same command resumes into the same runs, each epoch logged once."""
+    epochs, uri, storage = 2, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
+    cmd = ("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--trials", 2, "--max-concurrent", 1,
+           "--scheduler", "none", "--space", write_space(tmp_path), *DATA, f"epochs={epochs}",
+           "--storage-path", storage, "--name", "ctrlc", "--tracking-uri", uri)
+    log = tmp_path / "first.log"
+    proc = start_cli(*cmd, log_path=log)
+    try:
+        wait_for(lambda: list(storage.glob("ctrlc/trials/*/checkpoint_*")) or proc.poll() is not None, 600,
+                 interval=0.2, what="a trial's first checkpoint")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    text = log.read_text()
+    assert rc == 130 and "interrupted: Tune saved the sweep" in text, text[-3000:]
+    assert not (storage / "ctrlc" / "best.yaml").exists() and not (storage / "ctrlc" / "results.parquet").exists()
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED", [(r.info.run_name, r.info.status) for r in runs]
+
+    again = run_cli(*cmd, ray="own")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = pq.read_table(storage / "ctrlc" / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows), rows
+    tracking, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for child in children:
+        steps = [m.step for m in tracking.get_metric_history(child.info.run_id, "lr/pg0")]
+        assert sorted(steps) == list(range(1, epochs + 1)), (child.info.run_name, steps)
+
+
 def mirror(client, bucket: str, prefix: str, dest):
     """The objects under s3://bucket/prefix/ but the checkpoints' (weights), downloaded to the same relative paths
     under `dest`."""
@@ -329,6 +372,10 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     Train's placement-group cleaner gives that run's CPUs back; with two Rays on the machine it could not find its
     own (core/cluster.py) and the exploiting trial waited for CPUs that never came ("no trial finished")."""
     # 4 epochs: with 3, PBT (which compares trials only once both have reported) exploited no trial in one run.
+    # seed=2: BasicVariantGenerator(random_state=2) draws lr0 0.002 for one trial and 0.5 (wrecking) for the other
+    # (the space file's keys in YAML's sorted order), so one lags at every epoch. With the same lr0 (seed 0 draws
+    # 0.002 twice), Ray's asynchronous PBT, which compares a trial's epoch k with the other's last report (epoch
+    # k-1), often finds the reporting trial ahead: no exploit (seen in CI, 2026-12-07).
     epochs, uri = EPOCHS + 1, f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = {**SPACE, "hsv_h": [0.0, 0.1]}
     copies = checkpoint_copies()
@@ -336,13 +383,16 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
     shared_head()  # another Ray on the machine
     proc = run_cli("tune", "--objective", "map", "--cpu", "--num-workers", 1, "--cpus-per-worker", 0.9,
                    "--trials", 2, "--scheduler", "pbt", "--perturbation-epochs", 1, "--space",
-                   write_space(tmp_path, space), *DATA, f"epochs={epochs}", f"model={seed_model}",
+                   write_space(tmp_path, space), *DATA, f"epochs={epochs}", f"model={seed_model}", "seed=2",
                    "--storage-path", "s3://datasets/sweeps", "--name", "pbt", "--tracking-uri", uri, timeout=900,
                    ray="own")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = mirror(client, "datasets", "sweeps/pbt", tmp_path / "pbt")
     rows = pq.read_table(run_dir / "results.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows)
+    drawn = {json.loads((run_dir / "trials" / r["trial"] / "plan.json").read_text())["asked"]["train_args"]["lr0"]
+             for r in rows}  # each trial's first Train run, as planned (a run PBT stopped has no summary)
+    assert drawn == {0.002, 0.5}, f"the premise: one trial lags ({drawn})"
     exploited = [r for r in rows if r["exploits"]]
     assert exploited, "PBT exploited no trial"
     policy = [json.loads(line) for line in (run_dir / "pbt_global.txt").read_text().splitlines()]
@@ -359,8 +409,22 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
         trained = {k: s["train_args"][k] for k in searched}
         match = [p for p in policy if all(abs(p[5][k] - trained[k]) < 1e-9 for k in searched)]
         assert match and any(match[0][4][k] != trained[k] for k in searched), (trained, policy)
-    _, runs = mlflow_runs(uri)
+    tracking, runs = mlflow_runs(uri)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # the sweep and its 2 trials
+    # Issue 39, 5: the trial's MLflow run says which run it was cloned from, at which epoch, and the donor's epochs
+    # (its history up to the seed, which the seeded run carries) are not logged as the trial's own.
+    by_name = {r.info.run_name: r for r in runs}
+    for r in exploited:
+        run = by_name[r["trial"]]
+        cloned = run.data.tags.get("raytrain_yolo.cloned_from", "").split(", ")
+        for exploit in r["exploits"].split(", "):
+            donor, epoch = exploit.split("@")
+            assert any(c.split("-")[0] == donor and c.endswith(f"@{epoch}") for c in cloned), (cloned, exploit)
+            seed = json.loads(next((run_dir / "trials").glob(f"{r['trial']}-e{epoch}-from-{donor}-seed/"
+                                                                "raytrain_state.json")).read_text())
+            donors = {h["epoch"]: h["fitness"] for h in seed["history"] if h["epoch"] <= int(epoch)}
+            logged = {m.step: m.value for m in tracking.get_metric_history(run.info.run_id, "fitness")}
+            assert not [e for e, v in donors.items() if logged.get(e) == pytest.approx(v, abs=1e-12)], (donors, logged)
     assert checkpoint_copies() <= copies, "a donor's checkpoint, copied for the exploit, was left in the temp folder"
 
 

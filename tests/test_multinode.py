@@ -139,10 +139,13 @@ def test_two_workers_on_two_nodes_data_checkpoints_and_mlflow_artifacts_in_s3(cl
     assert s["best_checkpoint"].startswith(f"s3://{BUCKET}/runs/place/checkpoint_")
     keys = cluster.s3_keys(BUCKET, "runs/place/")
     assert s["best_checkpoint"][len(f"s3://{BUCKET}/"):] in keys and s["last_checkpoint"][len(f"s3://{BUCKET}/"):] in keys
-    # Issue 44, 7: the run's log is beside the run in the bucket (the driver's node's as run.log, each worker node's
-    # under logs/), and no node keeps a copy in its temporary folder (each kept one for ever).
-    assert s["log_file"] == f"s3://{BUCKET}/runs/place/run.log" and "runs/place/run.log" in keys, s["log_file"]
-    assert len([k for k in keys if k.startswith("runs/place/logs/") and k.endswith(".log")]) == 2, keys
+    # Issue 44, 7: the run's log is beside the run in the bucket (the driver's node's as run.log when anything there
+    # wrote one, each worker node's under logs/), and no node keeps a copy in its temporary folder (each kept one for
+    # ever). Here the driver's node (the head) runs no worker: the two worker nodes' logs are the run's.
+    assert s["log_file"] == f"s3://{BUCKET}/runs/place/logs/", s["log_file"]
+    node_logs = [k for k in keys if k.startswith("runs/place/logs/") and k.endswith(".log")]
+    assert len(node_logs) == 2 and "runs/place/run.log" not in keys, keys
+    assert all("===== rank " in cluster.s3_text(BUCKET, k) for k in node_logs), node_logs
     for node in (0, 1, 2):
         left = cluster.on_head("sh", "-c", "ls -A /tmp/raytrain_yolo 2>/dev/null", node=node).stdout.split()
         assert "place" not in left, (node, left)

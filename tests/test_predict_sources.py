@@ -95,7 +95,8 @@ def test_a_folder_with_a_video_gives_ultralytics_rows_per_frame(task_run, ray_lo
     model = s["last_checkpoint"]
     root = layout(tmp_path / "photos")
     out = tmp_path / "preds"
-    summary = predict(model, str(root), str(out), ScalingSpec(num_workers=1, use_gpu=False), conf=CONF, batch=2)
+    summary = predict(model, str(root), str(out), ScalingSpec(num_workers=1, use_gpu=False), conf=CONF, batch=2,
+                      save_txt=True, save_conf=True)
     assert (summary["images"], summary["predicted"], summary["videos"], summary["frames"]) == (2, 2, 1, FRAMES)
     assert summary["skipped_count"] == 1 and "notes.txt.bak" in capsys.readouterr().err
     assert json.loads((out / "_summary.json").read_text())["skipped"][0]["path"].endswith("notes.txt.bak")
@@ -105,9 +106,15 @@ def test_a_folder_with_a_video_gives_ultralytics_rows_per_frame(task_run, ray_lo
     theirs, frame = {}, 0
     from raytrain_yolo.train.adapter import result_rows
 
-    for r in YOLO(model).predict(source=str(root), conf=CONF, device="cpu", verbose=False, stream=True):
+    for r in YOLO(model).predict(source=str(root), conf=CONF, device="cpu", verbose=False, stream=True,
+                                 save_txt=True, save_conf=True, project=str(tmp_path / "theirs"), name="u"):
         frame = frame + 1 if r.path.endswith(".avi") else 0
         theirs[f"{r.path}#{frame}"] = result_rows(r)
+    # save_txt: Ultralytics' label files (`<stem>.txt`, a video's `<stem>_<frame>.txt`), under _labels/ beside the
+    # Parquet files (which a Parquet reader of the folder skips).
+    labels = {f.name: f.read_text() for f in (out / "_labels").iterdir()}
+    assert labels and labels == {f.name: f.read_text() for f in (tmp_path / "theirs" / "u" / "labels").iterdir()}
+    assert any(name.startswith("clip_") for name in labels), sorted(labels)
     assert {k.rsplit("#", 1)[1] for k in theirs if k.startswith(str(root / "clip.avi"))} == \
         {str(i) for i in range(1, FRAMES + 1)}
     assert set(ours) <= set(theirs) and {k for k, v in theirs.items() if v} == set(ours)

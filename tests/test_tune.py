@@ -11,6 +11,10 @@ test_augment and test_tasks).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -23,34 +27,55 @@ WINDOWS = 3
 SECRET = "S3cr3tPassw0rd"  # in the tracking URI, as platforms hand it over: never written at rest, never printed
 
 
+# Ray Train's state tracking with the export API on: Ray writes each Train run's settings (its train_loop_config
+# included) under the session's logs/export_events, as a dashboard deployment has it.
+EXPORT_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_enable_export_api_write": "1"}
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, mlflow_server):
     cwd = tmp_path_factory.mktemp("tune")
     experiment = f"tune-{cwd.name}"  # the session's server is shared: this sweep's own experiment
-    proc = run_cli(
-        "tune", "--cpu", "--batch", "8,2", "--amp", "fp32,bf16",
-        "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
-        "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep",
-        "--tracking-uri", mlflow_server.replace("http://", f"http://user:{SECRET}@"), "--experiment", experiment,
-        timeout=1200, cwd=cwd,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, cwd / "runs" / "raytrain", (mlflow_server, experiment)
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        proc = run_cli(
+            "tune", "--cpu", "--batch", "8,2", "--amp", "fp32,bf16",
+            "--window-steps", 3, "--windows", WINDOWS, "--grace-windows", 1, "--max-concurrent", 1,
+            "--synthetic-train", 48, "--synthetic-val", 8, "imgsz=64", "--name", "sweep",
+            "--tracking-uri", mlflow_server.replace("http://", f"http://user:{SECRET}@"), "--experiment", experiment,
+            # A local Ray of its own, which inherits the export switches; MLflow's client credentials as platforms
+            # set them (the session's server asks for none and ignores them).
+            env={**EXPORT_ENV, "RAY_TMPDIR": ray_tmp, "MLFLOW_TRACKING_USERNAME": "user",
+                 "MLFLOW_TRACKING_PASSWORD": SECRET},
+            timeout=1200, cwd=cwd, ray="own",
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        exported = [p for p in Path(ray_tmp).rglob("export_events/*") if p.is_file()]
+        yield proc, cwd / "runs" / "raytrain", (mlflow_server, experiment), exported
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_no_secret_in_the_sweeps_files_or_console(sweep):
     """Issue 39, 4: the tracking URI's password reaches MLflow (the runs are there) but none of Tune's files
     (params.json, params.pkl, result.json, experiment state), our own files, or the console."""
-    proc, storage, _ = sweep
+    proc, storage, _, exported = sweep
     assert SECRET not in proc.stdout + proc.stderr
     files = [p for p in storage.rglob("*") if p.is_file()]
     assert any(p.name == "params.json" for p in files) and any(p.name == "result.json" for p in files)
     leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
+    # Ray Train's exported run settings: each trial's train_loop_config is there, without the URI's password or
+    # the MLflow credentials (they reach rank 0 through the object store).
+    train_runs = [p for p in exported if b"train_loop_config" in p.read_bytes()]
+    assert train_runs, [str(p) for p in exported]
+    assert b"window_steps" in train_runs[0].read_bytes(), "the config itself is exported, masked"
+    leaked = [str(p) for p in exported if SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_the_default_sweep_fits_the_machine_and_keeps_one_store(sweep):
-    _, storage, (uri, experiment) = sweep
+    _, storage, (uri, experiment), _ = sweep
     best = yaml.safe_load((storage / "sweep" / "best.yaml").read_text())
     assert best["scaling"]["num_workers"] == 2, best["scaling"]  # the fit default, with CPUs shared out
     summaries = [load_summary(storage / "sweep" / "trials", t.name) for t in (storage / "sweep" / "trials").iterdir()
@@ -68,7 +93,7 @@ def test_the_default_sweep_fits_the_machine_and_keeps_one_store(sweep):
 
 
 def test_results_table_one_row_per_trial(sweep):
-    proc, storage, _ = sweep
+    proc, storage, _, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
     assert len(rows) == 4  # 2 batch x 2 amp
     assert {(r["batch"], r["amp"]) for r in rows} == {(b, a) for b in (8, 2) for a in ("fp32", "bf16")}
@@ -77,7 +102,7 @@ def test_results_table_one_row_per_trial(sweep):
 
 
 def test_infeasible_points_are_recorded_and_the_sweep_goes_on(sweep):
-    _, storage, _ = sweep
+    _, storage, _, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
     bf16 = [r for r in rows if r["amp"] == "bf16"]
     assert all(r["status"] == "infeasible" and "needs a GPU" in r["reason"] for r in bf16)
@@ -85,7 +110,7 @@ def test_infeasible_points_are_recorded_and_the_sweep_goes_on(sweep):
 
 
 def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path):
-    _, storage, _ = sweep
+    _, storage, _, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["windows"] == WINDOWS and r["images_per_second"] > 0 for r in ok)
@@ -108,7 +133,7 @@ def test_best_is_the_fastest_measured_and_fit_accepts_best_yaml(sweep, tmp_path)
 
 
 def test_early_stopping_stops_the_slow_configuration(sweep):
-    _, storage, _ = sweep
+    _, storage, _, _ = sweep
     rows = pq.read_table(storage / "sweep" / "results.parquet").to_pylist()
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["windows"] < WINDOWS for r in stopped)
@@ -118,7 +143,7 @@ def test_early_stopping_stops_the_slow_configuration(sweep):
 
 
 def test_parent_mlflow_run_with_nested_trials(sweep):
-    _, storage, (uri, experiment) = sweep
+    _, storage, (uri, experiment), _ = sweep
     _, runs = mlflow_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import KillFirst, refused_in_process, run_cli
 
@@ -15,7 +17,8 @@ from conftest import KillFirst, refused_in_process, run_cli
 def ultralytics_val(summary: dict, **kw) -> tuple[dict, object]:
     from ultralytics import YOLO
 
-    m = YOLO(summary["last_checkpoint"]).val(data=summary["data"], plots=False, device="cpu", verbose=False, **kw)
+    m = YOLO(summary["last_checkpoint"]).val(**{"data": summary["data"], "plots": False, "device": "cpu",
+                                                "verbose": False, **kw})
     return m.results_dict, m
 
 
@@ -33,7 +36,9 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     here = Path(s["data"]).parent
     # Issue 40: with save_json, save_txt and save_conf, every image's label file and one predictions.json with
     # every image's entries, as Ultralytics writes them (the shards' files are merged, none overwrites another).
-    outputs = ("save_json=True", "save_txt=True", "save_conf=True")
+    # And plots=True: Ultralytics' plots of its first three batches (here one worker has batches 0 and 2, the other
+    # batch 1), and the curves and confusion matrix from the merged statistics.
+    outputs = ("save_json=True", "save_txt=True", "save_conf=True", "plots=True")
     proc = run_cli("val", "--cpu", "--num-workers", 2, "--storage-path", tmp_path, "--name", "v", "--output", out,
                    f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=data.yaml", "batch=6", *outputs,
                    timeout=300, cwd=here)
@@ -41,7 +46,7 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     got = json.loads(out.read_text())
     assert got == json.loads((tmp_path / "v" / "val.json").read_text())
     assert got["workers"] == 2 and got["images"] == 16 and got["split"] == "val" and got["task"] == "detect"
-    theirs, m = ultralytics_val(s, batch=6, save_json=True, save_txt=True, save_conf=True,
+    theirs, m = ultralytics_val(s, batch=6, save_json=True, save_txt=True, save_conf=True, plots=True,
                                 project=str(tmp_path / "theirs"), name="u")
     assert_same_metrics(got["metrics"], theirs)
     mine, their_dir = tmp_path / "v" / "ultralytics", tmp_path / "theirs" / "u"
@@ -50,6 +55,12 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     labels = {f.name: f.read_text() for f in (mine / "labels").glob("*.txt")}
     assert labels and labels == {f.name: f.read_text() for f in (their_dir / "labels").glob("*.txt")}
     assert got["outputs"]["label_files"] == len(labels)
+    plots = sorted(f.name for f in mine.iterdir() if f.suffix in (".jpg", ".png"))
+    assert plots == sorted(f.name for f in their_dir.iterdir() if f.suffix in (".jpg", ".png")), plots
+    assert {f"val_batch{i}_{kind}.jpg" for i in range(3) for kind in ("labels", "pred")} <= set(plots), plots
+    for name in (p for p in plots if p.startswith("val_batch")):  # the same images, boxes and labels
+        a, b = (np.asarray(Image.open(d / name).convert("RGB"), dtype=np.int16) for d in (mine, their_dir))
+        assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, name
     row = ("%22s" + "%11i" * 2 + "%11.3g" * 4) % ("all", 16, m.nt_per_class.sum(), *m.mean_results())
     assert row in proc.stdout  # Ultralytics' own table, printed once by the driver
 

@@ -204,9 +204,25 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+def hide_credentials() -> None:
+    """Mask the URI credentials in this process's command line (`ps`, /proc/PID/cmdline), as database clients mask
+    a password given as an argument. Ray records a driver's command line as its job's entrypoint (its job table,
+    the dashboard, the exported events on disk), where `--tracking-uri http://user:PASSWORD@host` would be kept."""
+    if all(redact(a) == a for a in sys.argv[1:]):
+        return
+    from subprocess import list2cmdline
+
+    import psutil
+    import ray._raylet
+
+    ray._raylet.setproctitle(list2cmdline([redact(a) for a in psutil.Process().cmdline()]))
+
+
 def run_main(body: Callable[[], int], debug: bool, job: str = "training") -> int:
     """Run a CLI body: user mistakes are one line and exit 2; a failed job is one line naming it (`job`:
-    "training", "val", "predict", "sweep") and exit 1."""
+    "training", "val", "predict", "sweep") and exit 1. URI credentials in the command line are masked in the
+    process's title first (hide_credentials)."""
+    hide_credentials()
     try:
         return body()
     except UserError as e:
@@ -215,9 +231,9 @@ def run_main(body: Callable[[], int], debug: bool, job: str = "training") -> int
             traceback.print_exc()
         print(f"error: {plain(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         stop_ray()
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # training failures from Ray, bugs: one line unless --debug
         stop_ray()

@@ -6,6 +6,7 @@ import math
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -24,6 +25,19 @@ def redact(text: str) -> str:
         return f"{m['scheme']}{m['user']}:***@" if m["password"] is not None else f"{m['scheme']}***@"
 
     return _CREDENTIALS.sub(mask, text)
+
+
+def refuse_credentials(value: Any, flag: str) -> None:
+    """An object-storage URI with credentials in it (`s3://KEY:SECRET@bucket/...`) is refused, naming the variables
+    that carry them: every path derived from it (checkpoints, summaries, Tune's state, MLflow's artifact paths)
+    would hold the secret, and not every later reader (Ultralytics, MLflow, a worker on another node) reads
+    credentials from a URI. A tracking server's `http(s)://user:password@host` is MLflow's own form: kept."""
+    m = _CREDENTIALS.search(value) if isinstance(value, str) else None
+    if m is None or m["scheme"].lower() in ("http://", "https://"):
+        return
+    raise UserError(f"{flag} {redact(value)} holds credentials in the URI: remove them and set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, AWS_ENDPOINT_URL where needed) in the environment "
+                    "instead (for GCS: GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def is_uri(path: str) -> bool:

@@ -400,6 +400,16 @@ class EpochLogger:
         """What never reached MLflow (empty when everything did)."""
         return [what for what, _ in self.pending]
 
+    def add_to_tag(self, key: str, value: str) -> None:
+        """Add `value` to the run's tag `key` (comma-separated, each value once)."""
+        def send() -> None:
+            held = self.client.get_run(self.run_id).data.tags.get(key, "")
+            parts = [p for p in held.split(", ") if p]
+            if value not in parts:
+                self.client.set_tag(self.run_id, key, ", ".join([*parts, value]))
+
+        self._send(f"the tag {key}", send)
+
     def sync_history(self, history: list[dict[str, Any]]) -> None:
         """On restart: log the epochs the checkpoint has but MLflow missed."""
         for metrics in history:

@@ -180,6 +180,8 @@ def plan(model: str, scaling: ScalingSpec, storage_path: str, name: str | None, 
 
     if model is None:
         raise UserError("no model= given: pass model=PATH.pt or model=models:/NAME/VERSION")
+    storage.refuse_credentials(model, "model=")
+    storage.refuse_credentials(storage_path, "--storage-path")
     spec = RunSpec(scaling=scaling, storage_path=storage.normalise(storage_path),
                    name=check_name(name or default_name(prefix)), resource_wait_s=wait_s,
                    allow_node_local=allow_node_local)

@@ -36,6 +36,9 @@ def check_run(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str]:
 def check_flags(spec: RunSpec) -> None:
     """The run's own flags: name, storage, retries and waits (one line each, naming the flag)."""
     spec.name = check_name(spec.name or default_name())
+    storage.refuse_credentials(spec.storage_path, "--storage-path")
+    for key, value in spec.train.items():  # data=, model=, pretrained=, ... as object-storage URIs
+        storage.refuse_credentials(value, f"{key}=")
     spec.storage_path = storage.normalise(spec.storage_path)
     if spec.keep_checkpoints < 1:
         raise UserError(f"--keep-checkpoints {spec.keep_checkpoints} must be at least 1")

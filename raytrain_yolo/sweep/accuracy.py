@@ -37,7 +37,7 @@ from raytrain_yolo.core.cluster import on_this_node
 from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
-from raytrain_yolo.sweep.trials import close_trial_runs, trial_name
+from raytrain_yolo.sweep.trials import close_trial_runs, fit_tuner, trial_name
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -494,7 +494,8 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
                        "hpo/max_concurrent": concurrent})
         spec.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
-        results = build_tuner(spec, plan, concurrent).fit()
+        results = fit_tuner(build_tuner(spec, plan, concurrent), f"Tune saved the sweep in "
+                            f"{storage.redact(spec.run_dir)}: the same command resumes it")
         rows = [summarize_trial(r, plan) for r in results]
         rows.sort(key=lambda r: (r["status"] != "finished", -_num(r["best"]), -_num(r["final"])))
         best = next((r for r in rows if r["status"] == "finished"), None)

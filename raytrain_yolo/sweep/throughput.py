@@ -22,7 +22,7 @@ from raytrain_yolo.core import storage
 from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_name, resolve_train_args
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
-from raytrain_yolo.sweep.trials import close_trial_runs, trial_name
+from raytrain_yolo.sweep.trials import close_trial_runs, fit_tuner, trial_name
 from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
@@ -240,7 +240,8 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         base.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
         tune_grid, rows = split_known_infeasible(base, grid, budget, max_node_cpus)
-        grid_results = build_tuner(base, tune_grid, budget, max_node_cpus).fit()
+        grid_results = fit_tuner(build_tuner(base, tune_grid, budget, max_node_cpus), "the throughput sweep "
+                                 f"ranked nothing; its trials so far are in {storage.redact(base.run_dir)}/trials")
         rows += [summarize_trial(r, list(grid), budget) for r in grid_results]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
         best = next((r for r in rows if r["status"] == "ok"), None)

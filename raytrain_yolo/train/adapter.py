@@ -259,6 +259,9 @@ def val_args(model: str, overrides: dict) -> dict:
     return {**YOLO(model).overrides, "rect": True, **overrides, "mode": "val"}
 
 
+PLOTTED_BATCHES = 3  # BaseValidator.__call__ plots batches 0-2 (`batch_i < 3`) when plots=True
+
+
 class ShardValidatorMixin:
     """Put before a task's validator. `shard=(i, n)`: validate batches i, i+n, ... and keep the raw statistics in
     `shard_result`; `shard=None`: validate nothing, merge `shard_results` and compute the metrics.
@@ -295,6 +298,31 @@ class ShardValidatorMixin:
         self._ends.append(len(self.metrics.stats["tp"]))  # where each batch's per-image entries end
         self._marks.append(self._json_lengths())  # and its JSON entries
 
+    def plot_val_samples(self, batch, ni):
+        if self._plotted(ni):
+            self._in_background(super().plot_val_samples, batch, self._batch_ids[ni] if self.shard else ni)
+
+    def plot_predictions(self, batch, preds, ni, *args, **kwargs):
+        if self._plotted(ni):
+            self._in_background(super().plot_predictions, batch, preds, self._batch_ids[ni] if self.shard else ni,
+                                *args, **kwargs)
+
+    def _plotted(self, ni: int) -> bool:
+        """Ultralytics plots its first PLOTTED_BATCHES batches (`val_batch{i}_labels.jpg`, `_pred.jpg`); `ni` counts
+        this shard's batches, so a shard plots the batches among the first ones that are its own, under their
+        number in Ultralytics' order (a shard's first batches come first: `_batch_ids[ni] >= ni`)."""
+        return not self.shard or self._batch_ids[ni] < PLOTTED_BATCHES
+
+    def _in_background(self, plot, *args, **kwargs) -> None:
+        """Run one of Ultralytics' plot calls, keeping the threads it starts (`plot_images` is `@threaded`): the
+        shard hands its files over only once they are written (_shard_outputs)."""
+        import threading
+
+        before = set(threading.enumerate())
+        plot(*args, **kwargs)
+        self._plot_threads = [*getattr(self, "_plot_threads", []),
+                              *(t for t in threading.enumerate() if t not in before)]
+
     def _json_lengths(self) -> tuple[int, int, int, int]:
         gdict = self.gdict if getattr(self, "build_gdict", False) else None
         return (len(getattr(self, "jdict", None) or []), len(getattr(self, "pred_counts", None) or []),
@@ -311,7 +339,10 @@ class ShardValidatorMixin:
                         "annotations": gdict["annotations"][start[3]:end[3]] if gdict else []}
             start = end
         labels = {f.name: f.read_text() for f in (self.save_dir / "labels").glob("*.txt")} if self.args.save_txt else {}
-        return {"json": parts, "labels": labels}
+        for thread in getattr(self, "_plot_threads", []):
+            thread.join()
+        plots = {f.name: f.read_bytes() for f in self.save_dir.glob("val_batch*")} if self.args.plots else {}
+        return {"json": parts, "labels": labels, "plots": plots}
 
     def _merge_outputs(self) -> None:
         """The shards' save_json entries in batch order, and their label files, as one process would have them."""
@@ -327,6 +358,10 @@ class ShardValidatorMixin:
             for r in self.shard_results:
                 for name, text in r["outputs"]["labels"].items():
                     (self.save_dir / "labels" / name).write_text(text)
+        if self.args.plots:  # the shards' plots of Ultralytics' first batches, under Ultralytics' names
+            for r in self.shard_results:
+                for name, data in r["outputs"]["plots"].items():
+                    (self.save_dir / name).write_bytes(data)
 
     def _image_metric_groups(self):
         return [m for m in (getattr(self.metrics, k, None) for k in ("box", "seg", "pose")) if hasattr(m, "image_metrics")]

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from raytrain_yolo.core import console, storage
@@ -68,7 +69,7 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
         os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
     import ray
 
-    config = {"spec": spec.to_dict(), "train_args": plan.args(), "task": plan.task, "tracking": tracking,
+    config = {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
               "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
               "plan": plan.record(),
               "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
@@ -100,6 +101,35 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
             callbacks=callbacks,
         ),
     )
+
+
+def _published_log(spec: RunSpec, log_file: str) -> str:
+    """With object storage: where the run's log is once the run ended. The driver's node's log (when anything on it
+    wrote one) is copied beside the run as `run.log`; every other node's went to `logs/<ip>.log` from its workers.
+    A copy that failed leaves the node-local path."""
+    if console.publish_log(log_file, f"{spec.run_dir}/run.log"):
+        return f"{spec.run_dir}/run.log"
+    if not Path(log_file).exists():  # no worker on the driver's node, nothing printed here: the nodes' logs
+        return f"{spec.run_dir}/logs/"
+    return log_file
+
+
+def _worker_spec(spec: RunSpec) -> dict[str, Any]:
+    """The spec as the workers receive it, with the tracking URI's credentials masked: rank 0 reaches MLflow
+    through `tracking` (_by_reference), and nothing else on a worker reads the URI."""
+    d = spec.to_dict()
+    d["tracking"]["uri"] = storage.redact(d["tracking"]["uri"] or "") or d["tracking"]["uri"]
+    return d
+
+
+def _by_reference(tracking: dict[str, Any] | None):
+    """The MLflow target as rank 0 receives it: a reference into Ray's object store, not the values. Ray Train shows
+    `train_loop_config` in its dashboard and writes it to disk in its state export (RAY_TRAIN_ENABLE_STATE_TRACKING
+    with the export API on), and this holds the tracking URI as given (a password in it) and the `MLFLOW_*`
+    settings (credentials): neither may be written at rest."""
+    import ray
+
+    return ray.put(tracking) if tracking else None
 
 
 def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchResult:
@@ -137,8 +167,8 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchRe
             result = trainer.fit()
         drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
-        if storage.is_uri(spec.storage_path) and console.publish_log(log_file, f"{spec.run_dir}/run.log"):
-            log_file = f"{spec.run_dir}/run.log"  # the node-local log, now beside the run (each node's: logs/)
+        if storage.is_uri(spec.storage_path):
+            log_file = _published_log(spec, log_file)
         summary.update(wall_seconds=round(time.monotonic() - started, 1), log_file=log_file)
         if tracker:
             summary.update(tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)

@@ -29,6 +29,7 @@ from raytrain_yolo.data.synthetic import ensure_synthetic
 
 IPS_KEY = "throughput/images_per_second"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
+CLONED_FROM_TAG = "raytrain_yolo.cloned_from"  # MLflow tag of a PBT trial: the runs it was cloned from, `run@epoch`
 STATE_FILE = "raytrain_state.json"  # epochs done and the metrics history, for restarts
 WARMUP_FRACTION = 0.2  # of each epoch's steps (or window), skipped before timing: loader start-up, cudnn tuning
 
@@ -112,8 +113,9 @@ class Reporter:
     """
 
     def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None,
-                 plan: dict | None = None, epochs: int = 0):
+                 plan: dict | None = None, epochs: int = 0, seeded_from: dict | None = None):
         self.spec, self.meter, self.scratch, self.rank = spec, meter, scratch, scratch.rank
+        self.seeded_from = seeded_from  # {"run", "epoch"}: the other run's checkpoint this run started from (PBT)
         self.plan = plan  # the run's plan record, kept in each checkpoint's state
         self.epochs = epochs  # as asked: Ultralytics' own count may change (time=)
         self.stopped_early: dict[str, Any] | None = None  # rank 0: the trainer ended the run before `epochs`
@@ -182,7 +184,7 @@ class Reporter:
                     elif src.is_file():
                         shutil.copy2(src, staged / src.name)
                 state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name, "plan": self.plan,
-                         "stopped_early": self.stopped_early}
+                         "stopped_early": self.stopped_early, "seeded_from": self.seeded_from}
                 (staged / STATE_FILE).write_text(json.dumps(state, default=float))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
             finally:
@@ -397,9 +399,9 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     trainer = _ultralytics_trainer(config, spec, args, save_dir, state, world_size, device)
     meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
-                        epochs=int(args["epochs"]))
-    logger, to_mlflow = _epoch_logger(config, state, trainer, reporter) if rank == 0 and config.get("tracking") \
-        else (None, None)
+                        epochs=int(args["epochs"]), seeded_from=seeded_from(spec, state))
+    logger, to_mlflow = _epoch_logger(config, state, trainer, reporter, reporter.seeded_from) \
+        if rank == 0 and config.get("tracking") else (None, None)
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
     trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
@@ -460,17 +462,34 @@ def _ultralytics_trainer(config: dict[str, Any], spec: RunSpec, args: dict[str, 
     return trainer
 
 
-def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter):
+def seeded_from(spec: RunSpec, state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The other run whose checkpoint this run started from, and its epoch (a PBT exploit: `spec.resume_from`), kept
+    in every checkpoint of this run; None for a run that started from nothing or resumes its own checkpoint."""
+    if not state:
+        return None
+    if state.get("run", spec.name) == spec.name:
+        return state.get("seeded_from")
+    return {"run": state["run"], "epoch": int(state["epoch"])}
+
+
+def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter,
+                  seed: dict[str, Any] | None = None):
     """Rank 0's MLflow logger, hung on the trainer and the reporter (each epoch handed over once Ray registered its
     checkpoint: AfterRegistration); returns both. Every attempt logs the arguments (MLflow keeps the first value
-    of each): a run resumed after its driver was lost before rank 0 logged them has them."""
+    of each): a run resumed after its driver was lost before rank 0 logged them has them. A run `seed`ed from
+    another run's checkpoint (a PBT exploit) says so on its MLflow run (`raytrain_yolo.cloned_from`: `run@epoch`,
+    one per exploit) and logs only the epochs it trained: the epochs up to the seed are the donor's, not its own."""
     from raytrain_yolo.core.tracking import AfterRegistration, EpochLogger, use_client_settings
 
     t = config["tracking"]
+    if isinstance(t, ray.ObjectRef):  # launch._by_reference: the values stay out of Ray Train's exported config
+        t = ray.get(t)
     use_client_settings(t.get("client_settings"))
     logger = EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
+    if seed:
+        logger.add_to_tag(CLONED_FROM_TAG, f"{seed['run']}@{seed['epoch']}")
     if state:
-        logger.sync_history(state["history"])
+        logger.sync_history([h for h in state["history"] if not seed or h["epoch"] > seed["epoch"]])
     trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
     to_mlflow = AfterRegistration(logger.log_epoch)
     reporter.on_metrics.append(to_mlflow)
