@@ -419,7 +419,8 @@ def test_pbt_continues_a_lagging_trial_from_the_donors_checkpoint(tmp_path, seed
         cloned = run.data.tags.get("raytrain_yolo.cloned_from", "").split(", ")
         for exploit in r["exploits"].split(", "):
             donor, epoch = exploit.split("@")
-            assert any(c.split("-")[0] == donor and c.endswith(f"@{epoch}") for c in cloned), (cloned, exploit)
+            assert any(c.split("@")[0].split("-")[0] == donor and c.endswith(f"@{epoch}") for c in cloned), \
+                (cloned, exploit)
             seed = json.loads(next((run_dir / "trials").glob(f"{r['trial']}-e{epoch}-from-{donor}-seed/"
                                                                 "raytrain_state.json")).read_text())
             donors = {h["epoch"]: h["fitness"] for h in seed["history"] if h["epoch"] <= int(epoch)}

@@ -44,27 +44,39 @@ def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int, work
 
 
 def test_run_killed_mid_way_is_marked_failed(tmp_path):
-    """A worker SIGKILLed after the first checkpoint with --max-failures 0: exit 1 and the MLflow run FAILED. On the
+    """A worker frozen (SIGSTOP) after the first checkpoint with --max-failures 0 (until issue 41 it was SIGKILLed:
+    a frozen one left the run silent for the process group's 3 hours): within --hang-timeout plus a minute the
+    watchdog names it and kills it, and the run ends: exit 1 with that line, and the MLflow run FAILED. On the
     session's shared head (once a local Ray of its own, ~5 s more; the worker is found by its Ray process title
     among the head's processes)."""
+    import time
+
+    import psutil
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "fit.log"
     head = shared_head()
     head.wait_idle()
     fit = start_cli("fit", "--cpu", "--num-workers", 2, "--synthetic-train", 64, "--synthetic-val", 16, "epochs=6",
                     "imgsz=96", "--storage-path", tmp_path, "--name", "dies", "--tracking-uri", uri,
-                    "--max-failures", 0, log_path=log, env=head.driver_env)
+                    "--max-failures", 0, "--hang-timeout", 20, log_path=log, env=head.driver_env)
+    pids = []
     try:
         wait_for(lambda: list((tmp_path / "dies").glob("checkpoint_*")), 300, what="the first checkpoint")
         pids = wait_for(lambda: train_workers(shared_head_pids()), 30, what="worker pids")
-        os.kill(pids[-1], signal.SIGKILL)
+        os.kill(pids[-1], signal.SIGSTOP)
+        frozen = time.monotonic()
         rc = fit.wait(timeout=300)
+        took = time.monotonic() - frozen
     finally:
         if fit.poll() is None:
             os.killpg(fit.pid, signal.SIGKILL)
+        if pids and psutil.pid_exists(pids[-1]):  # never left stopped on the shared head
+            os.kill(pids[-1], signal.SIGKILL)
     out = log.read_text()
-    assert rc == 1, out[-3000:]
-    assert out.strip().splitlines()[-1].startswith("error: training failed"), out[-2000:]
+    assert rc == 1 and took < 20 + 60, (took, out[-3000:])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: training failed: RankHang: rank ") and f", pid {pids[-1]})" in last, out[-2000:]
     _, runs = mlflow_runs(uri)
     assert [r.info.status for r in runs] == ["FAILED"]
 

@@ -83,6 +83,11 @@ def _ray_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     ray_g.add_argument("--restart-wait", type=float, metavar="SECONDS",
                        help="with --max-failures: how long restarts wait, in all over the run, for their workers "
                        "to be placed again, e.g. while an autoscaler replaces a lost node (default 600)")
+    ray_g.add_argument("--hang-timeout", type=float, metavar="SECONDS",
+                       help="when no rank has progressed for this long, name the rank that stopped, write every "
+                       "rank's Python stack under the run's folder and end the worker group (restarted under "
+                       "--max-failures); default the larger of 600 and 5x the longest step, validation batch or "
+                       "checkpoint upload seen; 0: off (the process-group timeout stays the last guard)")
     ray_g.add_argument("--storage-wait", type=float, metavar="SECONDS",
                        help="with an s3:// --storage-path: how long an upload keeps retrying while the endpoint "
                        "does not answer (a restart, a network cut) before the run fails (default 120)")
@@ -176,6 +181,7 @@ def spec_from_args(ns: argparse.Namespace, pairs: list[str]) -> RunSpec:
         (None, "keep_checkpoints"): ns.keep_checkpoints,
         (None, "resource_wait_s"): ns.wait_for_resources,
         (None, "restart_wait_s"): getattr(ns, "restart_wait", None),
+        (None, "hang_timeout_s"): getattr(ns, "hang_timeout", None),
         (None, "storage_wait_s"): getattr(ns, "storage_wait", None),
         (None, "loader"): ns.loader if isinstance(ns.loader, str) else None,  # a list is a tune knob
         (None, "prefetch"): ns.prefetch if isinstance(getattr(ns, "prefetch", None), bool) else None,

@@ -111,6 +111,9 @@ class RunSpec:
     # After a failure (with --max-failures), how long a fixed-size run waits for its worker group to be placed
     # again: a lost node replaced by an autoscaler or a spot pool takes minutes, not Ray Train's 60 s start timeout.
     restart_wait_s: float = 600
+    # No rank progressing for this long is a hang (train/watchdog.py): named, every rank's stack written, the worker
+    # group ended. None: the larger of 10 minutes and 5x the longest pause seen; 0: off.
+    hang_timeout_s: float | None = None
     # How long a request to object storage (s3://) keeps retrying while the endpoint does not answer (a restart, a
     # redeploy, a network cut) before the upload fails and the run with it: pyarrow's own default gives up in ~2 s.
     storage_wait_s: float = 120

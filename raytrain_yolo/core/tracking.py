@@ -274,10 +274,19 @@ class RunTracker:
         return unsent
 
     def _log_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json as an artifact, and each rank's mean step time and data wait as metrics `ranks/<r>/step_s`,
+        `ranks/<r>/data_wait_s` (seconds; the last attempt's workers): a straggler is one line in MLflow's UI."""
+        from mlflow.entities import Metric
+
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "summary.json"
             path.write_text(redact(json.dumps(summary, indent=2, default=str)))
             self.client.log_artifact(self.run_id, str(path))
+        now = int(time.time() * 1000)
+        figures = [Metric(f"ranks/{w['rank']}/{k}", float(w[k]), now, 0) for w in summary.get("workers") or []
+                   for k in ("step_s", "data_wait_s") if w.get(k) is not None]
+        if figures:
+            self.client.log_batch(self.run_id, metrics=figures)
 
     def failed(self, e: BaseException) -> None:
         """End the run after an exception: KILLED for Ctrl-C, else FAILED."""

@@ -45,7 +45,7 @@ def check_flags(spec: RunSpec) -> None:
     if spec.scaling.pg_timeout_s <= 0:
         raise UserError(f"--process-group-timeout {spec.scaling.pg_timeout_s:g} must be above 0 seconds")
     for flag, value in (("--resize-check", spec.scaling.resize_check_s), ("--restart-wait", spec.restart_wait_s),
-                        ("--storage-wait", spec.storage_wait_s)):
+                        ("--storage-wait", spec.storage_wait_s), ("--hang-timeout", spec.hang_timeout_s or 0)):
         if value < 0:
             raise UserError(f"{flag} {value:g} must be 0 or more seconds")
     if spec.max_failures < -1:

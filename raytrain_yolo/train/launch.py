@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from raytrain_yolo.core.config import RunSpec
 from raytrain_yolo.core.tracking import RunTracker, client_settings, failed_on_error
 from raytrain_yolo.data import sync
 from raytrain_yolo.plan.run_plan import RunPlan, write_record
+from raytrain_yolo.train.watchdog import RankHang, Watchdog, start_board
 
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
 # before training makes this a last resort, for resources taken between the check and the start.
@@ -54,9 +56,24 @@ def start_timeout_s(spec: RunSpec) -> float:
     return float(_USER_START_TIMEOUT) if _USER_START_TIMEOUT else max(MIN_START_TIMEOUT_S, spec.resource_wait_s)
 
 
-def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None):
+def _fit_watched(trainer, board, spec: RunSpec):
+    """`trainer.fit()` under the hang watchdog (train/watchdog.py) when there is a progress board, and the hangs it
+    ended (one line each; a run restarted after one completes). A run that ends because of a hang ends with its
+    line."""
+    if board is None:
+        return trainer.fit(), []
+    with Watchdog(board, spec.run_dir, spec.hang_timeout_s) as dog:
+        try:
+            return trainer.fit(), dog.lines
+        except Exception:
+            if dog.lines:  # Ray's error says a worker died; this says why (Ray's stays the context, for --debug)
+                raise RankHang(dog.lines[-1].removeprefix("hang: ")) from None
+            raise
+
+
+def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None):
     """The run's TorchTrainer. `progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for
-    the driver's console."""
+    the driver's console; `board`: the ranks' progress board (train/watchdog.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -71,6 +88,7 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
 
     config = {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
               "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
+              "progress_board": board,
               "plan": plan.record(),
               "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
     return TorchTrainer(
@@ -159,14 +177,13 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchRe
                 untrained = untrained_metrics(spec, train_args, task)
         progress = _progress_queue() if show_epochs else None
         write_record(plan)
-        trainer = build_trainer(plan, tracking, callbacks, progress)
-        if progress is not None:
-            with console.EpochPrinter(progress, train_args["epochs"]):
-                result = trainer.fit()
-        else:
-            result = trainer.fit()
+        board = start_board() if spec.hang_timeout_s != 0 else None
+        trainer = build_trainer(plan, tracking, callbacks, progress, board)
+        with console.EpochPrinter(progress, train_args["epochs"]) if progress is not None else nullcontext():
+            result, hangs = _fit_watched(trainer, board, spec)
         drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
+        summary["hangs"] = hangs
         if storage.is_uri(spec.storage_path):
             log_file = _published_log(spec, log_file)
         summary.update(wall_seconds=round(time.monotonic() - started, 1), log_file=log_file)

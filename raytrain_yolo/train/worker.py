@@ -404,17 +404,18 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         if rank == 0 and config.get("tracking") else (None, None)
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
-    trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
-    trainer.add_callback("on_train_batch_end", reporter.on_train_batch_end)
-    trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
-    trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
-    trainer.train()
+    progress = _hook(trainer, config.get("progress_board"), rank, scratch, meter, reporter)
+    try:
+        trainer.train()
+    finally:
+        if progress:
+            progress.close()
     if logger:
         to_mlflow.flush()
         logger.log_outputs(trainer)
         if logger.unsent():
             print(f"mlflow: never reached the tracking server: {', '.join(logger.unsent())}", flush=True)
-    gathered = _gather_facts(trainer, reporter, rank, world_size)
+    gathered = _gather_facts(trainer, reporter, rank, world_size, progress.figures() if progress else {})
     if rank != 0:
         return None
     return {
@@ -428,6 +429,22 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         "data": data_yaml,
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
     }
+
+
+def _hook(trainer, board, rank: int, scratch: Scratch, meter: ThroughputMeter, reporter: Reporter):
+    """Hang the run's callbacks on the trainer: this rank's progress marks first (watchdog: its `on_fit_epoch_end`
+    mark comes before the checkpoint's upload), then the throughput meter and the reporter. Returns the progress
+    (None without a board: --hang-timeout 0)."""
+    from raytrain_yolo.train.watchdog import RankProgress
+
+    progress = RankProgress(board, rank, scratch.fresh("progress") / "stacks.txt") if board is not None else None
+    for event, fn in (progress.callbacks().items() if progress else ()):
+        trainer.add_callback(event, fn)
+    trainer.add_callback("on_train_epoch_start", meter.on_train_epoch_start)
+    trainer.add_callback("on_train_batch_end", reporter.on_train_batch_end)
+    trainer.add_callback("on_train_epoch_end", reporter.on_train_epoch_end)
+    trainer.add_callback("on_fit_epoch_end", reporter.on_fit_epoch_end)
+    return progress
 
 
 def _finished_already(spec: RunSpec, state: dict[str, Any], save_dir: Path, data_yaml: str, rank: int,
@@ -496,8 +513,10 @@ def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer,
     return logger, to_mlflow
 
 
-def _gather_facts(trainer, reporter: Reporter, rank: int, world_size: int) -> list[dict[str, Any]]:
-    """Every rank's device, host and parameter digest, gathered on every rank (a collective of all)."""
+def _gather_facts(trainer, reporter: Reporter, rank: int, world_size: int,
+                  figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's device, host, parameter digest and step/data-wait `figures` (watchdog.RankProgress), gathered
+    on every rank (a collective of all)."""
     from raytrain_yolo.train.adapter import unwrap
 
     facts = {
@@ -509,6 +528,7 @@ def _gather_facts(trainer, reporter: Reporter, rank: int, world_size: int) -> li
         "loss_scale": trainer.world_size,
         "params_sha256": params_digest(unwrap(trainer.model)),
         "samples": reporter.samples,
+        **figures,
     }
     gathered = [facts]
     if world_size > 1:
