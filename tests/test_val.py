@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import KillFirst, refused_in_process, run_cli
@@ -38,16 +39,20 @@ def test_val_cli_on_two_workers_equals_ultralytics(task_run, tmp_path):
     # every image's entries, as Ultralytics writes them (the shards' files are merged, none overwrites another).
     # And plots=True: Ultralytics' plots of its first three batches (here one worker has batches 0 and 2, the other
     # batch 1), and the curves and confusion matrix from the merged statistics.
-    outputs = ("save_json=True", "save_txt=True", "save_conf=True", "plots=True")
+    # On split=test (a data.yaml whose test: entry is the val images): outputs on any split, as Ultralytics'.
+    outputs = ("save_json=True", "save_txt=True", "save_conf=True", "plots=True", "split=test")
+    spec = yaml.safe_load((here / "data.yaml").read_text())
+    (here / "with-test.yaml").write_text(yaml.safe_dump({**spec, "test": spec["val"]}))
     proc = run_cli("val", "--cpu", "--num-workers", 2, "--storage-path", tmp_path, "--name", "v", "--output", out,
-                   f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=data.yaml", "batch=6", *outputs,
+                   f"model={os.path.relpath(s['last_checkpoint'], here)}", "data=with-test.yaml", "batch=6", *outputs,
                    timeout=300, cwd=here)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got == json.loads((tmp_path / "v" / "val.json").read_text())
-    assert got["workers"] == 2 and got["images"] == 16 and got["split"] == "val" and got["task"] == "detect"
+    assert got["workers"] == 2 and got["images"] == 16 and got["split"] == "test" and got["task"] == "detect"
     theirs, m = ultralytics_val(s, batch=6, save_json=True, save_txt=True, save_conf=True, plots=True,
-                                project=str(tmp_path / "theirs"), name="u")
+                                data=str(here / "with-test.yaml"), split="test", project=str(tmp_path / "theirs"),
+                                name="u")
     assert_same_metrics(got["metrics"], theirs)
     mine, their_dir = tmp_path / "v" / "ultralytics", tmp_path / "theirs" / "u"
     assert got["outputs"]["predictions_json"] == str(mine / "predictions.json")

@@ -34,8 +34,10 @@ def test_a_slow_rank_that_progresses_holds_no_hang_and_a_stopped_one_is_named():
     frozen = {0: rank(idle=50.0), 1: rank(idle=45.0, silent=10 * BEAT_S), 2: rank(idle=70.0)}
     assert stopped_rank(frozen) == 1
     assert stopped_rank({0: rank(idle=50.0), 2: rank(idle=70.0)}) == 2
-    # A rank still setting up (dataset, caching) is never judged.
+    # A rank still setting up (dataset, caching), or past its last epoch (rank 0 uploading the final weights), is
+    # never judged.
     assert hung({0: rank(idle=1e4), 1: rank(phase="setup", idle=1e4)}, 30.0) is None
+    assert hung({0: rank(phase="end", idle=1e4), 1: rank(idle=1e4)}, 30.0) is None
 
 
 def test_the_default_timeout_follows_the_slowest_pause_seen():

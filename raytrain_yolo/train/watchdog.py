@@ -23,7 +23,8 @@ group's timeout (3 hours, Ultralytics' default), and nothing says which rank or 
 The timeout: `--hang-timeout SECONDS`, else the larger of `HANG_FLOOR_S` (10 minutes) and `GAP_MULTIPLE` times the
 longest pause between two progress marks any rank has shown (the slowest step, validation batch or checkpoint
 upload); `--hang-timeout 0` turns it off. A rank still setting up (building its dataset, caching images, before its
-first batch) is not judged: there the process group's timeout stays the guard.
+first batch) or past its last epoch (rank 0 uploading the final weights) is not judged: there the process group's
+timeout stays the guard.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ BEAT_S = 2.0  # how often each rank reports
 HANG_FLOOR_S = 600.0
 GAP_MULTIPLE = 5
 STACK_SIGNAL = signal.SIGUSR2  # faulthandler's dump of every thread's Python stack (Ray uses neither SIGUSR)
+# Phases not judged: building the dataset and caching images before the first batch, and the run's end (rank 0
+# uploads the final weights to MLflow, with MLflow's own patience, while the others wait in the last collective).
+UNJUDGED = ("setup", "end")
 SILENT_BEATS = 3  # a rank that missed this many reports is not running (frozen, or its node is gone)
 
 
@@ -156,7 +160,7 @@ def hung(states: dict[int, dict[str, Any]], asked: float | None) -> float | None
     """The hang timeout when the ranks' `states` (ProgressBoard.read) are a hang, else None: every rank is past its
     setup and none has progressed for the timeout. One rank progressing, however slowly, holds the others in its
     collectives: no hang."""
-    if not states or any(s["phase"] == "setup" for s in states.values()):
+    if not states or any(s["phase"] in UNJUDGED for s in states.values()):
         return None
     timeout = hang_timeout_s(states, asked)
     return timeout if min(s["idle_s"] for s in states.values()) > timeout else None
