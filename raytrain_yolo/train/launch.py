@@ -62,13 +62,18 @@ def _fit_watched(trainer, board, spec: RunSpec):
     line."""
     if board is None:
         return trainer.fit(), []
-    with Watchdog(board, spec.run_dir, spec.hang_timeout_s) as dog:
-        try:
-            return trainer.fit(), dog.lines
-        except Exception:
-            if dog.lines:  # Ray's error says a worker died; this says why (Ray's stays the context, for --debug)
-                raise RankHang(dog.lines[-1].removeprefix("hang: ")) from None
-            raise
+    import ray
+
+    try:
+        with Watchdog(board, spec.run_dir, spec.hang_timeout_s) as dog:
+            try:
+                return trainer.fit(), dog.lines
+            except Exception:
+                if dog.lines:  # Ray's error says a worker died; this says why (Ray's stays the context, for --debug)
+                    raise RankHang(dog.lines[-1].removeprefix("hang: ")) from None
+                raise
+    finally:
+        ray.kill(board)  # a library caller's process runs many launches: no board outlives its run
 
 
 def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None):
