@@ -153,11 +153,19 @@ class ModelActor:
     """Model stage: one Ultralytics predictor per actor; images grouped by letterboxed shape, one call per group."""
 
     def __init__(self, weights: Weights, args: dict, task: str, ledger, labels: dict | None = None):
+        import tempfile
+
+        import ray
+
         from raytrain_yolo.train.adapter import BatchPredictor
 
         self.predict, self.schema, self.ledger = BatchPredictor(weights.local(), args), schema(task), ledger
-        self.labels = labels  # save_txt: {"dir": <output>/_labels, "bases": {path: Ultralytics' file stem}}
+        # save_txt: where the label files go (<output>/_labels), each source file's Ultralytics stem (label_stems,
+        # put in the object store once by the driver), and a scratch file for `Results.save_txt` to write.
+        self.labels_dir = labels["dir"] if labels else None
+        self.stems = ray.get(labels["stems"]) if labels else {}
         self.save_conf = bool(args.get("save_conf"))
+        self.scratch = tempfile.TemporaryDirectory(prefix="raytrain-yolo-txt-") if labels else None
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -175,7 +183,7 @@ class ModelActor:
             for i, r in zip(idx, results):
                 frame = int(frames[i]) or None  # a video's frame number, from 1; None for an image
                 rows += [{"image": r.path, "frame": frame, **row} for row in result_rows(r)]
-                if self.labels:
+                if self.labels_dir:
                     self._save_txt(r, frame)
         if len(paths):
             videos = int(np.count_nonzero(frames))
@@ -183,18 +191,15 @@ class ModelActor:
             ray.get(self.ledger.add_call.remote(first, len(paths) - videos, videos, len(rows)))
         return pa.Table.from_pylist(rows, schema=self.schema)
 
-
     def _save_txt(self, result, frame: int | None) -> None:
         """Ultralytics' `save_txt` file of one image or video frame (`Results.save_txt`: its lines, its name),
         written under `<output>/_labels/`; none for an image without objects, as Ultralytics writes none."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="raytrain-yolo-txt-") as tmp:
-            txt = Path(result.save_txt(f"{tmp}/labels.txt", save_conf=self.save_conf))
-            if not txt.is_file():
-                return
-            stem = self.labels["bases"][result.path] + ("" if frame is None else f"_{frame}")
-            storage.write_text(f"{self.labels['dir']}/{stem}.txt", txt.read_text())
+        txt = Path(self.scratch.name) / "labels.txt"
+        txt.unlink(missing_ok=True)  # save_txt appends
+        result.save_txt(str(txt), save_conf=self.save_conf)
+        if txt.is_file():
+            stem = self.stems[result.path] + ("" if frame is None else f"_{frame}")
+            storage.write_text(f"{self.labels_dir}/{stem}.txt", txt.read_text())
 
 
 def label_stems(paths: list[str]) -> dict[str, str]:
@@ -304,7 +309,8 @@ def predict(model: str, source: str | list[str], output: str | None = None, scal
     storage.write_text(f"{out}/{IN_PROGRESS}", json.dumps({"model": job.model, "source": str(source)}))
     start = time.perf_counter()
     ledger = ray.remote(Ledger).options(**on_this_node()).remote()  # a lost worker node must not take the count
-    labels = {"dir": f"{out}/{LABELS}", "bases": label_stems([src.prefix + p for p in src.images] + src.videos)} \
+    labels = {"dir": f"{out}/{LABELS}", "stems": ray.put(label_stems([src.prefix + p for p in src.images] +
+                                                                       src.videos))} \
         if overrides.get("save_txt") else None
     _pipeline(job, src, overrides, batch, ledger, labels).write_parquet(out, ray_remote_args={"num_cpus": LIGHT_CPUS})
     seconds = time.perf_counter() - start

@@ -289,7 +289,7 @@ class ShardValidatorMixin:
 
     def init_metrics(self, model):
         super().init_metrics(model)
-        self._ends, self._marks = [], []
+        self._ends, self._marks, self._plot_threads = [], [], []
         if self.shard and getattr(self, "eval_ids", None) is not None:  # the dataset index of each image it sees
             self.eval_ids = [i for b in self._batch_ids for i in self._batches[b]]
 
@@ -320,8 +320,7 @@ class ShardValidatorMixin:
 
         before = set(threading.enumerate())
         plot(*args, **kwargs)
-        self._plot_threads = [*getattr(self, "_plot_threads", []),
-                              *(t for t in threading.enumerate() if t not in before)]
+        self._plot_threads += [t for t in threading.enumerate() if t not in before]
 
     def _json_lengths(self) -> tuple[int, int, int, int]:
         gdict = self.gdict if getattr(self, "build_gdict", False) else None
@@ -339,7 +338,7 @@ class ShardValidatorMixin:
                         "annotations": gdict["annotations"][start[3]:end[3]] if gdict else []}
             start = end
         labels = {f.name: f.read_text() for f in (self.save_dir / "labels").glob("*.txt")} if self.args.save_txt else {}
-        for thread in getattr(self, "_plot_threads", []):
+        for thread in self._plot_threads:
             thread.join()
         plots = {f.name: f.read_bytes() for f in self.save_dir.glob("val_batch*")} if self.args.plots else {}
         return {"json": parts, "labels": labels, "plots": plots}

@@ -141,7 +141,8 @@ def _worker_spec(spec: RunSpec) -> dict[str, Any]:
     """The spec as the workers receive it, with the tracking URI's credentials masked: rank 0 reaches MLflow
     through `tracking` (_by_reference), and nothing else on a worker reads the URI."""
     d = spec.to_dict()
-    d["tracking"]["uri"] = storage.redact(d["tracking"]["uri"] or "") or d["tracking"]["uri"]
+    if d["tracking"]["uri"]:
+        d["tracking"]["uri"] = storage.redact(d["tracking"]["uri"])
     return d
 
 
