@@ -215,18 +215,62 @@ def test_a_restart_puts_best_pt_back_beside_the_weights(tmp_path):
     assert not any(p.exists() for p in (Path(state["restored_dir"]), Path(other["restored_dir"])))
 
 
-def test_restart_wait_sets_how_many_worker_group_starts_may_time_out(monkeypatch):
-    """A fixed-size run with --max-failures waits --restart-wait for a lost node's replacement, in worker-group
-    start timeouts; without --max-failures it waits for none (the check before training waited as the user
-    allowed); an elastic run keeps Ray's unlimited starts. The multi-node test runs the slow replacement itself."""
+def test_restart_wait_bounds_each_restart_not_the_run(monkeypatch):
+    """--restart-wait is per restart: a fixed-size run with --max-failures gets Ray's unlimited count of timed-out
+    worker-group starts and a RestartClock, fed here the controller's states as Ray Train's controller changes them
+    (the multi-node test runs three slow replacements for real). Three restarts that each wait 50 s of a 60-s limit
+    (150 s, and 15 timed-out 10-s starts, more than one limit's worth) go on; a fourth that waits 60 s ends the run
+    in one line; starts that fail at once are bounded too. Without --max-failures, or with --restart-wait 0, no
+    start may time out (the check before training waited as the user allowed); an elastic run keeps Ray's unlimited
+    starts."""
     from raytrain_yolo.train import launch
-    from raytrain_yolo.train.launch import start_attempts
+    from raytrain_yolo.train.launch import restart_clock, start_attempts
+    from raytrain_yolo.train.restarts import RestartClock, RestartWaitExceeded
 
     monkeypatch.setattr(launch, "_USER_START_TIMEOUT", None)  # Ray Train's start timeout: 60 s, as by default
-    assert start_attempts(RunSpec(max_failures=1)) == 10  # the default: 600 s
-    assert start_attempts(RunSpec(max_failures=1, restart_wait_s=90)) == 2
-    assert start_attempts(RunSpec(max_failures=0)) == 0
-    assert start_attempts(RunSpec(max_failures=1, scaling=ScalingSpec(num_workers=2, min_workers=1))) == -1
+    assert start_attempts(RunSpec(max_failures=1)) == -1 and restart_clock(RunSpec(max_failures=1)).wait_s == 600
+    assert restart_clock(RunSpec(max_failures=1, restart_wait_s=90)).max_tries == 2  # 60-s tries
+    for spec in (RunSpec(max_failures=0), RunSpec(max_failures=1, restart_wait_s=0)):
+        assert start_attempts(spec) == 0 and restart_clock(spec) is None
+    elastic = RunSpec(max_failures=1, scaling=ScalingSpec(num_workers=2, min_workers=1))
+    assert start_attempts(elastic) == -1 and restart_clock(elastic) is None
+
+    from ray.train.v2._internal.execution.controller import state as ray_states
+
+    from raytrain_yolo.train import restarts
+
+    now = [0.0]
+    monkeypatch.setattr(restarts.time, "monotonic", lambda: now[0])
+
+    def to(clock: RestartClock, name: str, seconds: float = 0.0) -> None:  # the controller changes its state
+        now[0] += seconds
+        cls = getattr(ray_states, f"{name.title()}State")
+        clock.after_controller_state_update(None, cls(*[None] * (cls.__init__.__code__.co_argcount - 1)))
+
+    clock = RestartClock(wait_s=60, start_timeout_s=10)
+
+    def wait(timeouts: int) -> None:  # a group lost while running, then `timeouts` start tries time out
+        to(clock, "RESTARTING")
+        for _ in range(timeouts):
+            to(clock, "SCHEDULING")
+            to(clock, "RESCHEDULING", 10)
+        to(clock, "SCHEDULING")
+
+    for name in ("INITIALIZING", "SCHEDULING", "RUNNING"):
+        to(clock, name)
+    for _ in range(3):
+        wait(5)
+        to(clock, "RUNNING")
+    assert clock.restarts == 3
+    with pytest.raises(RestartWaitExceeded, match=r"^the workers of restart 4 were not placed within --restart-wait "
+                                                  r"60 s \(60 s, 6 worker-group start tries of 10 s failed\).*"
+                                                  r"raise --restart-wait"):
+        wait(6)
+    quick = RestartClock(wait_s=60, start_timeout_s=10)
+    to(quick, "SCHEDULING")
+    with pytest.raises(RestartWaitExceeded, match="the first start .* 6 worker-group start tries"):
+        for _ in range(6):  # starts that fail at once (their workers cannot start): as many as fit in the wait
+            to(quick, "RESCHEDULING", 0.1)
     with pytest.raises(UserError, match=r"--restart-wait -1 must be 0 or more seconds"):
         from raytrain_yolo.plan.request import check_run
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ SMALL = ("--cpu", "--synthetic-train", 32, "--synthetic-val", 8, f"epochs={EPOCH
 BUCKET = "raytrain"
 S3_RUNS = f"s3://{BUCKET}/runs"  # the runs' --storage-path, where not the shared folder
 ONE_WORKER = "Started training worker group of size 1"  # Ray Train's controller log line
+TWO_WORKERS = "Started training worker group of size 2"
 # Epoch 1 on two workers (the checkpoint node 2's loss restarts from), at least one on one worker (waited for),
 # and two left for the group to grow back on when node 2 returns.
 EPOCHS_ELASTIC = 4
@@ -532,3 +534,34 @@ def kill_node_2_worker_before_the_first_checkpoint(cluster, fit, log: Path, run_
     victim = wait_for(lambda: train_workers(cluster.node_pids(2)), 30, what="node 2's worker")[0]
     os.kill(victim, signal.SIGKILL)
     return victim
+
+
+def test_each_of_three_slow_node_replacements_gets_its_own_restart_wait(cluster):
+    """--restart-wait applies to each restart (issue 39): a fixed-size run (2 workers on the two 1-CPU nodes,
+    `--max-failures 3`, 5-s worker-group start tries, `--restart-wait 20`) loses node 2 three times, each time as
+    soon as Ray has placed the restarted group, for 16 s: each restart waits out two or three timed-out starts until
+    node 2 is back and Ray places the group again. The run completes on both nodes. Ray's own count of timed-out
+    starts over the whole run (`controller_failure_limit`), which --restart-wait set until 2026-12-07, allowed 4
+    and would have ended the run at the second or third replacement: the controller's log shows more."""
+    storage, name, timeout_s, wait_s = str(cluster.shared / "runs"), "slow3", 5, 20
+    log = cluster.dir / f"{name}.log"
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={shared_data(cluster)}", "batch=16", "imgsz=64",
+           f"epochs={EPOCHS}", "--num-workers", 2, "--max-failures", 3, "--restart-wait", wait_s,
+           "--storage-path", storage, "--name", name, "--no-tracking", "--verbose")  # --verbose: Ray's log lines
+    fit = cluster.start_on_head(*cmd, log_path=log, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(timeout_s)})
+    try:
+        for lost in range(3):
+            wait_for(lambda: log.read_text().count(TWO_WORKERS) > lost or fit.poll() is not None, 300, interval=0.2,
+                     what="a placed worker group")
+            keep_node_2_down(cluster, fit, log, name, storage, 16)
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert text.count(TWO_WORKERS) == 4, "three restarts after the first group"
+    check_two_nodes(cluster, check_stored_run(cluster, name, EPOCHS, storage, restarted=False))
+    timed_out = text.count("Source: controller")  # Ray's failure policy: one line per retried start
+    print(f"three slow replacements: {timed_out} timed-out worker-group starts")
+    assert timed_out > math.ceil(wait_s / timeout_s), text[-4000:]

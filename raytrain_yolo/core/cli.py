@@ -81,8 +81,8 @@ def _ray_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
                        help="wait this long for an autoscaling cluster to have the workers' CPUs/GPUs "
                        "(default 0: a request the cluster cannot meet fails at once)")
     ray_g.add_argument("--restart-wait", type=float, metavar="SECONDS",
-                       help="with --max-failures: how long restarts wait, in all over the run, for their workers "
-                       "to be placed again, e.g. while an autoscaler replaces a lost node (default 600)")
+                       help="with --max-failures: how long each restart waits for its workers to be placed again, "
+                       "e.g. while an autoscaler replaces a lost node (default 600; 0: not at all)")
     ray_g.add_argument("--hang-timeout", type=float, metavar="SECONDS",
                        help="when no rank has progressed for this long, name the rank that stopped, write every "
                        "rank's Python stack under the run's folder and end the worker group (restarted under "

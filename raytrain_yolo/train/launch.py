@@ -7,7 +7,6 @@ it checks nothing itself. Nothing else builds a TorchTrainer.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -21,6 +20,7 @@ from raytrain_yolo.core.config import RunSpec
 from raytrain_yolo.core.tracking import RunTracker, client_settings, failed_on_error
 from raytrain_yolo.data import sync
 from raytrain_yolo.plan.run_plan import RunPlan, write_record
+from raytrain_yolo.train.restarts import RestartClock, RestartWaitExceeded
 from raytrain_yolo.train.watchdog import RankHang, Watchdog, start_board
 
 # Ray Train waits this long for its workers to be placed, then fails (it retried forever by default). The check
@@ -39,15 +39,21 @@ class LaunchResult:
 
 def start_attempts(spec: RunSpec) -> int:
     """Ray Train's `controller_failure_limit`: how many worker-group starts may time out (each after
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run ends. Elastic runs: unlimited (Ray's default; they start
-    with what is there and grow). Without --max-failures: none (the check before training waited as
-    --wait-for-resources allowed). With it: as many as fit in --restart-wait, so a restart outlasts a node's
-    replacement (minutes) and then ends the run in one line."""
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run ends, over the whole run. Elastic runs: unlimited (Ray's
+    default; they start with what is there and grow). Without --max-failures, or with --restart-wait 0: none (the
+    check before training waited as --wait-for-resources allowed). With them: unlimited for Ray, and `restart_clock`
+    bounds each restart's wait by --restart-wait."""
     if spec.scaling.min_workers:
         return -1
-    if spec.max_failures == 0:
-        return 0
-    return max(0, math.ceil(spec.restart_wait_s / start_timeout_s(spec)))
+    return -1 if restart_clock(spec) else 0
+
+
+def restart_clock(spec: RunSpec) -> RestartClock | None:
+    """The controller callback that ends a restart waiting longer than --restart-wait for its workers
+    (train/restarts.py): for fixed-size runs with --max-failures and a --restart-wait above 0."""
+    if spec.scaling.min_workers or spec.max_failures == 0 or spec.restart_wait_s <= 0:
+        return None
+    return RestartClock(spec.restart_wait_s, start_timeout_s(spec))
 
 
 def start_timeout_s(spec: RunSpec) -> float:
@@ -61,19 +67,30 @@ def _fit_watched(trainer, board, spec: RunSpec):
     ended (one line each; a run restarted after one completes). A run that ends because of a hang ends with its
     line."""
     if board is None:
-        return trainer.fit(), []
+        return _fit(trainer), []
     import ray
 
     try:
         with Watchdog(board, spec.run_dir, spec.hang_timeout_s) as dog:
             try:
-                return trainer.fit(), dog.lines
+                return _fit(trainer), dog.lines
             except Exception:
                 if dog.lines:  # Ray's error says a worker died; this says why (Ray's stays the context, for --debug)
                     raise RankHang(dog.lines[-1].removeprefix("hang: ")) from None
                 raise
     finally:
         ray.kill(board)  # a library caller's process runs many launches: no board outlives its run
+
+
+def _fit(trainer):
+    """`trainer.fit()`; a run that RestartClock ended raises its one line (Ray wraps it in a ControllerError)."""
+    try:
+        return trainer.fit()
+    except Exception as e:
+        failure = getattr(e, "controller_failure", None)
+        if isinstance(failure, RestartWaitExceeded):
+            raise RestartWaitExceeded(str(failure)) from None
+        raise
 
 
 def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None):
@@ -121,7 +138,7 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
                 checkpoint_score_order="max",
             ),
             worker_runtime_env={"env_vars": worker_env()},
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *filter(None, [restart_clock(spec)])],
         ),
     )
 
