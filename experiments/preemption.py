@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -97,13 +98,29 @@ def measure(cluster, images: int, deadline: int, replace: float) -> dict:
             os.killpg(fit.pid, signal.SIGKILL)
     text = log.read_text()
     summary = json.loads((Path(storage) / name / "summary.json").read_text()) if rc == 0 else {}
+    twice, per_epoch = steps_trained_twice((Path(storage) / name / "run.log").read_text(errors="replace"), summary)
     epoch_s = statistics.median(h["throughput/epoch_seconds"] for h in summary.get("history", [])
                                 if h.get("throughput/epoch_seconds")) if summary else None
     return {"rc": rc, "last_line": text.strip().splitlines()[-1] if text.strip() else "",
-            "resumed_from_epoch": summary.get("resumed_from_epoch"), "epoch_s": epoch_s,
+            "resumed_from_epoch": summary.get("resumed_from_epoch"), "resumed_from_step": summary.get("resumed_from_step"),
+            "epoch_s": epoch_s,
             "checkpoint_before_loss": before[1], "lost_s": lost - before[0],
             "lost_epochs": (lost - before[0]) / epoch_s if epoch_s else None,
-            "notice_to_end_s": ended - noticed, "wall_s": summary.get("wall_seconds")}
+            "notice_to_end_s": ended - noticed, "wall_s": summary.get("wall_seconds"), "twice": twice,
+            "per_epoch": per_epoch}
+
+
+def steps_trained_twice(run_log: str, summary: dict) -> tuple[int | None, int | None]:
+    """Rank 0's steps of the interrupted epoch that the lost group trained past the checkpoint the run resumed from
+    (read from Ultralytics' progress bar in run.log, before the resume), and the steps per epoch."""
+    if not summary.get("resumed_from_epoch"):
+        return None, None
+    epoch, epochs = summary["resumed_from_epoch"] + 1, len(summary["history"])
+    before = run_log[:run_log.rfind("Resuming training")]
+    bars = re.findall(rf"\s{epoch}/{epochs}\s+[\d.]+G\s[^\r\n\x1b]*?\s(\d+)/(\d+)\s", before)
+    if not bars:
+        return 0, None
+    return max(int(k) for k, _ in bars) - int(summary.get("resumed_from_step") or 0), int(bars[-1][1])
 
 
 def main() -> int:
@@ -120,11 +137,13 @@ def main() -> int:
         r = measure(cluster, a.images, a.deadline, a.replace)
     finally:
         stop_cluster(cluster)
-    table = (f"| images | deadline | down | exit | resumed from epoch | median epoch | training lost | notice to end |\n"
-             f"| --- | --- | --- | --- | --- | --- | --- | --- |\n"
-             f"| {a.images} | {a.deadline} s | {a.replace:g} s | {r['rc']} | {r['resumed_from_epoch']} | "
-             f"{r['epoch_s'] or 0:.1f} s | {r['lost_s']:.1f} s ({r['lost_epochs'] or 0:.0%} of an epoch; last checkpoint "
-             f"before the loss: epoch {r['checkpoint_before_loss']}) | {r['notice_to_end_s']:.0f} s |\n")
+    table = (f"| images | deadline | down | exit | resumed after epoch, at step | median epoch | lost | "
+             f"notice to end |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+             f"| {a.images} | {a.deadline} s | {a.replace:g} s | {r['rc']} | {r['resumed_from_epoch']}, "
+             f"{r['resumed_from_step'] or '-'} | "
+             f"{r['epoch_s'] or 0:.1f} s | {r['twice']} of {r['per_epoch']} steps trained twice; {r['lost_s']:.1f} s "
+             f"from the last checkpoint to the loss ({r['lost_epochs'] or 0:.0%} of an epoch) | "
+             f"{r['notice_to_end_s']:.0f} s |\n")
     print(table + f"\nlast line: {r['last_line']}")  # the summary's rule when it passed, else the error
     out = ROOT / "experiments" / "results" / f"preemption-cpu-{time.strftime('%Y-%m-%d')}.md"
     failed = "" if r["rc"] == 0 else f"\n{r['last_line']}\n"

@@ -431,3 +431,56 @@ def test_credentials_inside_an_object_storage_uri_are_refused_first(module, argv
     line = refused_in_process(module, argv, capfd, monkeypatch)
     assert f"{flag} " in line and "holds credentials" in line and "AWS_ACCESS_KEY_ID" in line, line
     assert "s3cr3t" not in line, line
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_step_checkpoint_resumes_the_epoch_with_the_rest_of_its_batches_in_order(workers):
+    """train/preemption.py's sampler in Ultralytics' own train loader (InfiniteDataLoader, DistributedSampler for
+    rank 1 of 2), driven the way Ultralytics' loop drives it (`set_epoch(e)`, then one epoch of `len(loader)`
+    batches). With loader workers Ultralytics draws each epoch's pass before it calls that epoch's `set_epoch`, so
+    the StepSampler records which epoch's order each pass has. A loader resumed from a step checkpoint taken after 3
+    batches of epoch 2 yields exactly the 7 batches the uninterrupted run trained after them, in the same order, and
+    then the same epoch 3; its first epoch is that many batches shorter."""
+    import torch
+    from torch.utils.data.distributed import DistributedSampler
+    from ultralytics.data.build import InfiniteDataLoader
+
+    from raytrain_yolo.train.preemption import install
+
+    class Files(torch.utils.data.Dataset):
+        im_files = [f"{i}.jpg" for i in range(80)]
+
+        def __len__(self):
+            return len(self.im_files)
+
+        def __getitem__(self, i):
+            return {"im_file": self.im_files[i]}
+
+    def loader(resume=None):
+        sampler = DistributedSampler(Files(), num_replicas=2, rank=1, shuffle=True, seed=0)
+        dl = InfiniteDataLoader(Files(), batch_size=4, sampler=sampler, num_workers=workers,
+                                collate_fn=lambda b: {"im_file": [x["im_file"] for x in b]})
+        return dl, install(dl, Files.im_files, resume)
+
+    def epoch(dl, step, e):  # Ultralytics' loop: set_epoch, then the epoch's batches; the first names the pass
+        dl.sampler.set_epoch(e)
+        enumerate(dl)  # Ultralytics' loop makes one iterator on every rank and iterates another one on rank 0
+        batches = []
+        for b in dl:
+            if not batches:
+                step.first_batch(b["im_file"][0])
+            batches.append(b["im_file"])
+        return batches
+
+    dl, step = loader()
+    assert len(dl) == 10
+    straight = {e: epoch(dl, step, e) for e in (1, 2)}
+    order = step.current[0]  # the epoch whose order epoch 2's pass was drawn with
+    straight[3] = epoch(dl, step, 3)
+    assert order == (2 if workers == 0 else 1)
+    assert straight[2] != straight[3] and all(len(b) == 10 for b in straight.values())
+
+    resumed, step = loader({"step": 3, "order_epoch": order})
+    assert len(resumed) == 10  # Ultralytics' batch count (warmup, schedule) is the full epoch's
+    assert epoch(resumed, step, 2) == straight[2][3:]
+    assert epoch(resumed, step, 3) == straight[3]

@@ -576,3 +576,68 @@ def test_each_of_three_slow_node_replacements_gets_its_own_restart_wait(cluster)
     assert rc == 1 and text.count(TWO_WORKERS) == 4, text[-4000:]
     assert re.search(r"error: training failed: RestartWaitExceeded: the workers of restart 4 were not placed within "
                      r"--restart-wait 20 s \(2\d s, [34] worker-group start tries of 5 s failed\)", text), text[-3000:]
+
+
+NODE_ID = ("import ray, sys; ray.init(address='auto', logging_level='ERROR'); "
+           "print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerAddress'] == sys.argv[1]][0])")
+
+
+def node_id(cluster, node: int) -> str:
+    """Ray's id of worker node `node`."""
+    found = cluster.on_head(sys.executable, "-c", NODE_ID, cluster.node_ip(node), timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    return found.stdout.split()[-1]
+
+
+def preemption_notice(cluster, node: str, deadline_s: int) -> None:
+    """Ray's preemption notice for the node of id `node`, as Ray's autoscaler and KubeRay send it for a spot reclaim:
+    the node is drained and will be taken in `deadline_s` seconds (taking it is the caller's job)."""
+    drain = cluster.on_head(str(BIN / "ray"), "drain-node", "--node-id", node, "--reason",
+                            "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                            "--deadline-remaining-seconds", str(deadline_s), timeout=120)
+    assert drain.returncode == 0, drain.stdout[-2000:] + drain.stderr[-2000:]
+
+
+def test_a_preemption_notice_checkpoints_the_step_and_the_restart_resumes_there(cluster):
+    """Issue 41: node 2 gets a 15-s preemption notice in epoch 2 or 3 (of 4) of a fixed-size run (320 images: 20 steps per rank
+    and epoch; `--max-failures 2`, data and checkpoints on the shared folder) and is taken at the deadline. Before
+    the deadline Ray has registered a checkpoint at the step the ranks had reached (train/preemption.py; the ranks
+    ask Ray every 0.5 s here, Ray looks at drains every second), and the restarted group resumes at that step of
+    that epoch, not at its start: the summary names the step; each epoch once in the history and results.csv; the step
+    checkpoint is gone once the next epoch's is registered (the stored checkpoints are those Ray reports)."""
+    storage, name, epochs, deadline_s = str(cluster.shared / "runs"), "preempt", 4, 15
+    data = cluster.shared / "datasets" / "preempt"
+    if not data.exists():
+        src = ensure_synthetic(SyntheticSpec(train=320, val=8, imgsz=64)).parent
+        shutil.copytree(src, data)
+        (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
+    log = cluster.dir / f"{name}.log"
+    cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={data / 'data.yaml'}", "batch=16", "imgsz=64",
+           f"epochs={epochs}", "warmup_epochs=0", "--num-workers", 2, "--max-failures", 2, "--storage-path", storage,
+           "--name", name, "--no-tracking")
+    fit = cluster.start_on_head(*cmd, log_path=log, env={"RAYTRAIN_YOLO_PREEMPTION_CHECK_S": "0.5",
+                                                         "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
+
+    def latest() -> dict:
+        return ((snapshot(cluster, name, storage).get("latest_checkpoint_result") or {}).get("metrics") or {})
+
+    try:
+        node_2 = node_id(cluster, 2)
+        wait_for(lambda: latest().get("epoch", 0) >= 1 or fit.poll() is not None, 300, interval=0.2,
+                 what="epoch 1's checkpoint")
+        preemption_notice(cluster, node_2, deadline_s)
+        noticed = time.monotonic()
+        wait_for(lambda: latest().get("step") or fit.poll() is not None, deadline_s, interval=0.2,
+                 what="a checkpoint at the step, before the deadline")
+        step = latest()
+        assert fit.poll() is None and step["epoch"] >= 1 and 0 < step["step"] < 20, (step, log.read_text()[-3000:])
+        time.sleep(max(0.0, deadline_s - (time.monotonic() - noticed)))
+        keep_node_2_down(cluster, fit, log, name, storage, 3)
+        rc = fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            os.killpg(fit.pid, signal.SIGKILL)
+    assert rc == 0, log.read_text()[-4000:]
+    s = check_stored_run(cluster, name, epochs, storage)
+    assert (s["resumed_from_epoch"], s["resumed_from_step"]) == (step["epoch"], step["step"]), s
+    check_two_nodes(cluster, s)

@@ -13,7 +13,7 @@ from raytrain_yolo.core.errors import UserError
 WORKER_ENV_DEFAULTS = {"YOLO_OFFLINE": "1"}
 # The driver's values that every worker gets. Not GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME: an interface name is
 # a property of one machine (eth0 here, ens5 there), so each node's own environment (`ray start`'s) applies.
-WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR")
+WORKER_ENV_PASSTHROUGH = ("RAYTRAIN_YOLO_CACHE", "YOLO_CONFIG_DIR", "RAYTRAIN_YOLO_PREEMPTION_CHECK_S")
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first (ray.dashboard.utils)
 
 

@@ -25,6 +25,10 @@ What the subclass changes, and why (see also ../shared/notes/ultralytics-on-ray.
 - `final_eval`'s validation is skipped: its standalone validator assumes CUDA on DDP ranks and needs `best.pt` on
   every node; the per-epoch validation (distributed across ranks) already gives the final metrics. Its stripping of
   the final weights stays;
+- a preemption notice's checkpoint at the step (train/preemption.py): `save_step_checkpoint` runs Ultralytics' own
+  `save_model()` into the step checkpoint only (not `last.pt`, not `best.pt`), `optimizer_step` counts the steps
+  (one is taken only right after a step), the train loader's DistributedSampler is wrapped to resume an epoch at a
+  step in the same order, and `resume_training` starts such a checkpoint at its own epoch;
 - Ultralytics' own MLflow and Ray Tune callbacks are removed from this trainer (we log and report once, ourselves),
   without touching the user's global Ultralytics settings.
 - `keep_offline()`: with YOLO_OFFLINE set, Ultralytics still asks GitHub (a HEAD request) whether `Arial.ttf`
@@ -62,7 +66,7 @@ _NO_BUFFER_SYNC = (
 # Ultralytics trainer methods the mixins override or call: if a release renames one, training would go on
 # silently wrong (a CPU loss scaled by 0, a second process group), so trainer_class() refuses it up front.
 OVERRIDDEN = ("_setup_ddp", "_build_train_pipeline", "_setup_train", "final_eval", "get_dataloader",
-              "preprocess_batch", "resume_training", "_get_warmup_iterations")
+              "preprocess_batch", "resume_training", "_get_warmup_iterations", "optimizer_step", "save_model")
 # The image files Ultralytics' predictor takes from a folder or a list (suffixes, lower case, no dot).
 IMAGE_FORMATS = frozenset(IMG_FORMATS)
 # Tasks whose every trainable parameter gets a gradient each step, so DDP need not search for unused ones.
@@ -100,6 +104,10 @@ class RayTrainerMixin:
             LOGGER.warning("'rect=True' is incompatible with Multi-GPU training, setting 'rect=False'")
             self.args.rect = False
         self.traced_files: list[str] | None = None  # a list: note every trained batch's files (--trace-samples)
+        # Step checkpoints on a preemption notice (train/preemption.py): on when the worker sets `step_checkpoints`;
+        # `step_resume`: the step checkpoint's state this run resumes from.
+        self.step_checkpoints, self.step_resume, self.step_sampler = False, None, None
+        self.optimizer_steps, self.warmup_iterations = 0, -1
         self._ray_world_size = world_size
         # GPU: Ultralytics' own DDP wrap works once it knows the world size. CPU: wrap later ourselves.
         self.world_size = world_size if device.type != "cpu" else 0
@@ -132,11 +140,37 @@ class RayTrainerMixin:
             epochs = [self.epochs]
             dist.broadcast_object_list(epochs, src=0)
             self.epochs = self.args.epochs = epochs[0]
-        return super()._get_warmup_iterations(num_batches)
+        self.warmup_iterations = super()._get_warmup_iterations(num_batches)
+        return self.warmup_iterations
+
+    def optimizer_step(self):
+        super().optimizer_step()
+        self.optimizer_steps += 1  # every rank steps at the same batches: a step checkpoint is taken only after one
+
+    def resume_training(self, ckpt):
+        """A step checkpoint (train/preemption.py) holds the epoch in progress; Ultralytics resumes at the epoch
+        after the one a checkpoint holds, so it is handed the epoch before."""
+        if ckpt is not None and self.resume and self.step_resume:
+            ckpt = {**ckpt, "epoch": ckpt["epoch"] - 1}
+        super().resume_training(ckpt)
+
+    def save_step_checkpoint(self, path: Path) -> None:
+        """Ultralytics' own `save_model()` in the middle of an epoch (model, EMA, optimizer, scaler, epoch, early
+        stopping), written to `path` only: not to `last.pt` (the epoch's), not to `best.pt` (its fitness would be
+        the last validation's, not these weights'), and no `save_period` copy."""
+        kept, unused = (self.last, self.best, self.save_period), path.with_name(f"unused-{path.name}")
+        self.last, self.best, self.save_period = path, unused, -1
+        try:
+            self.save_model()
+        finally:
+            self.last, self.best, self.save_period = kept
+            unused.unlink(missing_ok=True)
 
     def preprocess_batch(self, batch):
         if self.traced_files is not None:
             self.traced_files.extend(batch["im_file"])
+        if self.step_sampler is not None and self.step_sampler.awaiting_first:
+            self.step_sampler.first_batch(batch["im_file"][0])
         return super().preprocess_batch(batch)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
@@ -147,7 +181,12 @@ class RayTrainerMixin:
         if rank == -1 or device_train or not (dist.is_available() and dist.is_initialized()):
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
         with torch_distributed_zero_first(RANK):  # RANK, not LOCAL_RANK: one writer per cluster
-            return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+            loader = super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+        if mode == "train" and self.step_checkpoints:
+            from raytrain_yolo.train.preemption import install
+
+            self.step_sampler = install(loader, loader.dataset.im_files, self.step_resume)
+        return loader
 
     def final_eval(self):
         """Ultralytics' final validation is skipped under Ray (see the module docstring); its stripping of the final

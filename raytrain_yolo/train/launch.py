@@ -82,6 +82,16 @@ def _fit_watched(trainer, board, spec: RunSpec):
         ray.kill(board)  # a library caller's process runs many launches: no board outlives its run
 
 
+def step_checkpoints(spec: RunSpec, callbacks) -> bool:
+    """Whether a preemption notice gets a checkpoint at the step (train/preemption.py): fit runs that restart
+    (--max-failures), of a fixed size, with Ray Train's preemption watcher on (its default). Not elastic runs (a
+    step's place in the epoch depends on the number of ranks), sweep trials (every report is a Tune result) or
+    throughput windows."""
+    watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
+    return callbacks is None and spec.max_failures > 0 and spec.window_steps == 0 and not spec.scaling.min_workers \
+        and watcher
+
+
 def _fit(trainer):
     """`trainer.fit()`; a run that RestartClock ended raises its one line (Ray wraps it in a ControllerError)."""
     try:
@@ -110,7 +120,7 @@ def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
 
     config = {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
               "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
-              "progress_board": board,
+              "progress_board": board, "step_checkpoints": step_checkpoints(spec, callbacks),
               "plan": plan.record(),
               "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
     return TorchTrainer(
@@ -321,6 +331,7 @@ def build_summary(spec, train_args, task, result, untrained) -> dict[str, Any]:
         # the group that trained the last epoch (an elastic run may end at another size than it started)
         "world_size": int(final.get("system/world_size") or len(ret.get("workers") or []) or spec.scaling.num_workers),
         "resumed_from_epoch": ret.get("resumed_from"),
+        "resumed_from_step": ret.get("resumed_from_step"),  # of the epoch after it: a preemption's step checkpoint
         "device": "cuda" if spec.scaling.use_gpu else "cpu",
         "device_name": ret.get("device_name"),
         "backend": spec.scaling.backend,

@@ -44,7 +44,7 @@ GAP_MULTIPLE = 5
 STACK_SIGNAL = signal.SIGUSR2  # faulthandler's dump of every thread's Python stack (Ray uses neither SIGUSR)
 # Phases not judged: building the dataset and caching images before the first batch, and the run's end (rank 0
 # uploads the final weights to MLflow, with MLflow's own patience, while the others wait in the last collective).
-UNJUDGED = ("setup", "end")
+UNJUDGED = ("setup", "end", "preempted")  # preempted: waiting, on purpose, for Ray to end the group (train/preemption)
 SILENT_BEATS = 3  # a rank that missed this many reports is not running (frozen, or its node is gone)
 
 

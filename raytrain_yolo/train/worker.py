@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -183,15 +184,43 @@ class Reporter:
                         strip_final(src, staged / src.name)
                     elif src.is_file():
                         shutil.copy2(src, staged / src.name)
-                state = {"epoch": metrics["epoch"], "history": self.history, "run": self.spec.name, "plan": self.plan,
-                         "stopped_early": self.stopped_early, "seeded_from": self.seeded_from}
-                (staged / STATE_FILE).write_text(json.dumps(state, default=float))
+                (staged / STATE_FILE).write_text(json.dumps(self._state(metrics["epoch"]), default=float))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
         for consumer in self.on_metrics:
             consumer(metrics, trainer)
+
+
+    def _state(self, epoch: int, step: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A checkpoint's state (STATE_FILE): epochs done, the history, ...; `step` in a step checkpoint."""
+        return {"epoch": epoch, "history": self.history, "run": self.spec.name, "plan": self.plan,
+                "stopped_early": self.stopped_early, "seeded_from": self.seeded_from, "step": step}
+
+    def report_step(self, trainer, step: dict[str, Any] | None) -> None:
+        """A checkpoint in the middle of epoch `trainer.epoch + 1` (train/preemption.py), on every rank (a collective):
+        `last.pt` as it is now and `step` (batches of the epoch trained, their order, the running loss) in its state.
+        Not an epoch: no history row, no console line, no MLflow epoch. Its fitness is -inf, so that Ray ranks it
+        below every epoch's and drops it at the next. `step` None (rank 0 could not tell the epoch's order): a
+        report without a checkpoint."""
+        metrics = {"epoch": trainer.epoch, "step": step["step"] if step else 0}
+        if self.rank != 0 or step is None:
+            ray.train.report(metrics)
+            return
+        staged = self.scratch.fresh("checkpoint")
+        try:
+            trainer.save_step_checkpoint(staged / "last.pt")
+            for src in (trainer.wdir / "best.pt", trainer.csv, trainer.save_dir / "args.yaml"):
+                if src.is_file():
+                    shutil.copy2(src, staged / src.name)
+            (staged / STATE_FILE).write_text(json.dumps(self._state(trainer.epoch, step), default=float))
+            ray.train.report({**metrics, "fitness": float("-inf")},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        print(f"preemption notice: checkpoint at step {step['step']} of epoch {trainer.epoch + 1}", flush=True,
+              file=sys.__stdout__)  # once: Ray Train's print patch would write it twice to the log
 
 
 def stopped_early(trainer, epoch: int, epochs: int) -> dict[str, Any]:
@@ -405,6 +434,11 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
     progress = _hook(trainer, config.get("progress_board"), rank, scratch, meter, reporter)
+    if trainer.step_checkpoints:
+        from raytrain_yolo.train.preemption import PreemptionSaver
+
+        PreemptionSaver(trainer, rank, world_size, reporter.report_step, progress.mark if progress else lambda _: None,
+                        trainer.step_resume)
     try:
         trainer.train()
     finally:
@@ -423,6 +457,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         "history": reporter.history,
         "images_per_second": meter.images_per_second,
         "resumed_from": state["epoch"] if state else None,
+        "resumed_from_step": (state.get("step") or {}).get("step") if state else None,
         "tracking_unsent": logger.unsent() if logger else [],
         "stopped_early": reporter.stopped_early,
         "save_dir": kept_save_dir(spec, trainer.save_dir),
@@ -472,6 +507,11 @@ def _ultralytics_trainer(config: dict[str, Any], spec: RunSpec, args: dict[str, 
     if state:
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
+    # A checkpoint at the step on a preemption notice (train/preemption.py): fit runs that restart, on more than one
+    # worker, on Ultralytics' loader; `step_resume`, the step checkpoint this run resumes.
+    trainer.step_checkpoints = bool(config.get("step_checkpoints")) and world_size > 1 and \
+        not spec.loader.startswith("device")
+    trainer.step_resume = {"epoch": state["epoch"], **state["step"]} if state and state.get("step") else None
     # The pre-train routine has read last.pt (model, optimizer, EMA, ...): its local copy is no longer needed.
     trainer.add_callback("on_pretrain_routine_end", lambda _: forget_restored(state))
     if spec.trace_samples:
