@@ -1,18 +1,20 @@
-"""What a spot preemption costs a fixed-size `fit` today, measured on the namespace cluster (issue 41, item 4).
+"""What a spot preemption costs a fixed-size `fit`, measured on the namespace cluster (issue 41, item 4).
 
     python experiments/preemption.py [--images 5000] [--deadline 20] [--replace 15]   # root; ~8 min on 2 cores
 
 The cluster of `cluster/local-multinode.sh` (tests/multinode.py): a 0-CPU head and two 1-CPU worker nodes, a
-shared folder. One `fit --cpu`, 2 gloo workers (one per node), `--max-failures 2`, data and checkpoints on the
-shared folder, no MLflow. Once the first epoch's checkpoint is registered and half of the next epoch has passed,
-node 2 gets Ray's preemption notice (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
---deadline-remaining-seconds DEADLINE`: what Ray's autoscaler and KubeRay send for a spot reclaim), is taken down
-(every process in it) at the deadline and comes back REPLACE seconds later (a replacement node). Ray Train's
-preemption watcher is on (Ray's default; the suite turns it off).
+shared folder. One `fit --cpu`, 2 gloo workers (one per node), 3 epochs, `warmup_epochs=0` (a notice in the warmup
+gets no step checkpoint), `--max-failures 2`, data and checkpoints on the shared folder, no MLflow. Once the first
+epoch's checkpoint is registered and a quarter of the time to it has passed again, node 2 gets Ray's preemption
+notice (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds DEADLINE`: what Ray's
+autoscaler and KubeRay send for a spot reclaim), is taken down (every process in it) at the deadline and comes back
+REPLACE seconds later (a replacement node). Ray Train's preemption watcher is on (Ray's default; the suite turns it
+off).
 
-Printed and written to results/preemption-cpu-<date>.md: the exit status; the epoch the restart resumed from;
-the training time lost, that is the time from the last checkpoint registered before the node went down to the
-loss, in seconds and as a fraction of the run's median epoch (the steps trained twice); and the time from the
+Printed and written to results/preemption-cpu-<date>.md: the exit status; the epoch and step the restart resumed
+from; the steps trained twice, that is rank 0's steps of the interrupted epoch that the lost group trained past the
+checkpoint the run resumed from (read from Ultralytics' progress bar in run.log); the time from the last checkpoint
+registered before the node's loss to the loss, also as a fraction of the run's median epoch; and the time from the
 notice to the end. Epochs must be longer than the deadline for the notice to fall inside one (the default 5000
 images of 64 px take about 52 s per epoch on this project's 2-core machine; 1600 images, 17 s, finished first).
 """
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import wait_for  # noqa: E402
 from multinode import start_cluster, stop_cluster, why_not_supported  # noqa: E402
-from test_multinode import latest_epoch  # noqa: E402
+from test_multinode import latest_epoch, snapshot  # noqa: E402
 
 from raytrain_yolo.core.config import SyntheticSpec  # noqa: E402
 from raytrain_yolo.data.synthetic import ensure_synthetic  # noqa: E402
@@ -56,17 +58,20 @@ def measure(cluster, images: int, deadline: int, replace: float) -> dict:
     storage, name = str(cluster.shared / "runs"), "preempted"
     log = cluster.dir / f"{name}.log"
     cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={data_on(cluster, images)}", "batch=16",
-           "imgsz=64", "epochs=3", "--num-workers", 2, "--max-failures", 2, "--storage-path", storage, "--name", name,
-           "--no-tracking", "--no-validate-untrained")
+           "imgsz=64", "epochs=3", "warmup_epochs=0", "--num-workers", 2, "--max-failures", 2,
+           "--storage-path", storage, "--name", name, "--no-tracking", "--no-validate-untrained")
     fit = cluster.start_on_head(*cmd, log_path=log)
-    checkpoints: list[tuple[float, int]] = []  # (when Ray registered it, as seen here; its epoch)
+    checkpoints: list[tuple[float, tuple]] = []  # (when Ray registered it, as seen here; its (epoch, step))
+
+    def latest() -> tuple:
+        m = (snapshot(cluster, name, storage).get("latest_checkpoint_result") or {}).get("metrics") or {}
+        return m.get("epoch", 0), m.get("step") or 0
 
     def watch(seconds: float) -> None:  # poll the registered checkpoints for `seconds`
         end = time.monotonic() + seconds
         while time.monotonic() < end and fit.poll() is None:
-            epoch = latest_epoch(cluster, name, storage)
-            if not checkpoints or epoch != checkpoints[-1][1]:
-                checkpoints.append((time.monotonic(), epoch))
+            if not checkpoints or latest() != checkpoints[-1][1]:
+                checkpoints.append((time.monotonic(), latest()))
             time.sleep(0.2)
 
     try:
@@ -74,7 +79,7 @@ def measure(cluster, images: int, deadline: int, replace: float) -> dict:
         wait_for(lambda: latest_epoch(cluster, name, storage) >= 1 or fit.poll() is not None, 900,
                  what="the first checkpoint")
         first_epoch_s = time.monotonic() - started
-        checkpoints.append((time.monotonic(), latest_epoch(cluster, name, storage)))
+        checkpoints.append((time.monotonic(), latest()))
         watch(max(5.0, first_epoch_s / 4))  # into the next epoch
         node = cluster.on_head(sys.executable, "-c", NODE_ID, cluster.node_ip(2), timeout=120)
         assert node.returncode == 0, node.stderr[-2000:]
@@ -102,8 +107,8 @@ def measure(cluster, images: int, deadline: int, replace: float) -> dict:
     epoch_s = statistics.median(h["throughput/epoch_seconds"] for h in summary.get("history", [])
                                 if h.get("throughput/epoch_seconds")) if summary else None
     return {"rc": rc, "last_line": text.strip().splitlines()[-1] if text.strip() else "",
-            "resumed_from_epoch": summary.get("resumed_from_epoch"), "resumed_from_step": summary.get("resumed_from_step"),
-            "epoch_s": epoch_s,
+            "resumed_from_epoch": summary.get("resumed_from_epoch"),
+            "resumed_from_step": summary.get("resumed_from_step"), "epoch_s": epoch_s,
             "checkpoint_before_loss": before[1], "lost_s": lost - before[0],
             "lost_epochs": (lost - before[0]) / epoch_s if epoch_s else None,
             "notice_to_end_s": ended - noticed, "wall_s": summary.get("wall_seconds"), "twice": twice,
@@ -120,7 +125,8 @@ def steps_trained_twice(run_log: str, summary: dict) -> tuple[int | None, int | 
     bars = re.findall(rf"\s{epoch}/{epochs}\s+[\d.]+G\s[^\r\n\x1b]*?\s(\d+)/(\d+)\s", before)
     if not bars:
         return 0, None
-    return max(int(k) for k, _ in bars) - int(summary.get("resumed_from_step") or 0), int(bars[-1][1])
+    # The bar is drawn before each step: its last count may be one short of the steps done.
+    return max(0, max(int(k) for k, _ in bars) - int(summary.get("resumed_from_step") or 0)), int(bars[-1][1])
 
 
 def main() -> int:
@@ -147,7 +153,8 @@ def main() -> int:
     print(table + f"\nlast line: {r['last_line']}")  # the summary's rule when it passed, else the error
     out = ROOT / "experiments" / "results" / f"preemption-cpu-{time.strftime('%Y-%m-%d')}.md"
     failed = "" if r["rc"] == 0 else f"\n{r['last_line']}\n"
-    out.write_text(f"# A spot preemption (experiments/preemption.py)\n\n{table}{failed}")
+    title = f"# A spot preemption (experiments/preemption.py, {time.strftime('%Y-%m-%d %H:%M')})"
+    out.write_text(f"{title}\n\n{table}{failed}")
     return 0 if r["rc"] == 0 else 1
 
 

@@ -599,22 +599,24 @@ def preemption_notice(cluster, node: str, deadline_s: int) -> None:
 
 
 def test_a_preemption_notice_checkpoints_the_step_and_the_restart_resumes_there(cluster):
-    """Issue 41: node 2 gets a 15-s preemption notice in epoch 2 or 3 (of 4) of a fixed-size run (320 images: 20 steps per rank
-    and epoch; `--max-failures 2`, data and checkpoints on the shared folder) and is taken at the deadline. Before
-    the deadline Ray has registered a checkpoint at the step the ranks had reached (train/preemption.py; the ranks
-    ask Ray every 0.5 s here, Ray looks at drains every second), and the restarted group resumes at that step of
-    that epoch, not at its start: the summary names the step; each epoch once in the history and results.csv; the step
-    checkpoint is gone once the next epoch's is registered (the stored checkpoints are those Ray reports)."""
-    storage, name, epochs, deadline_s = str(cluster.shared / "runs"), "preempt", 4, 15
+    """Issue 41: node 2 gets a 6-s preemption notice early in epoch 2 (of 3) of a fixed-size run (640 images: 40
+    steps per rank and epoch of about 10 s; `--max-failures 2`, `nbs=16`: an optimizer step every 2 batches; data and
+    checkpoints on the shared folder) and is taken at the deadline. Before the deadline Ray has registered a
+    checkpoint at the step the ranks had reached (train/preemption.py; the ranks ask Ray every 0.5 s here, Ray looks
+    at drains every second); training goes on, and a second one at a later step comes just before the deadline, after
+    which the ranks wait. The restarted group resumes at that step of epoch 2, not at its start: the summary names
+    the step; each epoch once in the history and results.csv; the step checkpoints are gone once the next epoch's is
+    registered (the stored checkpoints are those Ray reports)."""
+    storage, name, epochs, deadline_s, steps = str(cluster.shared / "runs"), "preempt", 3, 6, 40
     data = cluster.shared / "datasets" / "preempt"
     if not data.exists():
-        src = ensure_synthetic(SyntheticSpec(train=320, val=8, imgsz=64)).parent
+        src = ensure_synthetic(SyntheticSpec(train=steps * 16, val=8, imgsz=64)).parent
         shutil.copytree(src, data)
         (data / "data.yaml").write_text((src / "data.yaml").read_text().replace(f"path: {src}", f"path: {data}"))
     log = cluster.dir / f"{name}.log"
     cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={data / 'data.yaml'}", "batch=16", "imgsz=64",
-           f"epochs={epochs}", "warmup_epochs=0", "--num-workers", 2, "--max-failures", 2, "--storage-path", storage,
-           "--name", name, "--no-tracking")
+           f"epochs={epochs}", "warmup_epochs=0", "nbs=16", "--num-workers", 2, "--max-failures", 2,
+           "--storage-path", storage, "--name", name, "--no-tracking")
     fit = cluster.start_on_head(*cmd, log_path=log, env={"RAYTRAIN_YOLO_PREEMPTION_CHECK_S": "0.5",
                                                          "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
 
@@ -629,9 +631,12 @@ def test_a_preemption_notice_checkpoints_the_step_and_the_restart_resumes_there(
         noticed = time.monotonic()
         wait_for(lambda: latest().get("step") or fit.poll() is not None, deadline_s, interval=0.2,
                  what="a checkpoint at the step, before the deadline")
-        step = latest()
-        assert fit.poll() is None and step["epoch"] >= 1 and 0 < step["step"] < 20, (step, log.read_text()[-3000:])
+        first = latest()
+        assert fit.poll() is None and first["epoch"] == 1 and 0 < first["step"] < steps, (first,
+                                                                                          log.read_text()[-3000:])
         time.sleep(max(0.0, deadline_s - (time.monotonic() - noticed)))
+        step = latest()  # the last checkpoint before the deadline: at a later step, after which the ranks waited
+        assert step["epoch"] == 1 and first["step"] < step.get("step", 0) < steps, (first, step)
         keep_node_2_down(cluster, fit, log, name, storage, 3)
         rc = fit.wait(timeout=600)
     finally:

@@ -2,18 +2,21 @@
 
 Ray 2.60 turns a node's drain notice (a spot reclaim under Ray's autoscaler or KubeRay; `ray drain-node --reason
 DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` by hand) into `ray.train.get_preemption_info()` on every
-rank, a collective: each rank asks at the same steps. Here every rank asks after an optimizer step about every
-`RAYTRAIN_YOLO_PREEMPTION_CHECK_S` seconds (default 2; Ray looks at the drains every 5 s; one ask costs about 3 ms on
-CPU workers), the step count between asks taken from rank 0's step time of the last epoch and shared.
+rank, a collective: each rank asks at the same steps. Here every rank asks at the first optimizer step after about
+`RAYTRAIN_YOLO_PREEMPTION_CHECK_S` seconds of steps (default 2; Ray looks at the drains every 5 s; one ask costs
+about 3 ms on CPU workers), the number of batches taken from rank 0's step time in the last epoch and shared.
 
 On a notice, rank 0 saves a checkpoint of the epoch in progress: Ultralytics' own `save_model()` (model, EMA,
 optimizer, scaler, early stopping) at that step, with the step, the order of the epoch's batches and the running loss
-in its state. Then every rank waits: the work after the checkpoint would be lost with the node anyway. Ray Train
-restarts the group at the deadline (or when the node is gone) and resumes from that checkpoint: Ultralytics' resume
-starts at the interrupted epoch (not after it), the sampler gives the rest of that epoch's batches in the same order,
-the epoch's training loss combines both parts, and Ultralytics' learning rate schedule, EMA and optimizer state go on
-from where they were. Only fit runs with `--max-failures` and more than one worker on Ultralytics' loader, from their
-second epoch on and past the warmup; elsewhere a preemption costs what any node loss costs.
+in its state (the node may go before its deadline). Training goes on (an epoch that ends meanwhile checkpoints as
+always), and at the last ask before the deadline (when the next ask, counting an epoch's end on the way, and a
+checkpoint, counted twice, could come after it: rank 0 decides for all) a second step checkpoint is taken, after
+which every rank waits for the group's end: work after it would be lost with the node. Ray Train restarts the
+group at the deadline (or when the node is gone) and resumes from the latest checkpoint: Ultralytics' resume starts
+at the interrupted epoch (not after it), the sampler gives the rest of that epoch's batches in the same order, the
+epoch's training loss combines both parts, and Ultralytics' learning rate schedule, EMA and optimizer state go on
+from where they were. Only fit runs of a fixed size with `--max-failures` and more than one worker on Ultralytics'
+loader, from their second epoch on and past the warmup; elsewhere a preemption costs what any node loss costs.
 
 What differs from a run never preempted, as with Ultralytics' own resume at an epoch's start: the first optimizer step
 after the resume applies the batches since the resume only (with `accumulate` > 1), augmentation draws differ, and
@@ -112,12 +115,16 @@ class PreemptionSaver:
         self.rank, self.world_size, self.report_step, self.mark = rank, world_size, report_step, mark
         self.resume = resume  # {"epoch", "step", "order_epoch", "tloss"}: the step checkpoint this run resumed from
         self.every = 1  # batches between asks, the same on every rank
+        self.since = 0  # batches since the last ask
         self.batches = 0  # of the epoch in progress, skipped ones included
         self.trained = 0  # of the epoch in progress, by this attempt
         self.stepped = 0  # the trainer's optimizer steps at the last batch's end
         self.step_s = 0.0  # rank 0's mean training step in the last epoch
         self.epoch_started = 0.0
-        self.saved = False
+        self.deadline: float | None = None  # when the noticed node goes (time.time(), rank 0's view)
+        self.save_s = 0.0  # the longest step checkpoint so far, seconds
+        self.epoch_end_s, self.epoch_ended = 0.0, 0.0  # the last epoch's validation and checkpoint (s); its start
+        self.saved = False  # the last checkpoint before the deadline is taken: no more asks
         for event in ("on_train_epoch_start", "on_train_batch_end", "on_train_epoch_end"):
             trainer.add_callback(event, getattr(self, event))
 
@@ -127,18 +134,24 @@ class PreemptionSaver:
         every = [max(1, math.floor(CHECK_EVERY_S / self.step_s)) if self.step_s else 1]
         if self.world_size > 1:
             dist.broadcast_object_list(every, src=0)
+        if self.epoch_ended:
+            self.epoch_end_s = time.monotonic() - self.epoch_ended
         resumed = self.resume is not None and trainer.epoch == int(self.resume["epoch"])
-        self.every, self.batches, self.trained = every[0], int(self.resume["step"]) if resumed else 0, 0
+        self.every, self.batches, self.trained, self.since = every[0], int(self.resume["step"]) if resumed else 0, 0, 0
         self.epoch_started, self.stepped = time.monotonic(), trainer.optimizer_steps
         trainer.step_sampler.awaiting_first = True
 
     def eligible(self, trainer) -> bool:
-        """The same answer on every rank: after an optimizer step, every `every` batches, from the second epoch on and
-        once the whole epoch is past the warmup (a resume restarts Ultralytics' step count at the epoch's start)."""
+        """The same answer on every rank: at the first optimizer step once `every` batches have passed since the last
+        ask, from the second epoch on, once the whole epoch is past the warmup (a resume restarts Ultralytics' step
+        count at the epoch's start), and before the epoch's last batch."""
         stepped, self.stepped = trainer.optimizer_steps > self.stepped, trainer.optimizer_steps
-        nb = len(trainer.train_loader)
-        return (trainer.step_sampler is not None and stepped and self.batches % self.every == 0 and trainer.epoch >= 1
-                and trainer.epoch * nb > trainer.warmup_iterations and not self.saved)
+        self.since += 1
+        if trainer.step_sampler is None or self.saved or not stepped or self.since < self.every:
+            return False
+        self.since = 0
+        nb = len(trainer.train_loader)  # at an epoch's last batch its own checkpoint comes next
+        return trainer.epoch >= 1 and trainer.epoch * nb > trainer.warmup_iterations and self.batches < nb
 
     def on_train_batch_end(self, trainer) -> None:
         import ray.train
@@ -146,29 +159,48 @@ class PreemptionSaver:
         self.batches, self.trained = self.batches + 1, self.trained + 1
         if not self.eligible(trainer):
             return
-        info = ray.train.get_preemption_info()
+        info = ray.train.get_preemption_info()  # rank 0's, on every rank
         if info is None:
             return
-        self.saved = True
-        order = trainer.step_sampler.current
+        if self.deadline is None:  # the notice: a checkpoint now (the node may go before its deadline), train on
+            self.deadline = info.deadline_ms / 1000 if info.deadline_ms else time.time() + NO_DEADLINE_WAIT_S
+            self._save(trainer)
+        elif self._last_chance(trainer):  # the last ask before the deadline: a checkpoint, then wait for the loss
+            self._save(trainer)
+            self.saved = True
+            self._wait()
+
+    def _last_chance(self, trainer) -> bool:
+        """Rank 0's answer, on every rank: whether the next ask (after `every` batches and up to `accumulate` more to
+        the next optimizer step, and the epoch's validation and checkpoint when the epoch ends before it) and a
+        checkpoint after it, the checkpoint counted twice, could come after the deadline."""
+        ahead = self.every + trainer.accumulate
+        gap = ahead * self.step_s + (self.epoch_end_s if len(trainer.train_loader) - self.batches <= ahead else 0.0)
+        last = [time.time() + gap + 2 * self.save_s >= self.deadline]
+        if self.world_size > 1:
+            dist.broadcast_object_list(last, src=0)
+        return bool(last[0])
+
+    def _save(self, trainer) -> None:
+        started, order = time.monotonic(), trainer.step_sampler.current
         self.report_step(trainer, None if order is None else {
             "step": self.batches, "order_epoch": order[0],
             "tloss": {k: float(v) for k, v in (trainer.tloss or {}).items()}})
-        self._wait(info.deadline_ms)
+        self.save_s = max(self.save_s, time.monotonic() - started)
 
-    def _wait(self, deadline_ms: int | None) -> None:
+    def _wait(self) -> None:
         """Until Ray Train ends this group (at the notice's deadline or the node's loss); a group still here a minute
         after the deadline goes on training (the notice was withdrawn and Ray kept the group)."""
         self.mark("preempted")
-        end = (deadline_ms / 1000 if deadline_ms else time.time() + NO_DEADLINE_WAIT_S) + AFTER_DEADLINE_S
-        while time.time() < end:
+        while time.time() < self.deadline + AFTER_DEADLINE_S:
             time.sleep(1.0)
         self.mark("step")
 
     def on_train_epoch_end(self, trainer) -> None:
         """The step time for the next epoch's asks; the resumed epoch's training loss over all its batches (the part
         before the checkpoint and the rest)."""
-        self.step_s = (time.monotonic() - self.epoch_started) / max(self.trained, 1)
+        self.epoch_ended = time.monotonic()
+        self.step_s = (self.epoch_ended - self.epoch_started) / max(self.trained, 1)
         if self.resume is None or trainer.epoch != int(self.resume["epoch"]) or not trainer.tloss:
             return
         nb, done, before = len(trainer.train_loader), int(self.resume["step"]), self.resume["tloss"]
