@@ -152,6 +152,9 @@ class RayTrainerMixin:
         after the one a checkpoint holds, so it is handed the epoch before."""
         if ckpt is not None and self.resume and self.step_resume:
             ckpt = {**ckpt, "epoch": ckpt["epoch"] - 1}
+            if self.step_sampler is None:  # no distributed order to skip in: the epoch again, from its start
+                LOGGER.warning(f"resuming epoch {ckpt['epoch'] + 2} from its start, not at its step "
+                               f"{self.step_resume['step']}: this loader cannot skip its first batches")
         super().resume_training(ckpt)
 
     def save_step_checkpoint(self, path: Path) -> None:
@@ -182,7 +185,7 @@ class RayTrainerMixin:
             return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
         with torch_distributed_zero_first(RANK):  # RANK, not LOCAL_RANK: one writer per cluster
             loader = super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
-        if mode == "train" and self.step_checkpoints:
+        if mode == "train" and (self.step_checkpoints or self.step_resume):
             from raytrain_yolo.train.preemption import install
 
             self.step_sampler = install(loader, loader.dataset.im_files, self.step_resume)

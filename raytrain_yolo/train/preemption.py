@@ -147,7 +147,8 @@ class PreemptionSaver:
         count at the epoch's start), and before the epoch's last batch."""
         stepped, self.stepped = trainer.optimizer_steps > self.stepped, trainer.optimizer_steps
         self.since += 1
-        if trainer.step_sampler is None or self.saved or not stepped or self.since < self.every:
+        if not trainer.step_checkpoints or trainer.step_sampler is None or self.saved or not stepped or \
+                self.since < self.every:
             return False
         self.since = 0
         nb = len(trainer.train_loader)  # at an epoch's last batch its own checkpoint comes next
@@ -201,7 +202,8 @@ class PreemptionSaver:
         before the checkpoint and the rest)."""
         self.epoch_ended = time.monotonic()
         self.step_s = (self.epoch_ended - self.epoch_started) / max(self.trained, 1)
-        if self.resume is None or trainer.epoch != int(self.resume["epoch"]) or not trainer.tloss:
+        if self.resume is None or trainer.epoch != int(self.resume["epoch"]) or not trainer.tloss or \
+                trainer.step_sampler is None:  # no sampler: the epoch was trained again from its start
             return
         nb, done, before = len(trainer.train_loader), int(self.resume["step"]), self.resume["tloss"]
         trainer.tloss = {k: (before[k] * done + v * (nb - done)) / nb if k in before else v

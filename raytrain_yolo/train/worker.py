@@ -434,7 +434,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if rank == 0 and config.get("progress") is not None:
         reporter.on_metrics.append(_to_console(config["progress"]))
     progress = _hook(trainer, config.get("progress_board"), rank, scratch, meter, reporter)
-    if trainer.step_checkpoints:
+    if trainer.step_checkpoints or trainer.step_resume:
         from raytrain_yolo.train.preemption import PreemptionSaver
 
         PreemptionSaver(trainer, rank, world_size, reporter.report_step, progress.mark if progress else lambda _: None,
