@@ -599,7 +599,7 @@ def preemption_notice(cluster, node: str, deadline_s: int) -> None:
 
 
 def test_a_preemption_notice_checkpoints_the_step_and_the_restart_resumes_there(cluster):
-    """Issue 41: node 2 gets a 6-s preemption notice early in epoch 2 (of 3) of a fixed-size run (640 images: 40
+    """Issue 41: node 2 gets a 6-s preemption notice early in epoch 2 (the last) of a fixed-size run (640 images: 40
     steps per rank and epoch of about 10 s; `--max-failures 2`, `nbs=16`: an optimizer step every 2 batches; data and
     checkpoints on the shared folder) and is taken at the deadline. Before the deadline Ray has registered a
     checkpoint at the step the ranks had reached (train/preemption.py; the ranks ask Ray every 0.5 s here, Ray looks
@@ -607,7 +607,7 @@ def test_a_preemption_notice_checkpoints_the_step_and_the_restart_resumes_there(
     which the ranks wait. The restarted group resumes at that step of epoch 2, not at its start: the summary names
     the step; each epoch once in the history and results.csv; the step checkpoints are gone once the next epoch's is
     registered (the stored checkpoints are those Ray reports)."""
-    storage, name, epochs, deadline_s, steps = str(cluster.shared / "runs"), "preempt", 3, 6, 40
+    storage, name, epochs, deadline_s, steps = str(cluster.shared / "runs"), "preempt", 2, 6, 40
     data = cluster.shared / "datasets" / "preempt"
     if not data.exists():
         src = ensure_synthetic(SyntheticSpec(train=steps * 16, val=8, imgsz=64)).parent

@@ -44,11 +44,12 @@ def check_one_finished_run(uri: str, summary: dict, name: str, epochs: int, work
 
 
 def test_run_killed_mid_way_is_marked_failed(tmp_path):
-    """A worker frozen (SIGSTOP) after the first checkpoint with --max-failures 0 (until issue 41 it was SIGKILLed:
-    a frozen one left the run silent for the process group's 3 hours): within --hang-timeout plus a minute the
-    watchdog names it and kills it, and the run ends: exit 1 with that line, and the MLflow run FAILED. On the
-    session's shared head (once a local Ray of its own, ~5 s more; the worker is found by its Ray process title
-    among the head's processes)."""
+    """Issue 41 on a real run: a worker slowed down after the first checkpoint (stopped 4 s of every 5 for 15 s,
+    --hang-timeout 20) is left alone; then frozen (SIGSTOP) with --max-failures 0 (until issue 41 a frozen one
+    left the run silent for the process group's 3 hours, and this test SIGKILLed it): within --hang-timeout plus a
+    minute the watchdog names it and kills it, and the run ends: exit 1 with that line, and the MLflow run FAILED.
+    On the session's shared head (once a local Ray of its own, ~5 s more; the worker is found by its Ray process
+    title among the head's processes)."""
     import time
 
     import psutil
@@ -64,6 +65,12 @@ def test_run_killed_mid_way_is_marked_failed(tmp_path):
     try:
         wait_for(lambda: list((tmp_path / "dies").glob("checkpoint_*")), 300, what="the first checkpoint")
         pids = wait_for(lambda: train_workers(shared_head_pids()), 30, what="worker pids")
+        for _ in range(3):  # slowed down (stopped 4 s of every 5) but progressing: never taken for a hang
+            os.kill(pids[-1], signal.SIGSTOP)
+            time.sleep(4)
+            os.kill(pids[-1], signal.SIGCONT)
+            time.sleep(1)
+        assert fit.poll() is None and "hang:" not in log.read_text(), log.read_text()[-3000:]
         os.kill(pids[-1], signal.SIGSTOP)
         frozen = time.monotonic()
         rc = fit.wait(timeout=300)
