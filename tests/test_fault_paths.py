@@ -484,3 +484,23 @@ def test_a_step_checkpoint_resumes_the_epoch_with_the_rest_of_its_batches_in_ord
     assert len(resumed) == 10  # Ultralytics' batch count (warmup, schedule) is the full epoch's
     assert epoch(resumed, step, 2) == straight[2][3:]
     assert epoch(resumed, step, 3) == straight[3]
+
+
+def test_a_finished_run_resumed_sends_mlflow_the_epochs_it_lacks(tmp_path):
+    """A run stopped after its last checkpoint was registered and before its end (Ctrl-C of a sweep, a lost driver)
+    had never logged its last epoch: rank 0 holds each epoch's metrics until Ray registered its checkpoint, and the
+    last one until the end. The resume finds the run finished and trains nothing; it now sends MLflow (a real sqlite
+    store) the epochs the checkpoint's history has and the run lacks, each once. test_hpo's Ctrl-C test met this."""
+    from mlflow.tracking import MlflowClient
+
+    from raytrain_yolo.core.tracking import EpochLogger
+    from raytrain_yolo.train.worker import _log_missed_epochs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("finished")).info.run_id
+    history = [{"epoch": 1, "lr/pg0": 0.1, "fitness": 0.2}, {"epoch": 2, "lr/pg0": 0.05, "fitness": 0.3}]
+    EpochLogger(uri, run).log_epoch(history[0])  # what the attempt logged before it was stopped
+    _log_missed_epochs({"tracking": {"uri": uri, "run_id": run, "client_settings": None}}, {"history": history}, None)
+    for key in ("lr/pg0", "fitness"):
+        assert sorted(m.step for m in client.get_metric_history(run, key)) == [1, 2], key

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -539,43 +538,33 @@ def kill_node_2_worker_before_the_first_checkpoint(cluster, fit, log: Path, run_
 
 def test_each_of_three_slow_node_replacements_gets_its_own_restart_wait(cluster):
     """--restart-wait applies to each restart (issue 39): a fixed-size run (2 workers on the two 1-CPU nodes,
-    `--max-failures 4`, 5-s worker-group start tries, `--restart-wait 20`) loses node 2 three times, each time as
+    `--max-failures 3`, 5-s worker-group start tries, `--restart-wait 20`) loses node 2 three times, each time as
     soon as Ray has placed the restarted group, for 16 s: each restart waits out two or three timed-out starts until
-    node 2 is back and Ray places the group again. Ray's own count of timed-out starts over the whole run
-    (`controller_failure_limit`), which --restart-wait set until 2026-12-07, allowed 4 and ended the run at the
-    second or third replacement: the controller's log shows more. Then node 2 is lost for good: the fourth restart
-    ends the run, exit 1, with one line naming it and the limit."""
+    node 2 is back and Ray places the group again. The run completes on both nodes. Ray's own count of timed-out
+    starts over the whole run (`controller_failure_limit`), which --restart-wait set until 2026-12-07, allowed 4
+    and ended the run at the second or third replacement: the controller's log shows more. (A restart past the
+    limit ends the run in one line: test_fault_paths, on Ray's controller states.)"""
     storage, name, timeout_s, wait_s = str(cluster.shared / "runs"), "slow3", 5, 20
     log = cluster.dir / f"{name}.log"
     cmd = (sys.executable, "-m", "raytrain_yolo.fit", "--cpu", f"data={shared_data(cluster)}", "batch=16", "imgsz=64",
-           f"epochs={EPOCHS}", "--num-workers", 2, "--max-failures", 4, "--restart-wait", wait_s,
+           f"epochs={EPOCHS}", "--num-workers", 2, "--max-failures", 3, "--restart-wait", wait_s,
            "--storage-path", storage, "--name", name, "--no-tracking", "--verbose")  # --verbose: Ray's log lines
     fit = cluster.start_on_head(*cmd, log_path=log, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(timeout_s)})
-
-    def placed(groups: int) -> None:
-        wait_for(lambda: log.read_text().count(TWO_WORKERS) >= groups or fit.poll() is not None, 300, interval=0.2,
-                 what="a placed worker group")
-
     try:
         for lost in range(3):
-            placed(lost + 1)
+            wait_for(lambda: log.read_text().count(TWO_WORKERS) > lost or fit.poll() is not None, 300, interval=0.2,
+                     what="a placed worker group")
             keep_node_2_down(cluster, fit, log, name, storage, 16)
-        placed(4)
-        slow = log.read_text().count("Source: controller")  # Ray's failure policy: one line per retried start
-        assert cluster.script("node-down", "2").returncode == 0
-        try:
-            rc = fit.wait(timeout=300)
-        finally:
-            assert cluster.script("node-up", "2").returncode == 0
+        rc = fit.wait(timeout=600)
     finally:
         if fit.poll() is None:
             os.killpg(fit.pid, signal.SIGKILL)
     text = log.read_text()
-    print(f"three slow replacements: {slow} timed-out worker-group starts")
-    assert slow > math.ceil(wait_s / timeout_s), text[-4000:]
-    assert rc == 1 and text.count(TWO_WORKERS) == 4, text[-4000:]
-    assert re.search(r"error: training failed: RestartWaitExceeded: the workers of restart 4 were not placed within "
-                     r"--restart-wait 20 s \(2\d s, [34] worker-group start tries of 5 s failed\)", text), text[-3000:]
+    assert rc == 0, text[-4000:]
+    assert text.count(TWO_WORKERS) == 4, "three restarts after the first group"
+    check_two_nodes(cluster, check_stored_run(cluster, name, EPOCHS, storage, restarted=False))
+    timed_out = text.count("Source: controller")  # Ray's failure policy: one line per retried start
+    assert timed_out > math.ceil(wait_s / timeout_s), text[-4000:]
 
 
 NODE_ID = ("import ray, sys; ray.init(address='auto', logging_level='ERROR'); "

@@ -424,6 +424,8 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     """Ultralytics' training on this worker, from the restored `state` when there is one. Ends with a collective
     of every rank (the caller then removes the run's scratch folder). Rank 0 returns the run's outcome."""
     if state and (state["epoch"] >= args["epochs"] or state.get("stopped_early")):  # finished, no summary yet
+        if rank == 0 and config.get("tracking"):
+            _log_missed_epochs(config, state, seeded_from(spec, state))
         return _finished_already(spec, state, save_dir, data_yaml, rank, world_size)
     trainer = _ultralytics_trainer(config, spec, args, save_dir, state, world_size, device)
     meter = ThroughputMeter(window_steps=spec.window_steps)
@@ -527,6 +529,20 @@ def seeded_from(spec: RunSpec, state: dict[str, Any] | None) -> dict[str, Any] |
     if state.get("run", spec.name) == spec.name:
         return state.get("seeded_from")
     return {"run": state["run"], "epoch": int(state["epoch"])}
+
+
+def _log_missed_epochs(config: dict[str, Any], state: dict[str, Any], seed: dict[str, Any] | None) -> None:
+    """A run whose last checkpoint was registered before its summary (the driver or the sweep was stopped after
+    it): MLflow gets the epochs it lacks from that checkpoint's history. The attempt that trained the last epoch
+    holds its metrics until the end of the run (AfterRegistration), so it may never have logged them."""
+    from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
+
+    t = config["tracking"]
+    if isinstance(t, ray.ObjectRef):
+        t = ray.get(t)
+    use_client_settings(t.get("client_settings"))
+    EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress"))).sync_history(
+        [h for h in state["history"] if not seed or h["epoch"] > seed["epoch"]])
 
 
 def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter,
