@@ -37,14 +37,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import wait_for  # noqa: E402
 from multinode import start_cluster, stop_cluster, why_not_supported  # noqa: E402
-from test_multinode import latest_epoch, snapshot  # noqa: E402
+from test_multinode import latest_epoch, node_id, preemption_notice, snapshot  # noqa: E402
 
 from raytrain_yolo.core.config import SyntheticSpec  # noqa: E402
 from raytrain_yolo.data.synthetic import ensure_synthetic  # noqa: E402
-
-NODE_ID = ("import ray, sys; ray.init(address='auto', logging_level='ERROR'); "
-           "print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerAddress'] == sys.argv[1]][0])")
-
 
 def data_on(cluster, images: int) -> Path:
     src = ensure_synthetic(SyntheticSpec(train=images, val=16, imgsz=64)).parent
@@ -81,12 +77,7 @@ def measure(cluster, images: int, deadline: int, replace: float) -> dict:
         first_epoch_s = time.monotonic() - started
         checkpoints.append((time.monotonic(), latest()))
         watch(max(5.0, first_epoch_s / 4))  # into the next epoch
-        node = cluster.on_head(sys.executable, "-c", NODE_ID, cluster.node_ip(2), timeout=120)
-        assert node.returncode == 0, node.stderr[-2000:]
-        drain = cluster.on_head(str(Path(sys.executable).parent / "ray"), "drain-node", "--node-id",
-                                node.stdout.split()[-1], "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-                                "spot reclaim", "--deadline-remaining-seconds", str(deadline), timeout=120)
-        assert drain.returncode == 0, drain.stdout[-2000:] + drain.stderr[-2000:]
+        preemption_notice(cluster, node_id(cluster, 2), deadline)
         noticed = time.monotonic()
         watch(deadline - (time.monotonic() - noticed))
         down = cluster.script("node-down", "2")

@@ -475,7 +475,7 @@ def test_a_step_checkpoint_resumes_the_epoch_with_the_rest_of_its_batches_in_ord
     dl, step = loader()
     assert len(dl) == 10
     straight = {e: epoch(dl, step, e) for e in (1, 2)}
-    order = step.current[0]  # the epoch whose order epoch 2's pass was drawn with
+    order = step.current  # the epoch whose order epoch 2's pass was drawn with
     straight[3] = epoch(dl, step, 3)
     assert order == (2 if workers == 0 else 1)
     assert straight[2] != straight[3] and all(len(b) == 10 for b in straight.values())

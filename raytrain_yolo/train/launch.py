@@ -84,12 +84,13 @@ def _fit_watched(trainer, board, spec: RunSpec):
 
 def step_checkpoints(spec: RunSpec, callbacks) -> bool:
     """Whether a preemption notice gets a checkpoint at the step (train/preemption.py): fit runs that restart
-    (--max-failures), of a fixed size, with Ray Train's preemption watcher on (its default). Not elastic runs (a
-    step's place in the epoch depends on the number of ranks), sweep trials (every report is a Tune result) or
-    throughput windows."""
+    (--max-failures), of a fixed size above one worker, on Ultralytics' loader (its DistributedSampler's order),
+    with Ray Train's preemption watcher on (its default). Not elastic runs (a step's place in the epoch depends on
+    the number of ranks), sweep trials (every report is a Tune result) or throughput windows."""
     watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
-    return callbacks is None and spec.max_failures > 0 and spec.window_steps == 0 and not spec.scaling.min_workers \
-        and watcher
+    fixed = not spec.scaling.min_workers and (spec.scaling.num_workers or 0) > 1
+    return callbacks is None and spec.max_failures > 0 and spec.window_steps == 0 and fixed and watcher \
+        and not spec.loader.startswith("device")
 
 
 def _fit(trainer):

@@ -46,8 +46,8 @@ class StepSampler:
 
     def __init__(self, inner, batch_size: int, files: list[str], resume: tuple[int, int] | None = None):
         self.inner, self.batch_size, self.files, self.resume = inner, batch_size, files, resume
-        self.drawn: list[tuple[int, str, int]] = []  # (order epoch, first file, batches skipped) per pass, oldest first
-        self.current: tuple[int, int] | None = None  # (order epoch, batches skipped) of the epoch in progress
+        self.drawn: list[tuple[int, str]] = []  # (order epoch, first file) per pass drawn, oldest first
+        self.current: int | None = None  # the order epoch of the epoch in progress's pass
         self.awaiting_first = False  # the epoch in progress has not shown its first batch yet
 
     def __len__(self) -> int:
@@ -62,14 +62,14 @@ class StepSampler:
             indices = list(iter(self.inner))[skip * self.batch_size:]
         finally:
             self.inner.set_epoch(kept)
-        self.drawn.append((epoch, self.files[indices[0]] if indices else "", skip))
+        self.drawn.append((epoch, self.files[indices[0]] if indices else ""))
         return iter(indices)
 
     def first_batch(self, first_file: str) -> None:
         """The epoch in progress trains on the pass whose first file this is (passes left behind are dropped)."""
         while self.drawn and self.drawn[0][1] != first_file:
             self.drawn.pop(0)
-        self.current = self.drawn.pop(0)[::2] if self.drawn else None
+        self.current = self.drawn.pop(0)[0] if self.drawn else None
         self.awaiting_first = False
 
 
@@ -111,8 +111,8 @@ class PreemptionSaver:
     """The trainer's callbacks for one rank (see the module's text). `report_step(trainer, step)`: the Reporter's
     step checkpoint (a collective of all ranks); `mark(phase)`: this rank's progress mark for the hang watchdog."""
 
-    def __init__(self, trainer, rank: int, world_size: int, report_step, mark, resume: dict[str, Any] | None):
-        self.rank, self.world_size, self.report_step, self.mark = rank, world_size, report_step, mark
+    def __init__(self, trainer, world_size: int, report_step, mark, resume: dict[str, Any] | None):
+        self.world_size, self.report_step, self.mark = world_size, report_step, mark
         self.resume = resume  # {"epoch", "step", "order_epoch", "tloss"}: the step checkpoint this run resumed from
         self.every = 1  # batches between asks, the same on every rank
         self.since = 0  # batches since the last ask
@@ -185,7 +185,7 @@ class PreemptionSaver:
     def _save(self, trainer) -> None:
         started, order = time.monotonic(), trainer.step_sampler.current
         self.report_step(trainer, None if order is None else {
-            "step": self.batches, "order_epoch": order[0],
+            "step": self.batches, "order_epoch": order,
             "tloss": {k: float(v) for k, v in (trainer.tloss or {}).items()}})
         self.save_s = max(self.save_s, time.monotonic() - started)
 

@@ -192,7 +192,6 @@ class Reporter:
         for consumer in self.on_metrics:
             consumer(metrics, trainer)
 
-
     def _state(self, epoch: int, step: dict[str, Any] | None = None) -> dict[str, Any]:
         """A checkpoint's state (STATE_FILE): epochs done, the history, ...; `step` in a step checkpoint."""
         return {"epoch": epoch, "history": self.history, "run": self.spec.name, "plan": self.plan,
@@ -439,7 +438,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     if trainer.step_checkpoints or trainer.step_resume:
         from raytrain_yolo.train.preemption import PreemptionSaver
 
-        PreemptionSaver(trainer, rank, world_size, reporter.report_step, progress.mark if progress else lambda _: None,
+        PreemptionSaver(trainer, world_size, reporter.report_step, progress.mark if progress else lambda _: None,
                         trainer.step_resume)
     try:
         trainer.train()
@@ -509,10 +508,9 @@ def _ultralytics_trainer(config: dict[str, Any], spec: RunSpec, args: dict[str, 
     if state:
         overrides.update(resume=state["last_pt"], save_dir=str(save_dir))
     trainer = Trainer(overrides=overrides, device=device, world_size=world_size)
-    # A checkpoint at the step on a preemption notice (train/preemption.py): fit runs that restart, on more than one
-    # worker, on Ultralytics' loader; `step_resume`, the step checkpoint this run resumes.
-    trainer.step_checkpoints = bool(config.get("step_checkpoints")) and world_size > 1 and \
-        not spec.loader.startswith("device")
+    # A checkpoint at the step on a preemption notice (train/preemption.py; launch.step_checkpoints says where);
+    # `step_resume`, the step checkpoint this run resumes.
+    trainer.step_checkpoints = bool(config.get("step_checkpoints"))
     trainer.step_resume = {"epoch": state["epoch"], **state["step"]} if state and state.get("step") else None
     # The pre-train routine has read last.pt (model, optimizer, EMA, ...): its local copy is no longer needed.
     trainer.add_callback("on_pretrain_routine_end", lambda _: forget_restored(state))
@@ -535,14 +533,24 @@ def _log_missed_epochs(config: dict[str, Any], state: dict[str, Any], seed: dict
     """A run whose last checkpoint was registered before its summary (the driver or the sweep was stopped after
     it): MLflow gets the epochs it lacks from that checkpoint's history. The attempt that trained the last epoch
     holds its metrics until the end of the run (AfterRegistration), so it may never have logged them."""
+    _rank0_logger(config).sync_history(_own_epochs(state["history"], seed))
+
+
+def _rank0_logger(config: dict[str, Any]):
+    """Rank 0's MLflow EpochLogger for the run `config["tracking"]` names (launch._by_reference: a reference, so
+    that the values stay out of Ray Train's exported config)."""
     from raytrain_yolo.core.tracking import EpochLogger, use_client_settings
 
     t = config["tracking"]
     if isinstance(t, ray.ObjectRef):
         t = ray.get(t)
     use_client_settings(t.get("client_settings"))
-    EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress"))).sync_history(
-        [h for h in state["history"] if not seed or h["epoch"] > seed["epoch"]])
+    return EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
+
+
+def _own_epochs(history: list[dict[str, Any]], seed: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The run's own epochs in a checkpoint's history: not those up to the PBT donor's `seed`."""
+    return [h for h in history if not seed or h["epoch"] > seed["epoch"]]
 
 
 def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer, reporter: Reporter,
@@ -552,17 +560,13 @@ def _epoch_logger(config: dict[str, Any], state: dict[str, Any] | None, trainer,
     of each): a run resumed after its driver was lost before rank 0 logged them has them. A run `seed`ed from
     another run's checkpoint (a PBT exploit) says so on its MLflow run (`raytrain_yolo.cloned_from`: `run@epoch`,
     one per exploit) and logs only the epochs it trained: the epochs up to the seed are the donor's, not its own."""
-    from raytrain_yolo.core.tracking import AfterRegistration, EpochLogger, use_client_settings
+    from raytrain_yolo.core.tracking import AfterRegistration
 
-    t = config["tracking"]
-    if isinstance(t, ray.ObjectRef):  # launch._by_reference: the values stay out of Ray Train's exported config
-        t = ray.get(t)
-    use_client_settings(t.get("client_settings"))
-    logger = EpochLogger(t["uri"], t["run_id"], notify=_note_to_console(config.get("progress")))
+    logger = _rank0_logger(config)
     if seed:
         logger.add_to_tag(CLONED_FROM_TAG, f"{seed['run']}@{seed['epoch']}")
     if state:
-        logger.sync_history([h for h in state["history"] if not seed or h["epoch"] > seed["epoch"]])
+        logger.sync_history(_own_epochs(state["history"], seed))
     trainer.add_callback("on_pretrain_routine_end", logger.on_pretrain_routine_end)
     to_mlflow = AfterRegistration(logger.log_epoch)
     reporter.on_metrics.append(to_mlflow)
