@@ -61,6 +61,9 @@ def build_parser() -> OneLineParser:
     b.add_argument("--grace-windows", type=int, help="windows before a trial may be stopped early (default 1)")
     b.add_argument("--no-early-stop", action="store_true", help="run every trial to its full budget")
     b.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the resources fit)")
+    b.add_argument("--fresh-trials", action="store_true", help="each trial on a Ray Train run of its own (default: "
+                   "trials of one worker count take turns on worker groups kept up for the sweep, which saves each "
+                   "trial the group's start-up)")
     add_run_flags(p, sweep=True)
     return p
 
@@ -95,6 +98,8 @@ def space_and_budget(ns):
             setattr(budget, k, getattr(ns, k))
     if ns.no_early_stop:
         budget.early_stop = False
+    if ns.fresh_trials:
+        budget.warm = False
     for amp in space.amp:
         if amp not in ("fp16", "bf16", "fp32"):
             raise UserError(f"--amp value '{amp}' is not one of fp16, bf16, fp32")

@@ -60,11 +60,21 @@ def _open_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
+_FIRST_FDS: tuple[int, int] | None = None  # where fds 1 and 2 went before the first capture in this process
+
+
 def capture_process_output(path: str, echo: bool, header: str) -> None:
     """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and child processes too)
-    to `path`; with `echo`, also to where they went before. For a Ray Train worker, which lives for one run."""
+    to `path`; with `echo`, also to where they went before the first capture. A Ray Train worker lives for one
+    run; a warm group's worker (sweep/warm.py) captures again for each trial, into that trial's log only."""
+    global _FIRST_FDS
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    if _FIRST_FDS is None:
+        _FIRST_FDS = (os.dup(1), os.dup(2))
+    else:  # the previous capture's file or tee ends here (its pump thread reads EOF)
+        os.dup2(_FIRST_FDS[0], 1)
+        os.dup2(_FIRST_FDS[1], 2)
     fd = _open_append(path)
     os.write(fd, f"\n===== {header} =====\n".encode())
     if not echo:
@@ -72,7 +82,7 @@ def capture_process_output(path: str, echo: bool, header: str) -> None:
         os.dup2(fd, 2)
         os.close(fd)
         return
-    original = os.dup(1)
+    original = _FIRST_FDS[0]
     read_end, write_end = os.pipe()
     os.dup2(write_end, 1)
     os.dup2(write_end, 2)
@@ -82,6 +92,8 @@ def capture_process_output(path: str, echo: bool, header: str) -> None:
         while chunk := os.read(read_end, 65536):
             os.write(fd, chunk)
             os.write(original, chunk)
+        os.close(fd)
+        os.close(read_end)
 
     threading.Thread(target=pump, name="raytrain-yolo-log-tee", daemon=True).start()
 

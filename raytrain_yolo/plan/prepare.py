@@ -16,7 +16,8 @@ from raytrain_yolo.plan.resources import resolve_scaling
 from raytrain_yolo.plan.run_plan import RunPlan
 
 
-def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool = False) -> RunPlan:
+def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool = False,
+            placed: bool = False) -> RunPlan:
     """Resolve and check a run in this order: the request (flags, Ultralytics' arguments, the model: cheap), the
     rerun (the same --name's recorded plan; a finished run returns here, before anything is scanned or started),
     the inputs (the dataset's labels, storage, tracking server), then the cluster (join Ray, fit the workers to
@@ -24,7 +25,9 @@ def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool =
 
     `spec` is not changed: the plan holds a resolved copy. `argv`: this command's arguments, for the command a
     refusal suggests. `inputs_checked`: the caller (a sweep's driver, for each trial) already checked the dataset,
-    storage and tracking server of this exact request, so they are not read again.
+    storage and tracking server of this exact request, so they are not read again. `placed`: the run's workers
+    are already up (a warm group of the throughput sweep, whose driver fitted them to the cluster and checked the
+    nodes once): only the batch is checked against their number.
     Raises UserError (one line, naming the fix) for anything the run would fail on later."""
     spec, train_args, task = check_request(copy.deepcopy(spec))
     plan = RunPlan(spec, train_args, task)
@@ -33,7 +36,10 @@ def prepare(spec: RunSpec, argv: list[str] | None = None, inputs_checked: bool =
         return dataclasses.replace(plan, finished=finished, taken=taken)
     if not inputs_checked:
         check_inputs(spec, train_args, task)
-    join_cluster(spec, train_args)
+    if placed:
+        check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    else:
+        join_cluster(spec, train_args)
     return RunPlan(spec, train_args, task, taken=taken)
 
 

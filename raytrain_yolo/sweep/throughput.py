@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "
 KNOBS = TRAIN_KNOBS + ("num_workers", "loader", "prefetch")
 TRIAL_DRIVER_CPU = 0.1  # the trial function only waits on its TorchTrainer; its workers get the rest
 TRIAL_RESOURCE_GRACE_S = 30.0  # a trial waits at most this long for the resources a finished trial still holds
+GROUPS_CLOSE_S = 60.0  # the sweep waits at most this long for its warm groups to end after the last trial
 
 
 @dataclass
@@ -58,6 +60,7 @@ class SweepBudget:
     grace_windows: int = 1  # windows every trial gets before ASHA may stop it
     early_stop: bool = True
     max_concurrent: int | None = None  # default: as many trials as the cluster's GPUs (or CPUs) fit at once
+    warm: bool = True  # trials run on worker groups kept for the sweep (sweep/warm.py); False: a Ray Train run each
 
 
 def default_space(use_gpu: bool, gpus_per_trial: int, cpus_per_node: int, gpu_mem_gb: float) -> SweepSpace:
@@ -155,11 +158,13 @@ def infeasible_reason(spec: RunSpec, max_node_cpus: int) -> str | None:
     return None
 
 
-def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = None, base: dict | None = None) -> None:
+def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = None, base: dict | None = None,
+              pool=None) -> None:
     """Tune's function trainable: one real training launch, reporting images/s per window. `mlflow_settings`: the
     sweep driver's MLflow client settings (tracking.client_settings); `base`: the sweep's RunSpec as a dict. Both
     reach the trial through Ray's object store (`tune.with_parameters`), never Tune's param_space, which Tune
-    writes to params.json/params.pkl/result.json and prints: they may hold credentials (a tracking URI's)."""
+    writes to params.json/params.pkl/result.json and prints: they may hold credentials (a tracking URI's).
+    `pool`: the sweep's warm groups (sweep/warm.GroupPool), or None for a Ray Train run of the trial's own."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -178,7 +183,12 @@ def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = N
         tune.report({**done, "status": "infeasible", "reason": reason})
         return
     try:
-        launch(prepare(spec), callbacks=[TuneReportCallback()])
+        if pool is not None:
+            from raytrain_yolo.sweep.warm import WarmTrial
+
+            launch(prepare(spec, inputs_checked=True, placed=True), group=WarmTrial(pool, tune.report))
+        else:
+            launch(prepare(spec, inputs_checked=True), callbacks=[TuneReportCallback()])
     except UserError as e:
         tune.report({**done, "status": "infeasible", "reason": str(e)})
     except Exception as e:  # noqa: BLE001 - a crashed trial is a result (out of memory is the usual one)
@@ -231,7 +241,7 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     if base.tracking.enabled:  # trials run in folders of their own: give them this sweep's store, resolved here
         base.tracking.uri = resolve_uri(base)
     grid, max_node_cpus = size_trials(base, space, budget)
-    storage.check_writable(base.run_dir)
+    base = check_once(base, budget)
 
     tracker = RunTracker(base) if base.tracking.enabled else None
     if tracker:
@@ -240,8 +250,9 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         base.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
         tune_grid, rows = split_known_infeasible(base, grid, budget, max_node_cpus)
-        grid_results = fit_tuner(build_tuner(base, tune_grid, budget, max_node_cpus), "the throughput sweep "
-                                 f"ranked nothing; its trials so far are in {storage.redact(base.run_dir)}/trials")
+        with warm_groups(base, budget) as pool:
+            grid_results = fit_tuner(build_tuner(base, tune_grid, budget, max_node_cpus, pool), "the throughput "
+                                     f"sweep ranked nothing; its trials so far are in {storage.redact(base.run_dir)}/trials")
         rows += [summarize_trial(r, list(grid), budget) for r in grid_results]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["images_per_second"] or 0.0)))
         best = next((r for r in rows if r["status"] == "ok"), None)
@@ -251,6 +262,27 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
     if tracker:
         tracker.finished(paths.values())
     return SweepResult(rows, best, paths)
+
+
+def check_once(base: RunSpec, budget: SweepBudget) -> RunSpec:
+    """What every trial would check again, checked once for the sweep: the dataset (Ultralytics' label scan),
+    storage, the tracking server (plan.request.check_run; trials then skip it), and with warm groups each node's
+    view of the data and tracking server (trials on a warm group do not join the cluster again). Returns the base
+    as checked (the data's root pinned)."""
+    from raytrain_yolo.plan.request import check_run
+
+    checked, train_args, _ = check_run(RunSpec.from_dict(base.to_dict()))
+    if budget.warm:
+        from raytrain_yolo.core.cluster import worker_env
+        from raytrain_yolo.core.tracking import resolve_uri
+        from raytrain_yolo.plan.nodes import check_nodes
+
+        data = None if checked.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
+        check_nodes(checked, data, resolve_uri(checked) if checked.tracking.enabled else None, worker_env())
+    base.data_root = checked.data_root
+    if not base.is_synthetic and not storage.is_uri(str(train_args["data"])):
+        base.train["data"] = train_args["data"]  # resolved on this machine: every trial reads the same file
+    return base
 
 
 def size_trials(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> tuple[dict[str, list], int]:
@@ -303,7 +335,30 @@ def split_known_infeasible(base: RunSpec, grid: dict[str, list], budget: SweepBu
     return kept, rows
 
 
-def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_node_cpus: int):
+@contextmanager
+def warm_groups(base: RunSpec, budget: SweepBudget):
+    """The sweep's GroupPool (sweep/warm.py), one group per trial that runs at once, beside this driver; None
+    with `budget.warm` off. Its groups end with the block, each after its job (a trial Tune stopped ends at its
+    next report), before the sweep ends its trials' MLflow runs."""
+    if not budget.warm:
+        yield None
+        return
+    import ray
+
+    from raytrain_yolo.core.cluster import on_this_node, worker_env
+    from raytrain_yolo.sweep.warm import GroupPool
+
+    pool = GroupPool.options(**on_this_node()).remote(base.to_dict(), budget.max_concurrent, worker_env())
+    try:
+        yield pool
+    finally:
+        try:
+            ray.get(pool.close.remote(GROUPS_CLOSE_S), timeout=GROUPS_CLOSE_S + 10)
+        finally:
+            ray.kill(pool)  # and with it any group still up (its Ray Train run is the pool's task)
+
+
+def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_node_cpus: int, pool=None):
     """Ray Tune's grid search over `grid`, one `run_trial` per point; ASHA stops the slow points at its rungs
     (--early-stop), else every point runs its windows."""
     from ray import tune
@@ -320,7 +375,8 @@ def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_n
     param_space.update(budget=dataclasses.asdict(budget), max_node_cpus=max_node_cpus)
     storage_path, storage_filesystem = storage.ray_storage(base.storage_path, base.storage_wait_s)
     return tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings(), base=base.to_dict()),
+        tune.with_resources(tune.with_parameters(run_trial, mlflow_settings=client_settings(), base=base.to_dict(),
+                                                 pool=pool),
                             {"CPU": TRIAL_DRIVER_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=IPS_KEY, mode="max", scheduler=scheduler,

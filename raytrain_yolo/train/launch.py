@@ -6,6 +6,7 @@ it checks nothing itself. Nothing else builds a TorchTrainer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -62,18 +63,18 @@ def start_timeout_s(spec: RunSpec) -> float:
     return float(_USER_START_TIMEOUT) if _USER_START_TIMEOUT else max(MIN_START_TIMEOUT_S, spec.resource_wait_s)
 
 
-def _fit_watched(trainer, board, spec: RunSpec):
-    """`trainer.fit()` under the hang watchdog (train/watchdog.py) when there is a progress board, and the hangs it
-    ended (one line each; a run restarted after one completes). A run that ends because of a hang ends with its
-    line."""
+def _fit_watched(fit, board, spec: RunSpec):
+    """`fit()` (the trainer's, or a warm group's run) under the hang watchdog (train/watchdog.py) when there is a
+    progress board, and the hangs it ended (one line each; a run restarted after one completes). A run that ends
+    because of a hang ends with its line."""
     if board is None:
-        return _fit(trainer), []
+        return fit(), []
     import ray
 
     try:
         with Watchdog(board, spec.run_dir, spec.hang_timeout_s) as dog:
             try:
-                return _fit(trainer), dog.lines
+                return fit(), dog.lines
             except Exception:
                 if dog.lines:  # Ray's error says a worker died; this says why (Ray's stays the context, for --debug)
                     raise RankHang(dog.lines[-1].removeprefix("hang: ")) from None
@@ -104,36 +105,52 @@ def _fit(trainer):
         raise
 
 
-def build_trainer(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None):
-    """The run's TorchTrainer. `progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for
-    the driver's console; `board`: the ranks' progress board (train/watchdog.py)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def worker_config(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None) -> dict:
+    """What every rank's `run_worker` receives (Ray Train's `train_loop_config`, or a warm group's job).
+    `progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for the driver's console;
+    `board`: the ranks' progress board (train/watchdog.py)."""
+    import ray
+
+    spec = plan.spec
+    return {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
+            "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
+            "progress_board": board, "step_checkpoints": step_checkpoints(spec, callbacks),
+            "plan": plan.record(),
+            "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+
+
+def group_configs(spec: RunSpec, num_workers: int):
+    """Ray Train's TorchConfig and ScalingConfig for `num_workers` ranks of `spec` (a run's, or a warm group's:
+    sweep/warm.py); sets the worker-group start timeout (start_timeout_s) for Ray Train's controller."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    s = spec.scaling
+    if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
+        os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
+    return TorchConfig(backend=s.backend, timeout_s=int(s.pg_timeout_s)), ScalingConfig(
+        num_workers=(s.min_workers, num_workers) if s.min_workers else num_workers,
+        elastic_resize_monitor_interval_s=s.resize_check_s,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker},
+    )
+
+
+def build_trainer(plan: RunPlan, config: dict | None = None, callbacks=None):
+    """The run's TorchTrainer, its ranks given `config` (default: `worker_config(plan)`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from raytrain_yolo.train.worker import train_loop_per_worker
 
     spec, train_args = plan.spec, plan.train_args
-    s = spec.scaling
     storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
-    if _USER_START_TIMEOUT is None:  # Ray Train passes it on to its controller
-        os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s(spec):g}"
-    import ray
-
-    config = {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
-              "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
-              "progress_board": board, "step_checkpoints": step_checkpoints(spec, callbacks),
-              "plan": plan.record(),
-              "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+    torch_config, scaling_config = group_configs(spec, spec.scaling.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend=s.backend, timeout_s=int(s.pg_timeout_s)),
-        scaling_config=ScalingConfig(
-            num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
-            elastic_resize_monitor_interval_s=s.resize_check_s,
-            use_gpu=s.use_gpu,
-            resources_per_worker={"CPU": s.cpus_per_worker},
-        ),
+        train_loop_config=config or worker_config(plan, callbacks=callbacks),
+        torch_config=torch_config,
+        scaling_config=scaling_config,
         run_config=RunConfig(
             name=spec.name,
             storage_path=storage_path,
@@ -184,12 +201,14 @@ def _by_reference(tracking: dict[str, Any] | None):
     return ray.put(tracking) if tracking else None
 
 
-def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchResult:
+def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False, group=None) -> LaunchResult:
     """Run one planned training job end to end and write `<storage>/<name>/summary.json` (and `plan.json`).
 
     `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
-    `show_epochs`: print one line per epoch here (the `fit` command line). A plan whose run already finished
-    (`plan.finished`) is its summary: nothing starts.
+    `show_epochs`: print one line per epoch here (the `fit` command line). `group`: a warm worker group's lease
+    (sweep/warm.py, a throughput trial's): the job runs on its ranks instead of a Ray Train run of its own, with
+    the same MLflow run, summary and folder. A plan whose run already finished (`plan.finished`) is its summary:
+    nothing starts.
     """
     started = time.monotonic()
     spec, train_args, task = plan.spec, plan.train_args, plan.task
@@ -212,9 +231,11 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False) -> LaunchRe
         progress = _progress_queue() if show_epochs else None
         write_record(plan)
         board = start_board() if spec.hang_timeout_s != 0 else None
-        trainer = build_trainer(plan, tracking, callbacks, progress, board)
+        config = worker_config(plan, tracking, callbacks, progress, board)
+        fit = functools.partial(group.run, spec, config) if group else functools.partial(
+            _fit, build_trainer(plan, config, callbacks))
         with console.EpochPrinter(progress, train_args["epochs"]) if progress is not None else nullcontext():
-            result, hangs = _fit_watched(trainer, board, spec)
+            result, hangs = _fit_watched(fit, board, spec)
         drop_unregistered_checkpoints(spec.run_dir)
         summary = build_summary(spec, train_args, task, result, untrained)
         summary["hangs"] = hangs

@@ -110,12 +110,15 @@ class Reporter:
 
     Training runs report once per epoch; rank 0 attaches the metrics and a checkpoint. Throughput trials
     (`window_steps` > 0) report once per window of steady steps instead, so a Tune scheduler can stop a slow
-    trial early, and stop after `max_windows`.
+    trial early, and stop after `max_windows`. `send` is `ray.train.report`, or on a warm group's ranks
+    (sweep/warm.py) the trial's channel, which returns False on every rank once the trial is gone: training
+    then stops at that report.
     """
 
     def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None,
-                 plan: dict | None = None, epochs: int = 0, seeded_from: dict | None = None):
+                 plan: dict | None = None, epochs: int = 0, seeded_from: dict | None = None, send=None):
         self.spec, self.meter, self.scratch, self.rank = spec, meter, scratch, scratch.rank
+        self.send = send or ray.train.report
         self.seeded_from = seeded_from  # {"run", "epoch"}: the other run's checkpoint this run started from (PBT)
         self.plan = plan  # the run's plan record, kept in each checkpoint's state
         self.epochs = epochs  # as asked: Ultralytics' own count may change (time=)
@@ -130,7 +133,8 @@ class Reporter:
             metrics = {"window": self.meter.windows + 1, IPS_KEY: self.meter.take_window(), "step": self.meter.steps}
             if self.rank == 0 and trainer.device.type == "cuda":
                 metrics["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
-            self._report(metrics, trainer, checkpoint=False)
+            if self._report(metrics, trainer, checkpoint=False) is False:
+                trainer.stop = True  # the warm trial is gone (Tune stopped it): every rank got False here
         if self.spec.max_windows and self.meter.windows >= self.spec.max_windows:
             trainer.stop = True  # every rank closes the same window at the same step, so all stop together
 
@@ -162,16 +166,15 @@ class Reporter:
         return m
 
     def on_fit_epoch_end(self, trainer) -> None:
-        if not self.trial:
-            self._report(self.epoch_metrics(trainer), trainer, checkpoint=True)
+        if not self.trial and self._report(self.epoch_metrics(trainer), trainer, checkpoint=True) is False:
+            trainer.stop = True
 
-    def _report(self, metrics: dict[str, Any], trainer, checkpoint: bool) -> None:
+    def _report(self, metrics: dict[str, Any], trainer, checkpoint: bool) -> bool | None:
         if self.rank != 0:
-            ray.train.report({k: v for k, v in metrics.items() if k in ("epoch", "window")})
-            return
+            return self.send({k: v for k, v in metrics.items() if k in ("epoch", "window")})
         self.history.append(metrics)
         if not checkpoint:
-            ray.train.report(metrics)
+            went = self.send(metrics)
         else:
             staged = self.scratch.fresh("checkpoint")
             last = bool(trainer.stop)  # the trainer's final epoch (all of them, patience=, time=): rank 0 knows now
@@ -185,12 +188,14 @@ class Reporter:
                     elif src.is_file():
                         shutil.copy2(src, staged / src.name)
                 (staged / STATE_FILE).write_text(json.dumps(self._state(metrics["epoch"]), default=float))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
+                went = self.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-        # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one.
-        for consumer in self.on_metrics:
+        # After the checkpoint is persisted: a crash in between loses a log line, never duplicates one. Not what
+        # a warm trial that is gone never saw (went False): its MLflow run ends where Tune stopped it.
+        for consumer in self.on_metrics if went is not False else ():
             consumer(metrics, trainer)
+        return went
 
     def _state(self, epoch: int, step: dict[str, Any] | None = None) -> dict[str, Any]:
         """A checkpoint's state (STATE_FILE): epochs done, the history, ...; `step` in a step checkpoint."""
@@ -205,7 +210,7 @@ class Reporter:
         report without a checkpoint."""
         metrics = {"epoch": trainer.epoch, "step": step["step"] if step else 0}
         if self.rank != 0 or step is None:
-            ray.train.report(metrics)
+            self.send(metrics)
             return
         staged = self.scratch.fresh("checkpoint")
         try:
@@ -214,7 +219,7 @@ class Reporter:
                 if src.is_file():
                     shutil.copy2(src, staged / src.name)
             (staged / STATE_FILE).write_text(json.dumps(self._state(trainer.epoch, step), default=float))
-            ray.train.report({**metrics, "fitness": float("-inf")},
+            self.send({**metrics, "fitness": float("-inf")},
                              checkpoint=ray.train.Checkpoint.from_directory(str(staged)))
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -371,6 +376,12 @@ def _note_to_console(queue):
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Train on this worker; rank 0 returns every rank's facts (device, host, parameter digest) to the driver."""
+    return run_worker(config, ray.train.report)
+
+
+def run_worker(config: dict[str, Any], send) -> dict[str, Any] | None:
+    """One run's training on this worker of a Ray Train group, its reports through `send` (`ray.train.report`, or
+    a warm trial's channel: sweep/warm.py). Rank 0 returns the run's outcome (`_train`), the others None."""
     spec = RunSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -384,7 +395,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     save_dir = save_project(spec, scratch) / "train"
     state = restore(spec, save_dir, scratch)
     try:
-        result = _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device, scratch)
+        result = _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device, scratch, send)
     finally:
         scratch.drop_rank()  # with the restored checkpoint's copy, when Ultralytics never got to load it
     scratch.drop_run()  # every rank is past _train's last collective: no rank of the run uses this node's folder
@@ -419,7 +430,7 @@ def _local_data(spec: RunSpec, data: str | None, task: str) -> tuple[str, str]:
 
 def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yaml: str, save_dir: Path,
            state: dict[str, Any] | None, rank: int, world_size: int, device: torch.device,
-           scratch: Scratch) -> dict[str, Any] | None:
+           scratch: Scratch, send=None) -> dict[str, Any] | None:
     """Ultralytics' training on this worker, from the restored `state` when there is one. Ends with a collective
     of every rank (the caller then removes the run's scratch folder). Rank 0 returns the run's outcome."""
     if state and (state["epoch"] >= args["epochs"] or state.get("stopped_early")):  # finished, no summary yet
@@ -429,7 +440,7 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
     trainer = _ultralytics_trainer(config, spec, args, save_dir, state, world_size, device)
     meter = ThroughputMeter(window_steps=spec.window_steps)
     reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
-                        epochs=int(args["epochs"]), seeded_from=seeded_from(spec, state))
+                        epochs=int(args["epochs"]), seeded_from=seeded_from(spec, state), send=send)
     logger, to_mlflow = _epoch_logger(config, state, trainer, reporter, reporter.seeded_from) \
         if rank == 0 and config.get("tracking") else (None, None)
     if rank == 0 and config.get("progress") is not None:
