@@ -11,6 +11,7 @@ test_augment and test_tasks).
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import load_summary, mlflow_runs, run_cli
+from raytrain_yolo.train.worker import IPS_KEY
 
 WINDOWS = 3
 
@@ -65,11 +67,11 @@ def test_no_secret_in_the_sweeps_files_or_console(sweep):
     assert any(p.name == "params.json" for p in files) and any(p.name == "result.json" for p in files)
     leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
-    # Ray Train's exported run settings: each trial's train_loop_config is there, without the URI's password or
-    # the MLflow credentials (they reach rank 0 through the object store).
+    # Ray's exports: the warm groups' Ray Train runs (their train_loop_config names the pool and the group; each
+    # trial's own configuration reaches the ranks through the pool, its MLflow target by reference) and the tasks
+    # and actors of the sweep hold neither the URI's password nor the MLflow credentials.
     train_runs = [p for p in exported if b"train_loop_config" in p.read_bytes()]
-    assert train_runs, [str(p) for p in exported]
-    assert b"window_steps" in train_runs[0].read_bytes(), "the config itself is exported, masked"
+    assert train_runs and b"group" in train_runs[0].read_bytes(), [str(p) for p in exported]
     leaked = [str(p) for p in exported if SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
 
@@ -170,3 +172,53 @@ def test_a_trial_that_never_reported_is_a_failed_row(tmp_path):
     row = summarize_trial(lost, ["batch", "workers"], SweepBudget())
     assert row["status"] == "failed" and "node lost" in row["reason"] and row["trial"] == "trial_00001", row
     assert row["batch"] is None and row["images_per_second"] is None
+
+
+def rank_pids(log: Path) -> set[int]:
+    """The worker processes that wrote a run's log (the header each rank writes: `rank r of n, host pid p`)."""
+    return {int(m) for m in re.findall(r"===== rank \d+ of \d+, \S+ pid (\d+) =====", log.read_text())}
+
+
+def test_the_trials_took_turns_on_one_warm_group(sweep):
+    """Issue 42: both feasible trials ran on the same two worker processes (one Ray Train group kept for the
+    sweep), while everything above (rows, ASHA's stop, best.yaml, MLflow runs, no secret at rest) is as a sweep of
+    one Ray Train run per trial has it."""
+    _, storage, _, _ = sweep
+    logs = sorted((storage / "sweep" / "trials").glob("*/run.log"))
+    assert len(logs) == 2, logs
+    first, second = (rank_pids(p) for p in logs)
+    assert len(first) == 2 and first == second, (first, second)
+
+
+def test_a_failed_warm_trial_costs_its_group_a_restart_and_the_next_trial_runs(ray_local, tmp_path):
+    """Issue 42: a trial whose job fails on a rank (its dataset gone after the sweep checked it) fails with the
+    rank's error; Ray Train restarts that group, and the next trial runs on the new processes to its full budget."""
+    from raytrain_yolo.core.config import RunSpec, SyntheticSpec, TrackingSpec
+    from raytrain_yolo.data.synthetic import ensure_synthetic
+    from raytrain_yolo.plan import prepare
+    from raytrain_yolo.sweep.throughput import SweepBudget, trial_spec, warm_groups
+    from raytrain_yolo.sweep.warm import TrialFailed, WarmTrial
+    from raytrain_yolo.train.launch import launch
+
+    tiny = SyntheticSpec(train=16, val=4, imgsz=64)
+    shutil.copytree(ensure_synthetic(tiny).parent, tmp_path / "data")
+    base = RunSpec(train={"model": "yolo26n.yaml", "imgsz": 64, "batch": 4, "workers": 0}, synthetic=tiny,
+                   tracking=TrackingSpec(enabled=False), storage_path=str(tmp_path / "runs"), name="warm")
+    base.scaling.num_workers, base.scaling.use_gpu, base.scaling.cpus_per_worker = 2, False, 0.9
+    budget = SweepBudget(window_steps=2, windows=2, max_concurrent=1)
+    gone = trial_spec(base, {}, "gone", budget)
+    gone.train["data"] = str(tmp_path / "data" / "data.yaml")
+    gone_plan = prepare(gone, placed=True)  # checked while the dataset is there
+    shutil.rmtree(tmp_path / "data")
+    reports: list[dict] = []
+    with warm_groups(base, budget) as pool:
+        with pytest.raises(TrialFailed, match="FileNotFoundError: data=.* exists on the driver but not on node"):
+            launch(gone_plan, group=WarmTrial(pool, reports.append))
+        assert not reports
+        after = launch(prepare(trial_spec(base, {}, "after", budget), placed=True),
+                       group=WarmTrial(pool, reports.append)).summary
+    assert after["error"] is None and after["world_size"] == 2
+    assert [r["window"] for r in reports] == [1, 2] and all(r[IPS_KEY] > 0 for r in reports)
+    failed_on, ran_on = rank_pids(tmp_path / "runs" / "warm" / "trials" / "gone" / "run.log"), \
+        {w["pid"] for w in after["workers"]}
+    assert failed_on and len(ran_on) == 2 and not failed_on & ran_on, (failed_on, ran_on)
