@@ -1,7 +1,9 @@
 """Throughput sweeps with Ray Tune: each trial is a real, short `launch()` of the training loop.
 
 A trial trains until it has measured `windows` windows of `window_steps` steady steps and reports images/s
-after each window (through Ray Train's `TuneReportCallback`), so ASHA can stop slow trials early. Impossible
+after each window, so ASHA can stop slow trials early. Trials take turns on worker groups kept up for the sweep
+(sweep/warm.py; rank 0's reports come back through the pool), or with `--fresh-trials` each runs a Ray Train run
+of its own (its reports through Ray Train's `TuneReportCallback`). Impossible
 points (batch not divisible by the workers, AMP on CPU, more loader workers than a node has cores) and crashes
 (out of memory) become rows with a reason; the sweep goes on.
 """

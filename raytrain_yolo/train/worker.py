@@ -59,6 +59,16 @@ class ThroughputMeter:
     win_steps: int = 0
     windows: int = 0
     epoch_ips: float | None = None
+    built_from: float = 0.0  # perf_counter() when the worker began building Ultralytics' trainer
+    first_step_s: float | None = None  # from then to the end of the first step: Ultralytics' own set-up
+
+    def startup(self) -> dict[str, float]:
+        """Where a throughput trial's time went on this rank (seconds): `startup/trainer_s`, building Ultralytics'
+        trainer (model, dataset, loader) and its first step; `startup/since_trainer_s`, from the start of that
+        build to now. A trial's first report minus the latter is what came before Ultralytics: Tune, Ray Train,
+        the worker processes (experiments/warm-trials.md)."""
+        return {"startup/trainer_s": self.first_step_s or 0.0,
+                "startup/since_trainer_s": time.perf_counter() - self.built_from}
 
     def on_train_epoch_start(self, trainer) -> None:
         loader, world = trainer.train_loader, max(trainer.world_size, 1)
@@ -74,6 +84,8 @@ class ThroughputMeter:
         """Record one step; True when it closed a window."""
         now = time.perf_counter()
         seconds, self.last_stamp = now - self.last_stamp, now
+        if self.first_step_s is None:
+            self.first_step_s = now - self.built_from
         i, self.step_in_epoch = self.step_in_epoch, self.step_in_epoch + 1
         self.steps += 1
         if i < self.skip or i >= len(self.global_batch_sizes):
@@ -130,11 +142,13 @@ class Reporter:
 
     def on_train_batch_end(self, trainer) -> None:
         if self.meter.on_train_batch_end(trainer):
-            metrics = {"window": self.meter.windows + 1, IPS_KEY: self.meter.take_window(), "step": self.meter.steps}
+            metrics = {"window": self.meter.windows + 1, IPS_KEY: self.meter.take_window(), "step": self.meter.steps,
+                       **self.meter.startup()}
             if self.rank == 0 and trainer.device.type == "cuda":
                 metrics["system/gpu_mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 1e9
             if self._report(metrics, trainer, checkpoint=False) is False:
                 trainer.stop = True  # the warm trial is gone (Tune stopped it): every rank got False here
+            self.meter.last_stamp = time.perf_counter()  # the report's own time is not the next step's
         if self.spec.max_windows and self.meter.windows >= self.spec.max_windows:
             trainer.stop = True  # every rank closes the same window at the same step, so all stop together
 
@@ -437,8 +451,9 @@ def _train(config: dict[str, Any], spec: RunSpec, args: dict[str, Any], data_yam
         if rank == 0 and config.get("tracking"):
             _log_missed_epochs(config, state, seeded_from(spec, state))
         return _finished_already(spec, state, save_dir, data_yaml, rank, world_size)
+    built_from = time.perf_counter()
     trainer = _ultralytics_trainer(config, spec, args, save_dir, state, world_size, device)
-    meter = ThroughputMeter(window_steps=spec.window_steps)
+    meter = ThroughputMeter(window_steps=spec.window_steps, built_from=built_from)
     reporter = Reporter(spec, meter, scratch, history=state["history"] if state else None, plan=config.get("plan"),
                         epochs=int(args["epochs"]), seeded_from=seeded_from(spec, state), send=send)
     logger, to_mlflow = _epoch_logger(config, state, trainer, reporter, reporter.seeded_from) \
