@@ -124,6 +124,9 @@ def test_scheduler_options_that_cannot_work_name_a_fix_that_does(tmp_path):
     with pytest.raises(UserError, match="--grace-epochs 5 must be at least 1 and below epochs=3: use --grace-epochs 2"):
         plan(tmp_path, "--space", space, "--grace-epochs", 5, "epochs=3")
     assert plan(tmp_path, "--space", space, "--scheduler", "none", "epochs=1")[1].scheduler == "none"
+    # The throughput sweep's warm-trial switch means nothing here: every accuracy trial is a Ray Train run of its own.
+    with pytest.raises(UserError, match="--fresh-trials is for the throughput sweep: .* drop the flag"):
+        plan(tmp_path, "--space", space, "--fresh-trials", "epochs=3")
 
 
 @pytest.mark.quick

@@ -138,6 +138,9 @@ def _refuse_throughput_knobs(ns) -> None:
                             f"({flag}: {{choices: [...]}}) or pass {flag}=VALUE")
     if ns.no_early_stop:
         raise UserError("--no-early-stop is for the throughput sweep: with --objective map use --scheduler none")
+    if getattr(ns, "fresh_trials", False):
+        raise UserError("--fresh-trials is for the throughput sweep: with --objective map every trial already runs "
+                        "a Ray Train run of its own; drop the flag")
     if ns.num_workers and len(ns.num_workers) != 1:
         raise UserError(f"--num-workers {','.join(map(str, ns.num_workers))}: with --objective map give one count "
                         "(workers per trial), e.g. --num-workers 2")
