@@ -350,7 +350,9 @@ def warm_groups(base: RunSpec, budget: SweepBudget):
     from raytrain_yolo.core.cluster import on_this_node, worker_env
     from raytrain_yolo.sweep.warm import GroupPool
 
-    pool = GroupPool.options(**on_this_node()).remote(base.to_dict(), budget.max_concurrent, worker_env())
+    groups = base.to_dict()
+    groups["tracking"] = {**groups["tracking"], "enabled": False, "uri": None}  # groups log nothing: no credential
+    pool = GroupPool.options(**on_this_node()).remote(groups, budget.max_concurrent, worker_env())
     try:
         yield pool
     finally:
