@@ -48,5 +48,10 @@ def join_cluster(spec: RunSpec, train_args: dict) -> None:
     connect_ray(spec.verbose)
     resolve_scaling(spec)
     check_batch(train_args["batch"], spec.scaling.num_workers, spec.scaling.min_workers)
+    check_node_paths(spec, train_args)
+
+
+def check_node_paths(spec: RunSpec, train_args: dict) -> None:
+    """What every node must see of the run: its local data= path and the tracking store (plan/nodes.check_nodes)."""
     data = None if spec.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
     check_nodes(spec, data, resolve_uri(spec) if spec.tracking.enabled else None, worker_env())

@@ -275,12 +275,9 @@ def check_once(base: RunSpec, budget: SweepBudget) -> RunSpec:
 
     checked, train_args, _ = check_run(RunSpec.from_dict(base.to_dict()))
     if budget.warm:
-        from raytrain_yolo.core.cluster import worker_env
-        from raytrain_yolo.core.tracking import resolve_uri
-        from raytrain_yolo.plan.nodes import check_nodes
+        from raytrain_yolo.plan.prepare import check_node_paths
 
-        data = None if checked.is_synthetic or storage.is_uri(str(train_args["data"])) else train_args["data"]
-        check_nodes(checked, data, resolve_uri(checked) if checked.tracking.enabled else None, worker_env())
+        check_node_paths(checked, train_args)
     base.data_root = checked.data_root
     if not base.is_synthetic and not storage.is_uri(str(train_args["data"])):
         base.train["data"] = train_args["data"]  # resolved on this machine: every trial reads the same file

@@ -60,7 +60,7 @@ class GroupPool:
     def __init__(self, base: dict[str, Any], max_groups: int, env: dict[str, str]):
         self.base, self.max_groups, self.env = base, max_groups, env
         self.cond = threading.Condition()
-        self.groups: dict[int, dict[str, Any]] = {}  # gid -> size, job, running, retire, ref, starts
+        self.groups: dict[int, dict[str, Any]] = {}  # gid -> size, job, running, retire, ref (its serve_group)
         self.lost_jobs: dict[int, str] = {}  # job id -> why it has no outcome
         self.next_gid = self.next_job_id = 0
         self.me = ray.get_runtime_context().current_actor
@@ -102,7 +102,7 @@ class GroupPool:
         from raytrain_yolo.core.cluster import on_this_node
 
         gid, self.next_gid = self.next_gid, self.next_gid + 1
-        self.groups[gid] = {"size": size, "job": None, "running": False, "retire": False, "starts": 0}
+        self.groups[gid] = {"size": size, "job": None, "running": False, "retire": False}
         self.groups[gid]["ref"] = serve_group.options(**on_this_node()).remote(self.me, gid, size, self.base, self.env)
         return gid
 
@@ -112,7 +112,6 @@ class GroupPool:
         running there lost its ranks."""
         with self.cond:
             g = self.groups[gid]
-            g["starts"] += 1
             if g["job"] is not None and g["running"]:
                 self._lose(g, "a worker of the trial's group failed and Ray Train restarted the group (a process "
                               "killed: out of memory?); see the trial's log")

@@ -66,7 +66,7 @@ class ThroughputMeter:
         """Where a throughput trial's time went on this rank (seconds): `startup/trainer_s`, building Ultralytics'
         trainer (model, dataset, loader) and its first step; `startup/since_trainer_s`, from the start of that
         build to now. A trial's first report minus the latter is what came before Ultralytics: Tune, Ray Train,
-        the worker processes (experiments/warm-trials.md)."""
+        the worker processes (experiments/warm-trials.sh)."""
         return {"startup/trainer_s": self.first_step_s or 0.0,
                 "startup/since_trainer_s": time.perf_counter() - self.built_from}
 
