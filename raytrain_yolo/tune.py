@@ -63,7 +63,7 @@ def build_parser() -> OneLineParser:
     b.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the resources fit)")
     b.add_argument("--fresh-trials", action="store_true", help="each trial on a Ray Train run of its own (default: "
                    "trials of one worker count take turns on worker groups kept up for the sweep, which saves each "
-                   "trial the group's start-up)")
+                   "trial the group's start-up; an accuracy trial's checkpoints are then its Tune trial's)")
     add_run_flags(p, sweep=True)
     return p
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import SNAPSHOT, load_summary, mlflow_runs, registered_in, run_cli, shared_head, start_cli, wait_for
+from conftest import load_summary, mlflow_runs, run_cli, shared_head, start_cli, wait_for
 from raycluster import http_status
 from test_datasync import s3  # noqa: F401  (a fixture: moto's S3 server)
 
@@ -124,9 +124,9 @@ def test_scheduler_options_that_cannot_work_name_a_fix_that_does(tmp_path):
     with pytest.raises(UserError, match="--grace-epochs 5 must be at least 1 and below epochs=3: use --grace-epochs 2"):
         plan(tmp_path, "--space", space, "--grace-epochs", 5, "epochs=3")
     assert plan(tmp_path, "--space", space, "--scheduler", "none", "epochs=1")[1].scheduler == "none"
-    # The throughput sweep's warm-trial switch means nothing here: every accuracy trial is a Ray Train run of its own.
-    with pytest.raises(UserError, match="--fresh-trials is for the throughput sweep: .* drop the flag"):
-        plan(tmp_path, "--space", space, "--fresh-trials", "epochs=3")
+    # Warm trials by default, a Ray Train run per trial with --fresh-trials: what the sweep's definition records.
+    assert plan(tmp_path, "--space", space, "epochs=3")[1].definition["warm"] is True
+    assert plan(tmp_path, "--space", space, "--fresh-trials", "epochs=3")[1].definition["warm"] is False
 
 
 @pytest.mark.quick
@@ -161,6 +161,10 @@ def test_asha_stops_a_lagging_trial_early(asha):
     assert len(rows) == 3 and {r["metric"] for r in rows} == {"metrics/mAP50(B)"}
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["epochs"] < EPOCHS and "ASHA" in r["reason"] for r in stopped)
+    # Warm trials (issue 42): the group saw each stopped trial go and left its job, at a step or at its next report.
+    for r in stopped:
+        text = (storage / "asha" / "trials" / r["trial"] / "run.log").read_text(errors="replace")
+        assert "the trial is gone (Tune stopped it); its job ended at" in text, text[-2000:]
     assert sum(r["epochs_trained"] for r in rows) < 3 * EPOCHS
     finished = [r for r in rows if r["status"] == "finished"]
     assert finished and all(r["epochs"] == EPOCHS for r in finished)
@@ -225,8 +229,9 @@ class Bucket:
     def trials(self) -> set[str]:
         return {k.split("/")[1] for k in self.keys("trials/") if k.count("/") >= 2}
 
-    def registered(self, trial: str) -> list[str]:
-        return registered_in(self.json(f"trials/{trial}/{SNAPSHOT}"))
+    def checkpointed(self, trial: str) -> list[str]:
+        """The checkpoint folders Tune persisted for a warm trial (in Tune's trial folder, beside `trials/`)."""
+        return sorted({k.split("/")[1] for k in self.keys(f"{trial}/checkpoint_")})
 
 
 def tune_statuses(bucket: Bucket) -> dict[str, str]:
@@ -240,12 +245,13 @@ def tune_statuses(bucket: Bucket) -> dict[str, str]:
 
 
 def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tmp_path, request):
-    """Two trials, one after the other, with --max-failures 1, the sweep in `s3://` (moto). First fault (issue 22's
-    sweep cell, a worker lost mid-trial on object storage; the long tier's ASHA cell until 2026-12-02): once a trial
-    has a checkpoint in the bucket, its Train worker is SIGKILLed; its run restarts from that checkpoint and the
-    trial goes on. Second: the driver (and the local Ray it started) dies while the second trial trains. The same
+    """Two warm trials, one after the other, with --max-failures 1, the sweep in `s3://` (moto). First fault (issue
+    22's sweep cell, a worker lost mid-trial on object storage; the long tier's ASHA cell until 2026-12-02): once a
+    trial has a Tune checkpoint in the bucket, its warm group's Train worker is SIGKILLed; Ray Train restarts the
+    group, the trial fails, and Tune restarts it from that checkpoint (issue 42: a warm trial's checkpoints are its
+    Tune trial's). Second: the driver (and the local Ray it started) dies while the second trial trains. The same
     command restores the Tune experiment from the bucket: the first trial is not run again, the second resumes from
-    its Ray Train checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
+    its last Tune checkpoint, and MLflow has each epoch once. On a fast machine (0.6 s epochs) the second trial's run
     has often ended before the kill, and Tune had not yet recorded it: the restored trial then trains nothing and
     reports the run's last epoch (it used to end the sweep: Tune refused a final result without `fitness`). One
     worker per trial (once 2): what is restored here is Tune's experiment and the trial's Ray Train run; a DDP run
@@ -261,12 +267,12 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     copies = checkpoint_copies()
 
     def a_trial_checkpointed():
-        return [t for t in bucket.trials() if bucket.registered(t)]
+        return [t for t in bucket.trials() if bucket.checkpointed(t)]
 
     def one_done_one_checkpointed():
         status = tune_statuses(bucket)
         done = [t for t, s in status.items() if s == "TERMINATED"]
-        busy = [t for t, s in status.items() if s != "TERMINATED" and bucket.registered(t)]
+        busy = [t for t, s in status.items() if s != "TERMINATED" and bucket.checkpointed(t)]
         return (done[0], busy[0]) if done and busy else None
 
     log = tmp_path / "first.log"
@@ -291,6 +297,8 @@ def test_driver_killed_mid_sweep_then_same_command_finishes_without_rerunning(tm
     run_dir = mirror(client, "datasets", "sweeps/again", tmp_path / "again")
     rows = {r["trial"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
     assert set(rows) == {done, busy} and all(r["status"] == "finished" and r["epochs"] == epochs for r in rows.values())
+    assert bucket.keys("groups/") and not [k for k in bucket.keys("trials/") if "/staged/" in k], \
+        "the trials ran on warm groups, and no staged checkpoint copy was left"
     resumed = load_summary(run_dir / "trials", busy)
     assert resumed["resumed_from_epoch"] >= 1 and resumed["world_size"] == 1
     if first == [done]:  # the worker was lost in the trial that then finished (else in the one the rerun resumed)
@@ -322,8 +330,8 @@ def test_ctrl_c_then_the_same_command_keeps_one_mlflow_run_per_trial(tmp_path):
     log = tmp_path / "first.log"
     proc = start_cli(*cmd, log_path=log)
     try:
-        wait_for(lambda: list(storage.glob("ctrlc/trials/*/checkpoint_*")) or proc.poll() is not None, 600,
-                 interval=0.2, what="a trial's first checkpoint")
+        wait_for(lambda: list(storage.glob("ctrlc/trial_*/checkpoint_*")) or proc.poll() is not None, 600,
+                 interval=0.2, what="a trial's first (Tune) checkpoint")
         assert proc.poll() is None, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
         rc = proc.wait(timeout=180)

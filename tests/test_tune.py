@@ -196,8 +196,8 @@ def test_a_failed_warm_trial_costs_its_group_a_restart_and_the_next_trial_runs(r
     from raytrain_yolo.core.config import RunSpec, SyntheticSpec, TrackingSpec
     from raytrain_yolo.data.synthetic import ensure_synthetic
     from raytrain_yolo.plan import prepare
-    from raytrain_yolo.sweep.throughput import SweepBudget, trial_spec, warm_groups
-    from raytrain_yolo.sweep.warm import TrialFailed, WarmTrial
+    from raytrain_yolo.sweep.throughput import SweepBudget, trial_spec
+    from raytrain_yolo.sweep.warm import TrialFailed, WarmTrial, warm_pool
     from raytrain_yolo.train.launch import launch
 
     tiny = SyntheticSpec(train=16, val=4, imgsz=64)
@@ -211,12 +211,13 @@ def test_a_failed_warm_trial_costs_its_group_a_restart_and_the_next_trial_runs(r
     gone_plan = prepare(gone, placed=True)  # checked while the dataset is there
     shutil.rmtree(tmp_path / "data")
     reports: list[dict] = []
-    with warm_groups(base, budget) as pool:
+    report = lambda metrics, staged: reports.append(metrics)  # noqa: E731 - throughput jobs stage no checkpoint
+    with warm_pool(base, budget.max_concurrent) as pool:
         with pytest.raises(TrialFailed, match="FileNotFoundError: data=.* exists on the driver but not on node"):
-            launch(gone_plan, group=WarmTrial(pool, reports.append))
+            launch(gone_plan, group=WarmTrial(pool, report))
         assert not reports
         after = launch(prepare(trial_spec(base, {}, "after", budget), placed=True),
-                       group=WarmTrial(pool, reports.append)).summary
+                       group=WarmTrial(pool, report)).summary
     assert after["error"] is None and after["world_size"] == 2
     assert [r["window"] for r in reports] == [1, 2] and all(r[IPS_KEY] > 0 for r in reports)
     failed_on, ran_on = rank_pids(tmp_path / "runs" / "warm" / "trials" / "gone" / "run.log"), \

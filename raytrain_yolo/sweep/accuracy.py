@@ -6,17 +6,21 @@ hyperparameters for the best validation metric; every trial is a real DDP traini
 - Scheduling: ASHA stops trials whose per-epoch metric lags at its rungs; PBT restarts a lagging trial from a
   better trial's checkpoint with mutated hyperparameters (a new Ray Train run seeded from that checkpoint);
   `none` runs every trial to the end.
-- Reporting: a Ray Train callback hands each epoch's metrics and checkpoint path from the Train controller to
-  the trial function, which reports them to Tune (with the checkpoint under PBT, which needs one to clone).
+- Trials run warm (sweep/warm.py): trials take turns on DDP worker groups kept up for the sweep, and each
+  epoch's checkpoint is the Tune trial's own (`tune.report(checkpoint=)`), so Tune keeps them, restarts a failed
+  trial from its last one (--max-failures) and PBT clones them. With --fresh-trials each trial is a Ray Train run
+  of its own: a Ray Train callback hands each epoch's metrics and checkpoint path from the Train controller to the
+  trial function, which reports them to Tune (with the checkpoint under PBT, which needs one to clone).
 - Resuming: the Tune experiment lives in `<storage>/<name>/`; the same command restores it with
-  `Tuner.restore`. Finished trials are kept; an unfinished one restarts its function, whose Ray Train run of
-  the same name resumes from its own last checkpoint.
+  `Tuner.restore`. Finished trials are kept; an unfinished one restarts its function, which resumes from the
+  trial's last Tune checkpoint (warm) or whose Ray Train run of the same name resumes from its own (fresh).
 - Outputs: results.parquet (one row per trial), best.yaml (a `fit --config` file), best.pt, map.png, and one
   MLflow parent run with a nested run per trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,6 +42,7 @@ from raytrain_yolo.core.config import RunSpec, SearchDim, default_name
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
 from raytrain_yolo.sweep.trials import close_trial_runs, fit_tuner, trial_name
+from raytrain_yolo.sweep.warm import warm_pool
 
 # Ultralytics 8.4.190's own search space (ultralytics/engine/tuner.py, Tuner.__init__; the same ranges as
 # run_ray_tune's default_space), without its mutation gains. tests/test_hpo.py checks it against the source.
@@ -92,6 +97,8 @@ class HpoPlan:
     space_source: str = "Ultralytics' default space"
     fixed: dict[str, Any] = field(default_factory=dict)
     definition: dict[str, Any] = field(default_factory=dict)  # what a rerun with the same --name must repeat
+    warm: bool = True  # trials on worker groups kept for the sweep (sweep/warm.py); False: a Ray Train run each
+    data: str | None = None  # the data.yaml every trial reads, as checked (None: the embedded set)
 
     @property
     def searched(self) -> list[str]:
@@ -122,7 +129,9 @@ def plan_from_args(ns) -> tuple[RunSpec, HpoPlan]:
     spec, train_args, task = check_run(spec)
     epochs = int(train_args["epochs"])
     plan = HpoPlan(space=space, epochs=epochs, space_source=source, fixed=fixed,
-                   metric=check_metric(ns.metric or "fitness", task), seed=int(train_args.get("seed", 0) or 0))
+                   metric=check_metric(ns.metric or "fitness", task), seed=int(train_args.get("seed", 0) or 0),
+                   warm=not getattr(ns, "fresh_trials", False),
+                   data=None if spec.is_synthetic else str(train_args["data"]))
     _schedule(plan, ns, source)
     plan.definition = sweep_definition(spec, plan)
     check_same_sweep(spec, plan)
@@ -138,9 +147,6 @@ def _refuse_throughput_knobs(ns) -> None:
                             f"({flag}: {{choices: [...]}}) or pass {flag}=VALUE")
     if ns.no_early_stop:
         raise UserError("--no-early-stop is for the throughput sweep: with --objective map use --scheduler none")
-    if getattr(ns, "fresh_trials", False):
-        raise UserError("--fresh-trials is for the throughput sweep: with --objective map every trial already runs "
-                        "a Ray Train run of its own; drop the flag")
     if ns.num_workers and len(ns.num_workers) != 1:
         raise UserError(f"--num-workers {','.join(map(str, ns.num_workers))}: with --objective map give one count "
                         "(workers per trial), e.g. --num-workers 2")
@@ -202,7 +208,7 @@ def sweep_definition(spec: RunSpec, plan: HpoPlan) -> dict[str, Any]:
     space = {k: {"kind": d.kind, "values": list(d.values), "log": d.log} for k, d in plan.space.items()}
     out = {"space": space, "train": spec.train, "synthetic": dataclasses.asdict(spec.synthetic) if spec.is_synthetic else None,
            "num_workers": spec.scaling.num_workers, "loader": spec.loader, "trials": plan.trials,
-           "scheduler": plan.scheduler, "metric": plan.metric}
+           "scheduler": plan.scheduler, "metric": plan.metric, "warm": plan.warm}
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
@@ -212,10 +218,11 @@ def check_same_sweep(spec: RunSpec, plan: HpoPlan) -> None:
     text = storage.read_text(f"{spec.run_dir}/{DEFINITION_FILE}")
     if not text:
         return
-    old = json.loads(text)
+    old = {"warm": False, **json.loads(text)}  # recorded before warm trials: every trial ran a Ray Train run
     changed = [k for k in sorted(set(old) | set(plan.definition)) if old.get(k) != plan.definition.get(k)]
     if changed:
-        what = ", ".join("--space" if k == "space" else "key=value arguments" if k == "train" else k for k in changed)
+        names = {"space": "--space", "train": "key=value arguments", "warm": "trials (warm, or --fresh-trials)"}
+        what = ", ".join(names.get(k, k) for k in changed)
         raise UserError(f"sweep '{spec.name}' in {spec.run_dir} was started with other {what}: pass the same ones "
                         f"to continue it, or use a new --name for a new sweep")
 
@@ -270,20 +277,73 @@ def late_epochs(summary: dict, reported: int) -> list[tuple[dict, str | None]]:
     return [(h, folder if i == len(late) - 1 else None) for i, h in enumerate(late)]
 
 
-def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | None = None) -> None:
-    """Tune's function trainable: one DDP training run with this trial's hyperparameters."""
+def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | None = None, pool=None) -> None:
+    """Tune's function trainable: one DDP training run with this trial's hyperparameters, on a warm group of the
+    sweep (`pool`: sweep/warm.py) or, without one (--fresh-trials), on a Ray Train run of its own."""
     from ray import tune
+
+    use_client_settings((sweep or {}).get("client_settings"))
+    hyp = {k: _plain(v) for k, v in config.items()}
+    name = tune.get_context().get_trial_name()
+    spec, exploited, reported = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep, warm=pool is not None)
+
+    def report(metrics: dict, path: str | None, checkpoint: str | None) -> None:
+        """To Tune: the epoch's metrics, `path` the Train run's checkpoint they name, `checkpoint` one to persist."""
+        out = {k: _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float, str))}
+        out.update(checkpoint_path=path or "", train_run=spec.name, exploited=exploited)
+        tune.report(out, checkpoint=tune.Checkpoint(checkpoint) if checkpoint else None)
+
+    if pool is None:
+        _fresh_trial(spec, sweep, reported, report)
+    else:
+        _warm_trial(spec, pool, report)
+
+
+def _warm_trial(spec: RunSpec, pool, report) -> None:
+    """The trial on a warm group: each epoch's checkpoint, staged by rank 0, persisted by Tune as the trial's own
+    (sweep/warm.py). A job with nothing left to train (its checkpoint was its last epoch: a PBT donor's, or the trial
+    had finished when the driver was lost) reports its last epoch, so that Tune sees the trial reach its end."""
+    from ray import tune
+
+    from raytrain_yolo.plan import prepare
+    from raytrain_yolo.sweep.warm import WarmTrial
+    from raytrain_yolo.train.launch import launch
+
+    reported = []
+
+    def persist(metrics: dict, staged: str | None) -> str | None:
+        reported.append(metrics["epoch"])
+        try:
+            report(metrics, None, staged)
+        finally:
+            if staged:
+                storage.delete_dir(staged)
+        return storage.as_uri(tune.get_checkpoint().path, spec.storage_path) if staged else None
+
+    staging = f"{spec.run_dir}/staged"
+    try:
+        summary = launch(prepare(spec, inputs_checked=True, placed=True),
+                         group=WarmTrial(pool, persist, staging)).summary
+    finally:
+        with contextlib.suppress(OSError):
+            storage.delete_dir(staging)  # what a job cut short left there
+    if not reported and summary.get("history"):
+        report(summary["history"][-1], None, None)
+    if summary.get("error"):
+        raise RuntimeError(summary["error"])
+
+
+def _fresh_trial(spec: RunSpec, sweep: dict, reported: int | None, report) -> None:
+    """The trial on a Ray Train run of its own (--fresh-trials): its checkpoints are the run's; Tune gets one only
+    under PBT, which clones it. `reported`: when the trial resumes its own run, the last epoch Tune has seen."""
     from ray.util.queue import Empty, Queue
 
     from raytrain_yolo.plan import prepare
     from raytrain_yolo.train.launch import launch
 
-    use_client_settings((sweep or {}).get("client_settings"))
-    hyp = {k: _plain(v) for k, v in config.items()}
-    name = tune.get_context().get_trial_name()
-    spec, exploited, reported = _trial_spec(RunSpec.from_dict(base), hyp, name, sweep)
     queue = Queue(maxsize=1, actor_options=on_this_node())  # beside this trial: lost only with it
     outcome: dict[str, Any] = {}
+    pbt = sweep["scheduler"] == "pbt"
 
     def train():
         try:
@@ -292,11 +352,6 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
             outcome["summary"] = launch(plan, callbacks=[TrialRelay(queue, spec.storage_path)]).summary
         except BaseException as e:  # noqa: BLE001 - handed to the trial's thread below
             outcome["error"] = e
-
-    def report(metrics: dict, path: str | None) -> None:
-        out = {k: _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float, str))}
-        out.update(checkpoint_path=path or "", train_run=spec.name, exploited=exploited)
-        tune.report(out, checkpoint=tune.Checkpoint(path) if path and sweep["scheduler"] == "pbt" else None)
 
     thread = threading.Thread(target=train, name="hpo-trial-train", daemon=True)
     thread.start()
@@ -310,9 +365,9 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
             state = json.loads(storage.read_text(f"{path}/raytrain_state.json") or "{}")
             for h in state.get("history", []):
                 if reported < h["epoch"] < metrics["epoch"]:
-                    report(h, None)
+                    report(h, None, None)
         reported, trained = None, True
-        report(metrics, path)
+        report(metrics, path, path if path and pbt else None)
     summary = outcome.get("summary") or {}
     if not trained and summary.get("history"):
         # Nothing was left to train: the donor's checkpoint was its last epoch (after a PBT exploit), or the trial's
@@ -324,19 +379,22 @@ def run_trial(config: dict[str, Any], base: dict | None = None, sweep: dict | No
         reported = last - 1 if reported is None else min(reported, last - 1)
     if reported is not None:  # the run had finished before Tune paused the trial: report what Tune missed
         for h, path in late_epochs(summary, reported):
-            report(h, path)
+            report(h, path, path if path and pbt else None)
     if "error" in outcome:
         raise outcome["error"]
     if summary.get("error"):
-        raise RuntimeError(outcome["summary"]["error"])
+        raise RuntimeError(summary["error"])
 
 
-def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> tuple[RunSpec, str, int | None]:
+def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict,
+                warm: bool = False) -> tuple[RunSpec, str, int | None]:
     """The trial's RunSpec (exactly what best.yaml would run); after a PBT exploit, `donor@epoch`; when it
     resumes its own run from a Tune checkpoint, the last epoch Tune has seen.
 
-    A trial's Ray Train runs are `<trial>` and, after each exploit, `<trial>-e<epoch>-from-<donor>`, seeded
-    from the donor's checkpoint. A Tune checkpoint of the trial's own run means: resume that run.
+    A trial's training runs are `<trial>` and, after each exploit, `<trial>-e<epoch>-from-<donor>`, seeded
+    from the donor's checkpoint. A Tune checkpoint of the trial's own run means: resume that run (a fresh trial's
+    Ray Train run resumes from its own last checkpoint; a warm trial's job, `warm`, from this one: its checkpoints
+    are Tune's).
     """
     from ray import tune
 
@@ -347,6 +405,8 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
     exploited, reported = "", None
     ckpt = tune.get_checkpoint()
+    if warm:
+        ckpt = newest_own_checkpoint(ckpt, f"{base.run_dir}/{name}")
     if ckpt is None:
         return spec, exploited, reported
     # A copy of our own, removed here: Checkpoint.to_directory() without a path leaves /tmp/checkpoint_tmp_* behind.
@@ -356,6 +416,8 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
         run = state.get("run", name)
         if run == name or run.startswith(name + "-"):
             spec.name, reported = run, int(state["epoch"])
+            if warm:
+                spec.resume_from = storage.as_uri(ckpt.path, spec.storage_path)
         else:
             donor, epoch = run.split("-", 1)[0], int(state["epoch"])
             spec.name = f"{name}-e{epoch}-from-{donor}"
@@ -363,6 +425,26 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict) -> t
             reseed_checkpoint(local, {k: v for k, v in hyp.items()}, spec.resume_from)
             exploited = f"{donor}@{epoch}"
     return spec, exploited, reported
+
+
+def newest_own_checkpoint(ckpt, folder: str):
+    """A warm trial's checkpoint to resume: Tune's (`ckpt`, as the restored experiment state recorded it), or a newer
+    one that Tune persisted in the trial's own `folder` after that state was last stored (the driver was lost in
+    between: Tune stores its experiment state on object storage only every so often, and the suite's lost-driver
+    sweep restored a trial with no checkpoint while its folder held one). A donor's checkpoint (PBT's exploit,
+    outside `folder`) stands. Only a folder with both the state and last.pt counts."""
+    from ray import tune
+
+    from raytrain_yolo.train.worker import STATE_FILE
+
+    own = [n for n in sorted(storage.list_dirs(folder, prefix="checkpoint_"))
+           if storage.is_file(f"{folder}/{n}/{STATE_FILE}") and storage.is_file(f"{folder}/{n}/last.pt")]
+    if not own:
+        return ckpt
+    held = storage.as_uri(ckpt.path, folder).rstrip("/") if ckpt is not None else None
+    if held is not None and (not held.startswith(f"{folder}/") or held.rsplit("/", 1)[-1] >= own[-1]):
+        return ckpt
+    return tune.Checkpoint(f"{folder}/{own[-1]}")
 
 
 def reseed_checkpoint(local: Path, hyp: dict[str, Any], dest: str) -> None:
@@ -415,7 +497,9 @@ def _clip(config: dict[str, Any], bounds: dict[str, tuple]) -> dict[str, Any]:
     return config
 
 
-def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
+def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int, pool=None):
+    """Ray Tune's Tuner for the sweep (or the one restored from `<storage>/<name>`); `pool`: the sweep's warm groups
+    (sweep/warm.py), None for a Ray Train run per trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -423,7 +507,7 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
 
     domains = tune_domains(plan)
     sweep = {"scheduler": plan.scheduler, "client_settings": client_settings()}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.to_dict(), sweep=sweep),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.to_dict(), sweep=sweep, pool=pool),
                                     {"CPU": TRIAL_DRIVER_CPU})
     storage_path, storage_filesystem = storage.ray_storage(spec.storage_path, spec.storage_wait_s)
     if tune.Tuner.can_restore(spec.run_dir):
@@ -456,10 +540,22 @@ def build_tuner(spec: RunSpec, plan: HpoPlan, concurrent: int):
                                     num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                  verbose=1,
-                                  # PBT may clone any trial's checkpoint it saw at a perturbation: keep them all.
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+                                  verbose=1, **_trial_checkpoints(spec, plan)),
     )
+
+
+def _trial_checkpoints(spec: RunSpec, plan: HpoPlan) -> dict[str, Any]:
+    """Tune's checkpoint and failure settings. PBT may clone any trial's checkpoint it saw at a perturbation: all
+    are kept. A warm trial's checkpoints are Tune's (sweep/warm.py): the latest --keep-checkpoints of them (each
+    holds Ultralytics' best.pt so far), and --max-failures restarts of a failed trial from the last one, as its own
+    Ray Train run did for a fresh trial."""
+    from ray import tune
+
+    if not plan.warm:
+        return {"checkpoint_config": tune.CheckpointConfig(num_to_keep=None)}
+    keep = None if plan.scheduler == "pbt" else max(1, spec.keep_checkpoints)
+    return {"checkpoint_config": tune.CheckpointConfig(num_to_keep=keep),
+            "failure_config": tune.FailureConfig(max_failures=spec.max_failures)}
 
 
 def fit_resources(spec: RunSpec, plan: HpoPlan) -> int:
@@ -486,6 +582,10 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
 
     connect_ray()
     concurrent = fit_resources(spec, plan)
+    if plan.warm:  # trials on warm groups do not join the cluster: every node's view of the inputs, checked once
+        from raytrain_yolo.plan.prepare import check_node_paths
+
+        check_node_paths(spec, {"data": plan.data})
     if not storage.read_text(f"{spec.run_dir}/{DEFINITION_FILE}"):
         storage.write_text(f"{spec.run_dir}/{DEFINITION_FILE}", json.dumps(plan.definition, indent=2))
     tracker = RunTracker(spec) if spec.tracking.enabled else None
@@ -497,9 +597,10 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
                        "hpo/max_concurrent": concurrent})
         spec.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
-        results = fit_tuner(build_tuner(spec, plan, concurrent), f"Tune saved the sweep in "
-                            f"{storage.redact(spec.run_dir)}: the same command resumes it")
-        rows = [summarize_trial(r, plan) for r in results]
+        with warm_pool(spec, concurrent, plan.warm) as pool:
+            results = fit_tuner(build_tuner(spec, plan, concurrent, pool), f"Tune saved the sweep in "
+                                f"{storage.redact(spec.run_dir)}: the same command resumes it")
+        rows = [summarize_trial(r, plan, spec.storage_path) for r in results]
         rows.sort(key=lambda r: (r["status"] != "finished", -_num(r["best"]), -_num(r["final"])))
         best = next((r for r in rows if r["status"] == "finished"), None)
         if tracker:
@@ -514,8 +615,9 @@ def _num(v) -> float:
     return float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else -math.inf
 
 
-def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
-    """One row: hyperparameters (the last ones, under PBT), epochs reached, the metric's best and final."""
+def summarize_trial(result, plan: HpoPlan, storage_path: str = "") -> dict[str, Any]:
+    """One row: hyperparameters (the last ones, under PBT), epochs reached, the metric's best and final, and the
+    trial's last checkpoint (its Train run's, or for a warm trial Tune's: `storage_path` puts back its scheme)."""
     from raytrain_yolo.core.cli import root_cause
 
     row: dict[str, Any] = {"trial": Path(result.path).name if result.path else None}
@@ -542,6 +644,8 @@ def summarize_trial(result, plan: HpoPlan) -> dict[str, Any]:
             exploits.append(tag)
     row["exploits"] = ", ".join(exploits)
     row["checkpoint"] = next((r["checkpoint_path"] for r in reversed(records) if r.get("checkpoint_path")), None)
+    if row["checkpoint"] is None and result.checkpoint is not None:
+        row["checkpoint"] = storage.as_uri(result.checkpoint.path, storage_path)
     stopped = next((r["stopped_early"] for r in reversed(records) if isinstance(r.get("stopped_early"), str)
                     and r["stopped_early"]), None)  # the trainer ended the run itself (patience=, time=)
     if result.error:

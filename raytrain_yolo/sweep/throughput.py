@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from raytrain_yolo.core.config import RunSpec, check_batch, check_name, default_
 from raytrain_yolo.core.errors import UserError
 from raytrain_yolo.core.tracking import client_settings, use_client_settings
 from raytrain_yolo.sweep.trials import close_trial_runs, fit_tuner, trial_name
+from raytrain_yolo.sweep.warm import warm_pool
 from raytrain_yolo.train.worker import IPS_KEY
 
 # Knobs a sweep can turn: Ultralytics arguments, plus Ray's worker count.
@@ -33,7 +33,6 @@ TRAIN_KNOBS = ("batch", "workers", "amp", "cache", "compile", "channels_last", "
 KNOBS = TRAIN_KNOBS + ("num_workers", "loader", "prefetch")
 TRIAL_DRIVER_CPU = 0.1  # the trial function only waits on its TorchTrainer; its workers get the rest
 TRIAL_RESOURCE_GRACE_S = 30.0  # a trial waits at most this long for the resources a finished trial still holds
-GROUPS_CLOSE_S = 60.0  # the sweep waits at most this long for its warm groups to end after the last trial
 
 
 @dataclass
@@ -188,7 +187,8 @@ def run_trial(config: dict[str, Any], mlflow_settings: dict[str, str] | None = N
         if pool is not None:
             from raytrain_yolo.sweep.warm import WarmTrial
 
-            launch(prepare(spec, inputs_checked=True, placed=True), group=WarmTrial(pool, tune.report))
+            launch(prepare(spec, inputs_checked=True, placed=True),
+                   group=WarmTrial(pool, lambda metrics, _: tune.report(metrics)))
         else:
             launch(prepare(spec, inputs_checked=True), callbacks=[TuneReportCallback()])
     except UserError as e:
@@ -252,7 +252,7 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         base.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
         tune_grid, rows = split_known_infeasible(base, grid, budget, max_node_cpus)
-        with warm_groups(base, budget) as pool:
+        with warm_pool(base, budget.max_concurrent, budget.warm) as pool:
             grid_results = fit_tuner(build_tuner(base, tune_grid, budget, max_node_cpus, pool), "the throughput "
                                      f"sweep ranked nothing; its trials so far are in {storage.redact(base.run_dir)}/trials")
         rows += [summarize_trial(r, list(grid), budget) for r in grid_results]
@@ -332,31 +332,6 @@ def split_known_infeasible(base: RunSpec, grid: dict[str, list], budget: SweepBu
              "status": "infeasible", "reason": r}
             for p, r in zip(points, reasons) if any(p[k] not in kept[k] for k in grid)]
     return kept, rows
-
-
-@contextmanager
-def warm_groups(base: RunSpec, budget: SweepBudget):
-    """The sweep's GroupPool (sweep/warm.py), one group per trial that runs at once, beside this driver; None
-    with `budget.warm` off. Its groups end with the block, each after its job (a trial Tune stopped ends at its
-    next report), before the sweep ends its trials' MLflow runs."""
-    if not budget.warm:
-        yield None
-        return
-    import ray
-
-    from raytrain_yolo.core.cluster import on_this_node, worker_env
-    from raytrain_yolo.sweep.warm import GroupPool
-
-    groups = base.to_dict()
-    groups["tracking"] = {**groups["tracking"], "enabled": False, "uri": None}  # groups log nothing: no credential
-    pool = GroupPool.options(**on_this_node()).remote(groups, budget.max_concurrent, worker_env())
-    try:
-        yield pool
-    finally:
-        try:
-            ray.get(pool.close.remote(GROUPS_CLOSE_S), timeout=GROUPS_CLOSE_S + 10)
-        finally:
-            ray.kill(pool)  # and with it any group still up (its Ray Train run is the pool's task)
 
 
 def build_tuner(base: RunSpec, grid: dict[str, list], budget: SweepBudget, max_node_cpus: int, pool=None):

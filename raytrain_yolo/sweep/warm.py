@@ -1,7 +1,8 @@
-"""Warm trials: a throughput sweep's trials run on Ray Train worker groups that stay up for the whole sweep.
+"""Warm trials: a sweep's trials (both objectives) run on Ray Train worker groups that stay up for the whole sweep.
 
 A Ray Train run of its own per trial costs 12-20 s on 2 cores (controller, placement group, worker processes,
-the process group) and 6-10 s of imports before the trial's first step, for a few seconds of measured steps.
+the process group) and 6-10 s of imports before the trial's first step, for a few seconds of measured steps
+(throughput) or one short epoch (accuracy).
 
 - `GroupPool`, a Ray actor beside the sweep's driver, keeps at most one worker group per trial Tune runs at once
   and hands each trial a group of its world size. A group is one long Ray Train run (`serve_group`: a
@@ -12,23 +13,32 @@ the process group) and 6-10 s of imports before the trial's first step, for a fe
 - A trial stays Tune's function trainable: Tune searches, schedules, stops and records it as before. Its
   `launch(plan, group=WarmTrial(...))` writes the same summary, MLflow run and folder as a trial on its own run;
   the job's reports come back through a queue the trial owns, and the trial hands them to `tune.report`.
-- A trial Tune stops (ASHA) dies with its queue: rank 0's next report cannot reach it, every rank learns that at
-  that report (rank 0's word, broadcast), training stops there, and the group takes the next job.
+- A trial Tune stops (ASHA, PBT's pause) dies with its queue: within CHECK_STEPS optimizer steps rank 0 sees that
+  (a probe of the queue that never waits), every rank learns it (rank 0's word, broadcast) and leaves the job at
+  the same step (RunAbandoned), and the group takes the next job; a report that cannot reach the trial ends the
+  job the same way.
 - A trial that fails on a rank (an exception: out of memory) sends its error to the trial, which fails with it,
   and the rank raises: Ray Train restarts that group, and the next trial runs on new processes. A rank whose
   process dies (killed) sends nothing: the pool sees the restarted group come back and tells the trial. Either way
   one trial's fault is that trial's result, never another's.
-- Not warm: the accuracy sweep (`--objective map`). Its trials' checkpoints, restarts (--max-failures) and
-  resume after the sweep's driver is lost are their own Ray Train runs' (checkpoint manager, run folder); a shared
-  group would have to redo those.
+- Checkpoints (the accuracy sweep's trials): a warm job has no Ray Train run of its own, so its checkpoints are
+  its Tune trial's. Rank 0 uploads each epoch's checkpoint to `<run>/staged/` on the sweep's storage (the trial
+  may be on another node) and hands the trial its place; the trial reports it with `tune.report(checkpoint=)`,
+  which persists it into the trial's folder under Tune's CheckpointConfig, and removes the staged copy. Tune then
+  does what each trial's own Ray Train run did: `--max-failures` restarts a failed trial from its last checkpoint
+  (Tune's FailureConfig), `Tuner.restore` resumes an unfinished trial from it after the driver was lost, and PBT
+  clones it. The job starts from that checkpoint through `spec.resume_from` (worker.restore).
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -36,6 +46,9 @@ from raytrain_yolo.core.config import RunSpec
 
 POLL_S = 5.0  # an idle rank asks the pool for a job this often (a blocking call that returns at once on a job)
 QUIET_S = 1.0  # a trial with no message from its ranks this long asks the pool whether its job was lost
+CHECK_STEPS = 1  # a job's ranks learn this often (in steps) whether its trial is still there: a broadcast of one
+# number (none with one rank) and a look at a probe that never waits, against a step of tens of milliseconds or more
+CLOSE_S = 60.0  # a sweep waits at most this long for its warm groups to end after its last trial
 
 
 class TrialFailed(RuntimeError):
@@ -43,12 +56,20 @@ class TrialFailed(RuntimeError):
 
 
 @dataclass
+class Persisted:
+    """A checkpoint folder (path or URI) that Tune persisted for a warm trial, as `launch` reads a Ray Checkpoint."""
+
+    path: str
+
+
+@dataclass
 class GroupResult:
-    """What `launch` reads of a finished job, as of a Ray Train `Result`: rank 0's return, the run's folder."""
+    """What `launch` reads of a finished job, as of a Ray Train `Result`: rank 0's return, the run's folder, the
+    trial's last persisted checkpoint (None for throughput trials)."""
 
     return_value: dict[str, Any] | None
     path: str
-    checkpoint: None = None
+    checkpoint: Persisted | None = None
     error: BaseException | None = None
 
 
@@ -201,8 +222,6 @@ def group_loop(config: dict[str, Any]) -> None:
     """Every rank of a warm group: take the pool's next job, run it (`worker.run_worker`), repeat until retired."""
     import torch.distributed as dist
 
-    from raytrain_yolo.train.worker import run_worker
-
     pool, gid = config["pool"], config["group"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -218,24 +237,43 @@ def group_loop(config: dict[str, Any]) -> None:
         if job.get("retire"):
             return
         last = job["id"]
-        channel = TrialChannel(job["queue"], rank, world_size)
-        try:
-            outcome = run_worker(job["config"], channel)
-        except BaseException as e:
-            channel.put("error", f"{type(e).__name__}: {e}")
-            raise  # Ray Train restarts the group: no rank stays in a collective the others left
+        run_job(job, rank, world_size, gid)
         if rank == 0:
-            channel.put("done", outcome)
             ray.get(pool.ended.remote(gid, last))
 
 
-class TrialChannel:
-    """A warm rank's `ray.train.report`: rank 0 puts the metrics on the trial's queue; every rank then learns,
-    from rank 0 (a broadcast, so a collective of all ranks, as Ray's report is), whether the trial is still there
-    to take them: False ends the job's training at this report."""
+def run_job(job: dict[str, Any], rank: int, world_size: int, gid: int) -> None:
+    """One job on this rank (`worker.run_worker`), its reports through the trial's channel; rank 0 sends the outcome.
+    A job whose trial is gone ends on every rank at the same step, and the group stays whole. A job that raises
+    sends its error (rank 0's, or the first rank's to reach the queue) and re-raises: Ray Train restarts the group,
+    so that no rank stays in a collective the others left."""
+    from raytrain_yolo.train.worker import RunAbandoned, run_worker
 
-    def __init__(self, queue, rank: int, world_size: int):
-        self.queue, self.rank, self.world_size = queue, rank, world_size
+    channel = TrialChannel(job["queue"], rank, world_size, job.get("staging"))
+    try:
+        outcome = run_worker(job["config"], channel)
+    except RunAbandoned:
+        outcome = None
+        gc.collect()  # the abandoned trainer now: its loader's worker processes, its model
+    except BaseException as e:
+        channel.put("error", f"{type(e).__name__}: {e}")
+        raise
+    if channel.left and rank == 0:  # in the trial's log
+        print(f"warm group {gid}: the trial is gone (Tune stopped it); its job ended {channel.left}", flush=True)
+    if rank == 0:
+        channel.put("done", outcome)
+
+
+class TrialChannel:
+    """A warm rank's `ray.train.report`: rank 0 puts the metrics on the trial's queue, and a checkpoint's files under
+    `staging` (a folder on the sweep's storage; None: the job reports none); every rank then learns, from rank 0 (a
+    broadcast, so a collective of all ranks, as Ray's report is), whether the trial is still there to take them:
+    False ends the job's training at this report."""
+
+    def __init__(self, queue, rank: int, world_size: int, staging: str | None = None):
+        self.queue, self.rank, self.world_size, self.staging = queue, rank, world_size, staging
+        self.steps, self.probe = 0, None
+        self.left = ""  # where the job ended because the trial was gone: "at step N", "at its report"
 
     def put(self, kind: str, value: Any) -> bool:
         try:
@@ -245,39 +283,89 @@ class TrialChannel:
             return False
 
     def __call__(self, metrics: dict[str, Any], checkpoint=None) -> bool:
+        there = self._from_rank_0(self._send(metrics, checkpoint) if self.rank == 0 else True)
+        self.left = self.left or ("" if there else "at its report")
+        return there
+
+    def on_step(self) -> None:
+        """Every rank, after each optimizer step: every CHECK_STEPS steps rank 0 looks whether the trial is gone (Tune
+        stopped it: its queue died with it) and tells the others; then every rank raises RunAbandoned at this same
+        step. Without it a stopped trial's job trained on to its next report, up to an epoch."""
+        from raytrain_yolo.train.worker import RunAbandoned
+
+        self.steps += 1
+        if self.steps % CHECK_STEPS:
+            return
+        if not self._from_rank_0(not self._trial_gone() if self.rank == 0 else True):
+            self.left = f"at step {self.steps} of the job"
+            raise RunAbandoned(f"the trial is gone (stopped by Tune) at step {self.steps}")
+
+    def _trial_gone(self) -> bool:
+        """Rank 0, without waiting: whether the trial's queue answered its last probe with its death."""
+        if self.probe is None:
+            self.probe = self.queue.actor.qsize.remote()
+            return False
+        ready, _ = ray.wait([self.probe], timeout=0)
+        if not ready:
+            return False
+        probe, self.probe = self.probe, None
+        try:
+            ray.get(probe)
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+
+    def _from_rank_0(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (a broadcast: a collective of all ranks, as Ray's report is)."""
         import torch
         import torch.distributed as dist
 
-        if checkpoint is not None:
-            raise ValueError("a warm trial reports no checkpoints (throughput trials only)")
-        there = self.put("report", metrics) if self.rank == 0 else True
-        if self.world_size > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([int(there)], device=device)
-            dist.broadcast(flag, 0)
-            there = bool(flag.item())
-        return there
+        if self.world_size == 1:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(flag)], device=device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def _send(self, metrics: dict[str, Any], checkpoint) -> bool:
+        """Rank 0: the report, with its checkpoint's staged copy; a copy the trial will never take is removed."""
+        from raytrain_yolo.core import storage
+
+        if checkpoint is None:
+            return self.put("report", (metrics, None))
+        if self.staging is None:
+            raise ValueError("this warm job reports no checkpoints (a throughput trial's)")
+        staged = f"{self.staging}/{uuid.uuid4().hex}"
+        storage.upload_dir(checkpoint.path, staged)
+        if self.put("report", (metrics, staged)):
+            return True
+        storage.delete_dir(staged)
+        return False
 
 
 class WarmTrial:
     """A trial's side of a warm group (launch's `group`): `run` hands the job to the pool and waits for it,
-    passing each report to `report` (tune.report)."""
+    passing each report to `report(metrics, staged)`: `staged` is the folder of the report's checkpoint (None
+    without one), and `report` returns where it persisted it (tune.report's checkpoint), or None. `staging`: where
+    rank 0 puts checkpoints for the trial (None: the job reports none)."""
 
-    def __init__(self, pool, report):
-        self.pool, self.report = pool, report
+    def __init__(self, pool, report: Callable[[dict[str, Any], str | None], str | None], staging: str | None = None):
+        self.pool, self.report, self.staging = pool, report, staging
 
     def run(self, spec: RunSpec, config: dict[str, Any]) -> GroupResult:
-        """Run `config` (launch.worker_config) on a warm group of `spec`'s worker count; rank 0's outcome. Raises
-        TrialFailed with the rank's error, or when the group was lost under the job."""
+        """Run `config` (launch.worker_config) on a warm group of `spec`'s worker count; rank 0's outcome and the
+        last persisted checkpoint. Raises TrialFailed with the rank's error, or when the group was lost under the
+        job."""
         from ray.util.queue import Empty, Queue
 
         from raytrain_yolo.core.cluster import on_this_node
         from raytrain_yolo.train.launch import start_timeout_s
 
         queue = Queue(actor_options=on_this_node())  # the trial's own: gone with it, which tells the ranks
+        persisted = None
         try:
-            _, job_id = ray.get(self.pool.run.remote(spec.scaling.num_workers, {"config": config, "queue": queue},
-                                                     start_timeout_s(spec)))
+            job = {"config": config, "queue": queue, "staging": self.staging}
+            _, job_id = ray.get(self.pool.run.remote(spec.scaling.num_workers, job, start_timeout_s(spec)))
             while True:
                 try:
                     kind, value = queue.get(timeout=QUIET_S)
@@ -286,10 +374,33 @@ class WarmTrial:
                         raise TrialFailed(why) from None
                     continue
                 if kind == "report":
-                    self.report(value)
+                    persisted = self.report(*value) or persisted
                 elif kind == "done":
-                    return GroupResult(value, spec.run_dir)
+                    return GroupResult(value, spec.run_dir, Persisted(persisted) if persisted else None)
                 else:
                     raise TrialFailed(value)
         finally:
             ray.kill(queue.actor)
+
+
+@contextmanager
+def warm_pool(base: RunSpec, max_groups: int, enabled: bool = True):
+    """The sweep's GroupPool, at most `max_groups` groups (one per trial that runs at once), beside this driver;
+    None when not `enabled` (--fresh-trials). Its groups end with the block, each after its job (a trial Tune
+    stopped ends at its next report), before the sweep ends its trials' MLflow runs. The groups get `base` without
+    its tracking URI: each job brings its own MLflow target."""
+    if not enabled:
+        yield None
+        return
+    from raytrain_yolo.core.cluster import on_this_node, worker_env
+
+    groups = base.to_dict()
+    groups["tracking"] = {**groups["tracking"], "enabled": False, "uri": None}  # groups log nothing: no credential
+    pool = GroupPool.options(**on_this_node()).remote(groups, max_groups, worker_env())
+    try:
+        yield pool
+    finally:
+        try:
+            ray.get(pool.close.remote(CLOSE_S), timeout=CLOSE_S + 10)
+        finally:
+            ray.kill(pool)  # and with it any group still up (its Ray Train run is the pool's task)

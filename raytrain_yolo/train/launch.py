@@ -83,14 +83,15 @@ def _fit_watched(fit, board, spec: RunSpec):
         ray.kill(board)  # a library caller's process runs many launches: no board outlives its run
 
 
-def step_checkpoints(spec: RunSpec, callbacks) -> bool:
+def step_checkpoints(spec: RunSpec, callbacks, warm: bool = False) -> bool:
     """Whether a preemption notice gets a checkpoint at the step (train/preemption.py): fit runs that restart
     (--max-failures), of a fixed size above one worker, on Ultralytics' loader (its DistributedSampler's order),
     with Ray Train's preemption watcher on (its default). Not elastic runs (a step's place in the epoch depends on
-    the number of ranks), sweep trials (every report is a Tune result) or throughput windows."""
+    the number of ranks), sweep trials (Tune's report forwarder in `callbacks`, or a `warm` group's job: every
+    report is a Tune result) or throughput windows."""
     watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1").lower() not in ("0", "false")
     fixed = not spec.scaling.min_workers and (spec.scaling.num_workers or 0) > 1
-    return callbacks is None and spec.max_failures > 0 and spec.window_steps == 0 and fixed and watcher \
+    return callbacks is None and not warm and spec.max_failures > 0 and spec.window_steps == 0 and fixed and watcher \
         and not spec.loader.startswith("device")
 
 
@@ -105,8 +106,9 @@ def _fit(trainer):
         raise
 
 
-def worker_config(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None) -> dict:
-    """What every rank's `run_worker` receives (Ray Train's `train_loop_config`, or a warm group's job).
+def worker_config(plan: RunPlan, tracking: dict | None = None, callbacks=None, progress=None, board=None,
+                  warm: bool = False) -> dict:
+    """What every rank's `run_worker` receives (Ray Train's `train_loop_config`, or a `warm` group's job).
     `progress`: a `ray.util.queue.Queue` that rank 0 puts each epoch's metrics on, for the driver's console;
     `board`: the ranks' progress board (train/watchdog.py)."""
     import ray
@@ -114,7 +116,7 @@ def worker_config(plan: RunPlan, tracking: dict | None = None, callbacks=None, p
     spec = plan.spec
     return {"spec": _worker_spec(spec), "train_args": plan.args(), "task": plan.task, "tracking": _by_reference(tracking),
             "log_file": console.log_path(spec.storage_path, spec.name), "progress": progress,
-            "progress_board": board, "step_checkpoints": step_checkpoints(spec, callbacks),
+            "progress_board": board, "step_checkpoints": step_checkpoints(spec, callbacks, warm),
             "plan": plan.record(),
             "driver_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
 
@@ -206,8 +208,8 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False, group=None)
 
     `callbacks` are Ray Train callbacks for the controller (a tune trial passes Tune's report forwarder).
     `show_epochs`: print one line per epoch here (the `fit` command line). `group`: a warm worker group's lease
-    (sweep/warm.py, a throughput trial's): the job runs on its ranks instead of a Ray Train run of its own, with
-    the same MLflow run, summary and folder. A plan whose run already finished (`plan.finished`) is its summary:
+    (sweep/warm.py, a sweep trial's): the job runs on its ranks instead of a Ray Train run of its own, with the
+    same MLflow run, summary and folder (its checkpoints are its Tune trial's). A plan whose run already finished (`plan.finished`) is its summary:
     nothing starts.
     """
     started = time.monotonic()
@@ -231,7 +233,7 @@ def launch(plan: RunPlan, callbacks=None, show_epochs: bool = False, group=None)
         progress = _progress_queue() if show_epochs else None
         write_record(plan)
         board = start_board() if spec.hang_timeout_s != 0 else None
-        config = worker_config(plan, tracking, callbacks, progress, board)
+        config = worker_config(plan, tracking, callbacks, progress, board, warm=group is not None)
         fit = functools.partial(group.run, spec, config) if group else functools.partial(
             _fit, build_trainer(plan, config, callbacks))
         with console.EpochPrinter(progress, train_args["epochs"]) if progress is not None else nullcontext():

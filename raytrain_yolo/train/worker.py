@@ -117,6 +117,11 @@ class ThroughputMeter:
         return self.total_images / self.total_seconds if self.total_seconds > 0 else None
 
 
+class RunAbandoned(Exception):
+    """Raised on every rank at the same step when the run's reports have no one left to take them (a warm trial
+    that Tune stopped mid-epoch: sweep/warm.TrialChannel.on_step); its group then takes the next job."""
+
+
 class Reporter:
     """`ray.train.report` on every rank the same number of times (it is a barrier).
 
@@ -124,13 +129,15 @@ class Reporter:
     (`window_steps` > 0) report once per window of steady steps instead, so a Tune scheduler can stop a slow
     trial early, and stop after `max_windows`. `send` is `ray.train.report`, or on a warm group's ranks
     (sweep/warm.py) the trial's channel, which returns False on every rank once the trial is gone: training
-    then stops at that report.
+    then stops at that report; between reports the channel's `on_step`, called on every rank after each step,
+    raises RunAbandoned on all of them once the trial is gone.
     """
 
     def __init__(self, spec: RunSpec, meter: ThroughputMeter, scratch: Scratch, history: list | None = None,
                  plan: dict | None = None, epochs: int = 0, seeded_from: dict | None = None, send=None):
         self.spec, self.meter, self.scratch, self.rank = spec, meter, scratch, scratch.rank
         self.send = send or ray.train.report
+        self.on_step = getattr(send, "on_step", None)  # a warm trial's channel: is the trial still there?
         self.seeded_from = seeded_from  # {"run", "epoch"}: the other run's checkpoint this run started from (PBT)
         self.plan = plan  # the run's plan record, kept in each checkpoint's state
         self.epochs = epochs  # as asked: Ultralytics' own count may change (time=)
@@ -141,6 +148,8 @@ class Reporter:
         self.trial = spec.window_steps > 0
 
     def on_train_batch_end(self, trainer) -> None:
+        if self.on_step is not None:
+            self.on_step()
         if self.meter.on_train_batch_end(trainer):
             metrics = {"window": self.meter.windows + 1, IPS_KEY: self.meter.take_window(), "step": self.meter.steps,
                        **self.meter.startup()}
@@ -410,6 +419,9 @@ def run_worker(config: dict[str, Any], send) -> dict[str, Any] | None:
     state = restore(spec, save_dir, scratch)
     try:
         result = _train(config, spec, args, data_yaml, save_dir, state, rank, world_size, device, scratch, send)
+    except RunAbandoned:
+        scratch.drop_run()  # every rank left at the same step: no rank of the run uses this node's folder
+        raise
     finally:
         scratch.drop_rank()  # with the restored checkpoint's copy, when Ultralytics never got to load it
     scratch.drop_run()  # every rank is past _train's last collective: no rank of the run uses this node's folder
