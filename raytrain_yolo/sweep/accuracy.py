@@ -597,7 +597,7 @@ def run_search(spec: RunSpec, plan: HpoPlan) -> HpoResult:
                        "hpo/max_concurrent": concurrent})
         spec.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
-        with warm_pool(spec, concurrent, plan.warm, prestart=(spec.scaling.num_workers, concurrent)) as pool:
+        with warm_pool(spec, concurrent, plan.warm) as pool:
             results = fit_tuner(build_tuner(spec, plan, concurrent, pool), f"Tune saved the sweep in "
                                 f"{storage.redact(spec.run_dir)}: the same command resumes it")
         rows = [summarize_trial(r, plan, spec.storage_path) for r in results]

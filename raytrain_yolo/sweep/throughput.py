@@ -252,8 +252,7 @@ def run_sweep(base: RunSpec, space: SweepSpace, budget: SweepBudget) -> SweepRes
         base.tracking.parent_run_id = tracker.run_id
     with failed_on_error(tracker):
         tune_grid, rows = split_known_infeasible(base, grid, budget, max_node_cpus)
-        first = (tune_grid.get("num_workers") or [base.scaling.num_workers])[0]  # the grid's first trials' size
-        with warm_pool(base, budget.max_concurrent, budget.warm, prestart=(first, budget.max_concurrent)) as pool:
+        with warm_pool(base, budget.max_concurrent, budget.warm) as pool:
             grid_results = fit_tuner(build_tuner(base, tune_grid, budget, max_node_cpus, pool), "the throughput "
                                      f"sweep ranked nothing; its trials so far are in {storage.redact(base.run_dir)}/trials")
         rows += [summarize_trial(r, list(grid), budget) for r in grid_results]

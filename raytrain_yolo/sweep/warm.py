@@ -102,13 +102,6 @@ class GroupPool:
             self.cond.notify_all()
             return gid, self.next_job_id
 
-    def prestart(self, size: int, count: int) -> None:
-        """Start up to `count` groups of `size` ranks now, before any trial asks: their start-up (about 17 s on 2
-        cores) then overlaps Tune's own and the first trials' actors instead of following them."""
-        with self.cond:
-            while len(self.groups) < min(count, self.max_groups):
-                self._start(size)
-
     def lost(self, job_id: int) -> str | None:
         """Why job `job_id` will never send an outcome (its group restarted or ended), or None."""
         with self.cond:
@@ -391,12 +384,11 @@ class WarmTrial:
 
 
 @contextmanager
-def warm_pool(base: RunSpec, max_groups: int, enabled: bool = True, prestart: tuple[int, int] | None = None):
+def warm_pool(base: RunSpec, max_groups: int, enabled: bool = True):
     """The sweep's GroupPool, at most `max_groups` groups (one per trial that runs at once), beside this driver;
-    None when not `enabled` (--fresh-trials). `prestart`: (ranks, groups) to start at once, before the first trial
-    asks. Its groups end with the block, each after its job (a trial Tune stopped leaves it at its next step),
-    before the sweep ends its trials' MLflow runs. The groups get `base` without its tracking URI: each job brings
-    its own MLflow target."""
+    None when not `enabled` (--fresh-trials). Its groups end with the block, each after its job (a trial Tune
+    stopped ends at its next report), before the sweep ends its trials' MLflow runs. The groups get `base` without
+    its tracking URI: each job brings its own MLflow target."""
     if not enabled:
         yield None
         return
@@ -406,8 +398,6 @@ def warm_pool(base: RunSpec, max_groups: int, enabled: bool = True, prestart: tu
     groups["tracking"] = {**groups["tracking"], "enabled": False, "uri": None}  # groups log nothing: no credential
     pool = GroupPool.options(**on_this_node()).remote(groups, max_groups, worker_env())
     try:
-        if prestart:
-            pool.prestart.remote(*prestart)
         yield pool
     finally:
         try:
