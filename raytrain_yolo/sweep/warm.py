@@ -13,8 +13,8 @@ the process group) and 6-10 s of imports before the trial's first step, for a fe
 - A trial stays Tune's function trainable: Tune searches, schedules, stops and records it as before. Its
   `launch(plan, group=WarmTrial(...))` writes the same summary, MLflow run and folder as a trial on its own run;
   the job's reports come back through a queue the trial owns, and the trial hands them to `tune.report`.
-- A trial Tune stops (ASHA, PBT's pause) dies with its queue: within CHECK_STEPS optimizer steps rank 0 sees that
-  (a probe of the queue that never waits), every rank learns it (rank 0's word, broadcast) and leaves the job at
+- A trial Tune stops (ASHA, PBT's pause) dies with its queue: within a training step or two rank 0 sees that
+  (a probe of the queue that never waits, looked at after every step), every rank learns it (rank 0's word, broadcast) and leaves the job at
   the same step (RunAbandoned), and the group takes the next job; a report that cannot reach the trial ends the
   job the same way.
 - A trial that fails on a rank (an exception: out of memory) sends its error to the trial, which fails with it,
@@ -46,8 +46,6 @@ from raytrain_yolo.core.config import RunSpec
 
 POLL_S = 5.0  # an idle rank asks the pool for a job this often (a blocking call that returns at once on a job)
 QUIET_S = 1.0  # a trial with no message from its ranks this long asks the pool whether its job was lost
-CHECK_STEPS = 1  # a job's ranks learn this often (in steps) whether its trial is still there: a broadcast of one
-# number (none with one rank) and a look at a probe that never waits, against a step of tens of milliseconds or more
 CLOSE_S = 60.0  # a sweep waits at most this long for its warm groups to end after its last trial
 
 
@@ -288,14 +286,14 @@ class TrialChannel:
         return there
 
     def on_step(self) -> None:
-        """Every rank, after each optimizer step: every CHECK_STEPS steps rank 0 looks whether the trial is gone (Tune
-        stopped it: its queue died with it) and tells the others; then every rank raises RunAbandoned at this same
-        step. Without it a stopped trial's job trained on to its next report, up to an epoch."""
+        """Every rank, after each training step (batch): rank 0 looks whether the trial is gone (Tune stopped it: its
+        queue died with it) and tells the others, and then every rank raises RunAbandoned at this same step. Its cost
+        is a broadcast of one number (none with one rank) and a look at a probe that never waits, against a step of
+        tens of milliseconds or more; without it a stopped trial's job trained on to its next report, up to an
+        epoch."""
         from raytrain_yolo.train.worker import RunAbandoned
 
         self.steps += 1
-        if self.steps % CHECK_STEPS:
-            return
         if not self._from_rank_0(not self._trial_gone() if self.rank == 0 else True):
             self.left = f"at step {self.steps} of the job"
             raise RunAbandoned(f"the trial is gone (stopped by Tune) at step {self.steps}")
@@ -387,7 +385,7 @@ class WarmTrial:
 def warm_pool(base: RunSpec, max_groups: int, enabled: bool = True):
     """The sweep's GroupPool, at most `max_groups` groups (one per trial that runs at once), beside this driver;
     None when not `enabled` (--fresh-trials). Its groups end with the block, each after its job (a trial Tune
-    stopped ends at its next report), before the sweep ends its trials' MLflow runs. The groups get `base` without
+    stopped leaves it at its next step), before the sweep ends its trials' MLflow runs. The groups get `base` without
     its tracking URI: each job brings its own MLflow target."""
     if not enabled:
         yield None
