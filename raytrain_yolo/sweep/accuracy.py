@@ -399,32 +399,36 @@ def _trial_spec(base: RunSpec, hyp: dict[str, Any], name: str, sweep: dict,
     from ray import tune
 
     from raytrain_yolo.sweep.throughput import as_trial
+    from raytrain_yolo.train.worker import STATE_FILE
 
     spec = as_trial(RunSpec.from_dict({**base.to_dict(), **trial_config(base, hyp)}), base, name)
     trials_dir = spec.storage_path
     spec.tracking.run_key = f"{trials_dir}/{name}"  # one MLflow run per trial, across its Train runs
-    exploited, reported = "", None
     ckpt = tune.get_checkpoint()
     if warm:
         ckpt = newest_own_checkpoint(ckpt, f"{base.run_dir}/{name}")
     if ckpt is None:
-        return spec, exploited, reported
+        return spec, "", None
+    # Its state is read where it is: resuming its own run, the worker downloads the checkpoint itself (warm), or the
+    # trial's Ray Train run resumes from its own (fresh); only a donor's is copied here, to be reseeded.
+    where = storage.as_uri(ckpt.path, spec.storage_path)
+    text = storage.read_text(f"{where}/{STATE_FILE}")
+    if text is None:
+        raise FileNotFoundError(f"Tune's checkpoint {storage.redact(where)} has no {STATE_FILE}")
+    state = json.loads(text)
+    run = state.get("run", name)
+    if run == name or run.startswith(name + "-"):
+        spec.name = run
+        if warm:
+            spec.resume_from = where
+        return spec, "", int(state["epoch"])
+    donor, epoch = run.split("-", 1)[0], int(state["epoch"])
+    spec.name = f"{name}-e{epoch}-from-{donor}"
+    spec.resume_from = f"{trials_dir}/{spec.name}-seed"
     # A copy of our own, removed here: Checkpoint.to_directory() without a path leaves /tmp/checkpoint_tmp_* behind.
     with tempfile.TemporaryDirectory(prefix="raytrain-yolo-tune-checkpoint-") as tmp:
-        local = Path(ckpt.to_directory(tmp))
-        state = json.loads((local / "raytrain_state.json").read_text())
-        run = state.get("run", name)
-        if run == name or run.startswith(name + "-"):
-            spec.name, reported = run, int(state["epoch"])
-            if warm:
-                spec.resume_from = storage.as_uri(ckpt.path, spec.storage_path)
-        else:
-            donor, epoch = run.split("-", 1)[0], int(state["epoch"])
-            spec.name = f"{name}-e{epoch}-from-{donor}"
-            spec.resume_from = f"{trials_dir}/{spec.name}-seed"
-            reseed_checkpoint(local, {k: v for k, v in hyp.items()}, spec.resume_from)
-            exploited = f"{donor}@{epoch}"
-    return spec, exploited, reported
+        reseed_checkpoint(Path(ckpt.to_directory(tmp)), dict(hyp), spec.resume_from)
+    return spec, f"{donor}@{epoch}", None
 
 
 def newest_own_checkpoint(ckpt, folder: str):
