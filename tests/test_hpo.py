@@ -161,10 +161,13 @@ def test_asha_stops_a_lagging_trial_early(asha):
     assert len(rows) == 3 and {r["metric"] for r in rows} == {"metrics/mAP50(B)"}
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["epochs"] < EPOCHS and "ASHA" in r["reason"] for r in stopped)
-    # Warm trials (issue 42): the group saw each stopped trial go and left its job, at a step or at its next report.
+    # Warm trials (issue 42): the group saw each stopped trial go and left its job, at a step or at its report. On a
+    # fast machine the job may have trained its last epochs before Tune's stop reached the trial: then Ultralytics'
+    # own end line is there instead (test_tune checks the step-level check on every machine).
     for r in stopped:
         text = (storage / "asha" / "trials" / r["trial"] / "run.log").read_text(errors="replace")
-        assert "the trial is gone (Tune stopped it); its job ended at" in text, text[-2000:]
+        assert "the trial is gone (Tune stopped it); its job ended at" in text or f"{EPOCHS} epochs completed in" \
+            in text, text[-2000:]
     assert sum(r["epochs_trained"] for r in rows) < 3 * EPOCHS
     finished = [r for r in rows if r["status"] == "finished"]
     assert finished and all(r["epochs"] == EPOCHS for r in finished)

@@ -223,3 +223,30 @@ def test_a_failed_warm_trial_costs_its_group_a_restart_and_the_next_trial_runs(r
     failed_on, ran_on = rank_pids(tmp_path / "runs" / "warm" / "trials" / "gone" / "run.log"), \
         {w["pid"] for w in after["workers"]}
     assert failed_on and len(ran_on) == 2 and not failed_on & ran_on, (failed_on, ran_on)
+
+
+def test_a_warm_job_sees_its_trial_gone_at_a_step_not_at_its_next_report(ray_local):
+    """Issue 42: when Tune stops a warm trial (ASHA, PBT's pause), its queue dies with it. The job's ranks learn that
+    at the steps after it (TrialChannel.on_step raises RunAbandoned, which the group's loop takes as the job's end)
+    rather than at their next report, up to an epoch later. Rank 0 of one rank, on a real Ray queue; the sweep-level
+    case is test_hpo's ASHA sweep."""
+    import time
+
+    from ray.util.queue import Queue
+
+    from raytrain_yolo.sweep.warm import TrialChannel
+    from raytrain_yolo.train.worker import RunAbandoned
+
+    queue = Queue()
+    channel = TrialChannel(queue, rank=0, world_size=1)
+    for _ in range(5):  # the trial is there: the steps go on
+        channel.on_step()
+        time.sleep(0.05)
+    assert channel.left == ""
+    ray_local.kill(queue.actor)
+    deadline = time.monotonic() + 30
+    with pytest.raises(RunAbandoned, match="the trial is gone"):
+        while time.monotonic() < deadline:
+            channel.on_step()
+            time.sleep(0.05)
+    assert channel.left.startswith("at step ") and int(channel.left.split()[2]) > 5, channel.left
